@@ -1,0 +1,18 @@
+"""ComfyUI nodes of the pack: thin adapters from ComfyUI types to ``moma`` calls."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import paths  # noqa: F401  (registers the pack's model folders with folder_paths)
+
+NODES: list[type[io.ComfyNode]] = []
+
+
+class MomaExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> MomaExtension:
+    """Called by ComfyUI's custom-node loader."""
+    return MomaExtension()

@@ -1,0 +1,64 @@
+"""Session set-up: a real ComfyUI host with the pack loaded, and the tiny real-format model fixtures."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers (host.py, fixtures/)
+
+import host  # noqa: E402
+
+HOST = host.boot()
+
+
+@pytest.fixture(scope="session")
+def comfy_host() -> host.Host:
+    """The booted ComfyUI host (base directory, models directory, the pack's module name)."""
+    return HOST
+
+
+# --- model fixtures in the real formats (each built once, cached across sessions by source hash) ---
+import fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint() -> Path:
+    """Full-layout SD1.5 single-file checkpoint (.safetensors, LDM keys, fp16), random weights."""
+    from fixtures import sd15
+
+    return fixtures.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def llava_dir() -> Path:
+    """A folder in the original MoMA_llava_7b format (config, 2 pickled shards + index, SentencePiece)."""
+    from fixtures import llava
+
+    return fixtures.cached("MoMA_llava_7b", llava.write_llava_folder)
+
+
+@pytest.fixture(scope="session")
+def clip_vision_dir() -> Path:
+    """A transformers folder shaped like openai/clip-vit-large-patch14-336 (shrunk, width 1024)."""
+    from fixtures import clip_vision
+
+    return fixtures.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder)
+
+
+@pytest.fixture(scope="session")
+def adapter_file() -> Path:
+    """attn_adapters_projectors.th with exactly the upstream groups, keys and shapes (spec 4.4)."""
+    from fixtures import adapter
+
+    return fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th)
+
+
+@pytest.fixture(scope="session")
+def test_images() -> dict:
+    """name -> (image path, mask path) for rgb, rgba, grey, wide (non-square) test pictures."""
+    from fixtures import images
+
+    folder = fixtures.cached("images", images.write_test_images)
+    return images.index(folder)
