@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers (host.py, fixtures/)
 
@@ -62,3 +63,39 @@ def test_images() -> dict:
 
     folder = fixtures.cached("images", images.write_test_images)
     return images.index(folder)
+
+
+@pytest.fixture(scope="session")
+def sd15_models(sd15_checkpoint, comfy_host):
+    """(model, clip, vae) of the SD1.5 fixture, loaded once through ComfyUI's CheckpointLoaderSimple
+    from the host's models/checkpoints folder, as a user's file is."""
+    import nodes
+
+    target = comfy_host.models_dir / "checkpoints" / sd15_checkpoint.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(sd15_checkpoint)
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint.name)[:3]
+    return model, clip, vae
+
+
+@pytest.fixture(scope="session")
+def load_image_tensor():
+    """path(s) -> ComfyUI tensors, the way core LoadImage builds them: IMAGE [1,H,W,C] 0..1 (C as stored:
+    1 for grey, 3, or 4 kept here so RGBA handling is exercised) and MASK [1,H,W] 0..1."""
+    import numpy as np
+    from PIL import Image
+
+    def load(image_path, mask_path=None):
+        with Image.open(image_path) as picture:
+            array = np.asarray(picture).astype(np.float32) / 255.0
+        image = torch.from_numpy(array)
+        image = image.unsqueeze(-1) if image.dim() == 2 else image
+        mask = None
+        if mask_path is not None:
+            with Image.open(mask_path) as picture:
+                mask = torch.from_numpy(np.asarray(picture.convert("L")).astype(np.float32) / 255.0)
+            mask = mask.unsqueeze(0)
+        return image.unsqueeze(0), mask
+
+    return load

@@ -1,0 +1,127 @@
+"""The soft subject mask MoMA builds from text cross-attention (spec 3.5, reference `get_mask_from_cross`).
+
+The reference upsamples every layer's map to 512x512 (nearest), averages, normalises, and later
+nearest-downsamples the result to each layer's grid. For grids that divide the latent grid that is
+exactly the same as doing it all at the latent grid (H/8 x W/8), which is what these functions do, so
+non-square and non-512 sizes work and the work is 64x smaller.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+MASK_THRESHOLD = 0.2
+
+
+def _min_max(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """(x - min) / (max - min) over ``dims``; a constant slice (max == min) becomes zeros instead of NaN."""
+    lo = x.amin(dim=dims, keepdim=True)
+    span = x.amax(dim=dims, keepdim=True) - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x))
+
+
+def layer_subject_map(subject_probs: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> torch.Tensor:
+    """One layer's subject map: per-sample min-max, reshape to its grid, nearest-resize, clamp to [0, 1].
+
+    subject_probs: [B, h*w] (subject-column attention mass, head-averaged). Returns [B, H, W] at out_grid.
+    """
+    h, w = grid
+    maps = _min_max(subject_probs.float(), (1,)).view(-1, 1, h, w)
+    if (h, w) != tuple(out_grid):
+        maps = F.interpolate(maps, size=tuple(out_grid), mode="nearest")
+    return maps.clamp_(0.0, 1.0)[:, 0]
+
+
+def combine_subject_maps(
+    cond_mean: torch.Tensor, uncond_mean: Optional[torch.Tensor], threshold: float = MASK_THRESHOLD
+) -> Optional[torch.Tensor]:
+    """Layer-averaged maps -> the subject mask used at the next model evaluation.
+
+    cond_mean / uncond_mean: [B, H, W], each the mean of the 16 layer maps of one half of the CFG batch.
+    Per batch item, min-max jointly over both halves, zero values <= threshold, min-max again, keep the
+    cond half. Returns [B, H, W], or None when a map carries no information (e.g. the subject word is not
+    in the prompt: the reference would divide by zero there).
+    """
+    stacked = cond_mean.unsqueeze(0) if uncond_mean is None else torch.stack([uncond_mean, cond_mean])
+    stacked = stacked.float()
+    dims = (0, 2, 3)  # jointly over the halves and space, separately per batch item
+    if bool((stacked.amax(dim=dims) - stacked.amin(dim=dims)).le(0).any()):
+        return None
+    mask = _min_max(stacked, dims)
+    mask = torch.where(mask > threshold, mask, torch.zeros_like(mask))
+    mask = _min_max(mask, dims)
+    return mask[-1]
+
+
+def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, H, W] -> [B, h*w, 1] by nearest resize to a layer's grid (the reference's F.interpolate default)."""
+    if tuple(mask.shape[-2:]) != tuple(grid):
+        mask = F.interpolate(mask.unsqueeze(1), size=tuple(grid), mode="nearest")[:, 0]
+    return mask.reshape(mask.shape[0], -1, 1)
+
+
+def subject_token_positions(token_ids: list[int], subject_ids: set[int]) -> list[int]:
+    """Every position whose id is one of the subject words' first BPE ids (reference `get_subject_idx`)."""
+    return [i for i, token in enumerate(token_ids) if token in subject_ids]
+
+
+COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values
+
+
+class SubjectMaskTracker:
+    """The subject mask across one sampling run.
+
+    Each attn2 layer ``add``s its map for every row of the model batch; after a whole model evaluation
+    (cond and uncond, whether they came in one UNet call or several) ``finish_evaluation`` turns the
+    layer means into the mask that the *next* evaluation uses. One tracker per Apply node; ``reset`` at
+    the start of every sampling run.
+    """
+
+    def __init__(self) -> None:
+        self.mask: Optional[torch.Tensor] = None  # [B, H, W] at the latent grid, or None (unmasked)
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+        self._rows_cache: dict[tuple, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.mask = None
+        self._sums.clear()
+        self._counts.clear()
+        self._rows_cache.clear()
+
+    def add(self, layer_maps: torch.Tensor, chunk_kinds: list[int]) -> None:
+        """layer_maps: [len(chunk_kinds) * B, H, W], rows chunk-major as ComfyUI batches them."""
+        batch = layer_maps.shape[0] // len(chunk_kinds)
+        for chunk, kind in enumerate(chunk_kinds):
+            part = layer_maps[chunk * batch:(chunk + 1) * batch]
+            if kind in self._sums and self._sums[kind].shape == part.shape:
+                self._sums[kind] += part
+                self._counts[kind] += 1
+            else:
+                self._sums[kind] = part.clone()
+                self._counts[kind] = 1
+
+    def finish_evaluation(self) -> None:
+        """Close one model evaluation: new mask from its layer maps (kept as is if no cond map arrived)."""
+        if COND in self._sums:
+            cond = self._sums[COND] / self._counts[COND]
+            uncond = self._sums[UNCOND] / self._counts[UNCOND] if UNCOND in self._sums else None
+            if uncond is not None and uncond.shape != cond.shape:
+                uncond = None
+            self.mask = combine_subject_maps(cond, uncond)
+            self._rows_cache.clear()
+        self._sums.clear()
+        self._counts.clear()
+
+    def rows(self, grid: tuple[int, int], chunks: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The current mask for a layer: [chunks * B, h*w, 1] (same mask for cond and uncond rows), or None."""
+        if self.mask is None:
+            return None
+        key = (tuple(grid), chunks, str(device), dtype)
+        rows = self._rows_cache.get(key)
+        if rows is None:
+            rows = mask_to_grid(self.mask, grid).to(device=device, dtype=dtype).repeat(chunks, 1, 1)
+            self._rows_cache[key] = rows
+        return rows

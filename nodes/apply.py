@@ -1,0 +1,122 @@
+"""Apply MoMA Attention: clone the MODEL and install MoMA's attn1/attn2 patches (spec 3.3-3.6, 4)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from comfy.sd1_clip import SDTokenizer
+from comfy_api.latest import io
+
+from ..moma.errors import MomaError
+from ..moma.reference import ReferenceBank
+from ..moma.sd15 import LAYERS
+from ..moma.subject_mask import subject_token_positions
+from .common import adapter_of, require_sd15
+from .patches import MomaRun, install_moma_patches
+from .types import MomaContext, MomaModel, MomaRef
+
+log = logging.getLogger(__name__)
+
+PRESET_STRENGTH = {"context": 1.0, "texture": 0.4}  # the reference README's recommended values
+_TOKENIZER: Optional[SDTokenizer] = None
+
+
+def _sd_tokenizer() -> SDTokenizer:
+    """ComfyUI's SD1.5 CLIP tokenizer (the same one CLIPTextEncode uses for SD1.5 models)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = SDTokenizer()
+    return _TOKENIZER
+
+
+def subject_positions_in_prompt(sd_prompt: str, subject: str) -> tuple[list[int], int]:
+    """Subject-token positions in the SD prompt as ComfyUI tokenises it (77-token chunks, BOS at 0) and the
+    prompt's token length. As the reference: the first BPE id of each subject word, every occurrence."""
+    tokenizer = _sd_tokenizer()
+    chunks = tokenizer.tokenize_with_weights(sd_prompt)
+    token_ids = [int(token[0]) if not torch.is_tensor(token[0]) else -1 for chunk in chunks for token in chunk]
+    subject_ids = set()
+    for word in subject.split():
+        ids = tokenizer.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if ids:
+            subject_ids.add(int(ids[0]))
+    return subject_token_positions(token_ids, subject_ids), len(token_ids)
+
+
+def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[ReferenceBank], strength: float,
+               start_percent: float, end_percent: float, attn_mask: Optional[torch.Tensor] = None) -> Any:
+    """A clone of ``model`` with MoMA installed; ``model`` itself is left untouched."""
+    require_sd15(model, "Apply MoMA Attention")
+    adapter = adapter_of(moma_model)
+    if start_percent > end_percent:
+        raise MomaError(f"Apply MoMA Attention: start_percent ({start_percent}) is after end_percent ({end_percent}).")
+    for name in ("cond_tokens", "uncond_tokens", "sd_prompt", "subject"):
+        if not hasattr(context, name):
+            raise MomaError("Apply MoMA Attention: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
+    positions, prompt_length = subject_positions_in_prompt(context.sd_prompt, context.subject)
+    if not positions:
+        log.warning("Apply MoMA Attention: subject %r not found in the prompt %r; the MoMA terms stay unmasked.",
+                    context.subject, context.sd_prompt)
+    model_sampling = model.get_model_object("model_sampling")
+    object_gains = {layer.block: float(strength) * float(adapter.scale_learnable[layer.self_index].reshape(-1)[0])
+                    for layer in LAYERS}
+    run = MomaRun(
+        to_k_ip=adapter.to_k_ip,
+        to_v_ip=adapter.to_v_ip,
+        object_gains=object_gains,
+        cond_tokens=context.cond_tokens,
+        uncond_tokens=context.uncond_tokens,
+        bank=reference,
+        subject_positions=positions,
+        prompt_length=prompt_length,
+        model_sampling=model_sampling,
+        sigma_start=float(model_sampling.percent_to_sigma(start_percent)),
+        sigma_end=float(model_sampling.percent_to_sigma(end_percent)),
+        attn_mask=attn_mask,
+    )
+    patched = model.clone()
+    install_moma_patches(patched, run)
+    return patched
+
+
+class MomaApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MomaApply",
+            display_name="Apply MoMA Attention",
+            category="MoMA",
+            description=(
+                "Patches an SD1.5 MODEL with MoMA: the 4 LLaVA context tokens in every cross-attention and the "
+                "reference object's features in every self-attention (off for t >= 950), both restricted to a "
+                "subject mask found on the fly from the prompt's subject tokens. Presets: context = strength 1.0 "
+                "(new scene, same object; up to 1.2 for more exact details), texture = 0.4 (new texture; up to 0.6, "
+                "lower follows the prompt better). Feed the positive CLIPTextEncode with the Context Encoder's "
+                "sd_prompt so the subject tokens are found."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5 model (any checkpoint, LoRAs, other patches); it is cloned, not changed."),
+                MomaModel.Input("moma_model", tooltip="From MoMA Loader."),
+                MomaContext.Input("context", tooltip="From LLaVA Context Encoder or Load MoMA Context."),
+                MomaRef.Input("reference", tooltip="From Self-Attention Feature Grab."),
+                io.Combo.Input("preset", options=["context", "texture", "custom"], default="context",
+                               tooltip="context: strength 1.0; texture: 0.4; custom: use the strength below."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Object-detail strength (only with preset 'custom'); context 1.0-1.2, texture 0.4-0.6."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress where MoMA starts acting."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress where MoMA stops acting."),
+                io.Mask.Input("attn_mask", optional=True,
+                              tooltip="Optional: restricts MoMA to this region of the generated image (multiplies the subject mask)."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, moma_model, context, reference, preset, strength, start_percent, end_percent,
+                attn_mask=None) -> io.NodeOutput:
+        strength = PRESET_STRENGTH.get(preset, strength)
+        return io.NodeOutput(apply_moma(model, moma_model, context, reference, strength, start_percent, end_percent, attn_mask))

@@ -1,0 +1,320 @@
+"""ComfyUI glue for MoMA's attention: the attn1/attn2 replace patches and the state of one Apply node.
+
+All maths lives in ``moma.attention`` / ``moma.subject_mask``; this module only reads ComfyUI's
+``extra_options`` (batch chunks, sigma, layer shapes), routes cond/uncond rows and installs patches.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..moma import attention as moma_attention
+from ..moma.reference import ReferenceBank, capture_reference_layer, object_token_index
+from ..moma.sd15 import LAYER_BY_BLOCK, LAYERS, AttentionLayer
+from ..moma.subject_mask import COND, SubjectMaskTracker, layer_subject_map
+
+log = logging.getLogger(__name__)
+
+SELF_PATH_MAX_TIMESTEP = 950  # the object shortcut runs only while t < 950 (spec 3.4)
+ReplacePatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
+    return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+
+
+def _layer_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
+    """(h, w) of the current layer from ComfyUI's activations_shape (exact also for sizes not /64)."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None and shape[-2] * shape[-1] == tokens:
+        return int(shape[-2]), int(shape[-1])
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens:
+        raise RuntimeError(f"cannot infer the layer grid of {tokens} tokens (no activations_shape)")
+    return side, side
+
+
+def _latent_grid(extra_options: dict) -> tuple[int, int]:
+    shape = extra_options["original_shape"]
+    return int(shape[-2]), int(shape[-1])
+
+
+class MomaRun:
+    """Everything the 32 patches of one Apply node share: weights on device, gates, the subject mask.
+
+    ComfyUI deep-copies model_options on every clone; ``__deepcopy__`` returns self so that the patches,
+    the post-CFG hook and the sampling wrapper of every clone keep talking to this one object. Its
+    per-run part (the subject mask) is reset at the start of each sampling run by ``outer_sample``.
+    """
+
+    def __init__(
+        self,
+        *,
+        to_k_ip: dict[int, torch.Tensor],
+        to_v_ip: dict[int, torch.Tensor],
+        object_gains: dict[tuple[str, int], float],
+        cond_tokens: torch.Tensor,
+        uncond_tokens: torch.Tensor,
+        bank: Optional[ReferenceBank],
+        subject_positions: list[int],
+        prompt_length: int,
+        model_sampling: Any,
+        sigma_start: float,
+        sigma_end: float,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> None:
+        self.key = f"moma-{uuid.uuid4().hex[:8]}"
+        self.bank = bank
+        self.object_gains = object_gains
+        self.subject_positions = subject_positions
+        self.prompt_length = prompt_length
+        self.model_sampling = model_sampling
+        self.sigma_start = sigma_start
+        self.sigma_end = sigma_end
+        self.attn_mask = attn_mask  # [B?, H, W] user MASK, or None
+        self.tracker = SubjectMaskTracker()
+        # The 4 context tokens through each attn2 layer's to_k_ip/to_v_ip, once: [2 (cond, uncond), 4, C].
+        tokens = torch.cat([cond_tokens.reshape(1, -1, cond_tokens.shape[-1]), uncond_tokens.reshape(1, -1, uncond_tokens.shape[-1])]).float()
+        self.context_kv_master: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in LAYERS:
+            k_w = to_k_ip[layer.cross_index].float()
+            v_w = to_v_ip[layer.cross_index].float()
+            self.context_kv_master[layer.block] = (F.linear(tokens, k_w), F.linear(tokens, v_w))
+        self._device_cache: dict[tuple, Any] = {}
+        self._gate_sigmas: Optional[torch.Tensor] = None
+        self._gate_value: tuple[bool, bool] = (False, False)
+
+    def __deepcopy__(self, memo: dict) -> "MomaRun":
+        return self
+
+    # --- run lifecycle (ComfyUI wrappers / hooks) ----------------------------------------------
+    def outer_sample(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """OUTER_SAMPLE wrapper: a fresh subject mask for every sampling run, device copies freed after."""
+        self.tracker.reset()
+        self._gate_sigmas = None
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.tracker.reset()
+            self._device_cache.clear()
+            self._gate_sigmas = None
+            if self.bank is not None:
+                self.bank.release_device_copy()
+
+    def post_cfg(self, args: dict) -> torch.Tensor:
+        """sampler_post_cfg_function: one model evaluation is complete; its maps become the next mask."""
+        self.tracker.finish_evaluation()
+        return args["denoised"]
+
+    # --- per-call helpers ------------------------------------------------------------------------
+    def gates(self, extra_options: dict) -> tuple[bool, bool]:
+        """(object path on, context path on) for this UNet call; computed once per call, not per layer."""
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return False, False
+        if sigmas is not self._gate_sigmas:
+            sigma = sigmas.reshape(-1)[:1]
+            in_window = self.sigma_end <= float(sigma.item()) <= self.sigma_start
+            timestep = int(self.model_sampling.timestep(sigma).reshape(-1)[0].item())
+            self._gate_value = (in_window and timestep < SELF_PATH_MAX_TIMESTEP, in_window)
+            self._gate_sigmas = sigmas
+        return self._gate_value
+
+    def _cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        value = self._device_cache.get(key)
+        if value is None:
+            value = build()
+            self._device_cache[key] = value
+        return value
+
+    def subject_columns(self, text_length: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Subject-token columns in a context of ``text_length`` tokens (every repeat of the prompt)."""
+        if not self.subject_positions:
+            return None
+
+        def build() -> Optional[torch.Tensor]:
+            period = self.prompt_length if text_length % self.prompt_length == 0 else text_length
+            cols = [p + r * period for r in range(text_length // period) for p in self.subject_positions if p < period]
+            return torch.tensor(cols, dtype=torch.long, device=device) if cols else None
+
+        return self._cached(("cols", text_length, str(device)), build)
+
+    def context_kv(self, block: tuple[str, int], chunk_kinds: list[int], batch: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's projected MoMA tokens for every row: [len(chunks) * batch, 4, C]."""
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            k_all, v_all = self.context_kv_master[block]
+            order = torch.tensor([0 if kind == COND else 1 for kind in chunk_kinds]).repeat_interleave(batch)
+            return k_all[order].to(device, dtype), v_all[order].to(device, dtype)
+
+        return self._cached(("ctx", block, tuple(chunk_kinds), batch, str(device), dtype), build)
+
+    def spatial_mask(self, extra_options: dict, grid: tuple[int, int], chunks: int, batch: int,
+                     device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Subject mask (from the previous evaluation) times the optional user mask: [rows, h*w, 1] or None."""
+        mask = self.tracker.rows(grid, chunks, device, dtype)
+        if self.attn_mask is None:
+            return mask
+
+        def build() -> torch.Tensor:
+            user = self.attn_mask.float()
+            user = user.reshape(-1, 1, user.shape[-2], user.shape[-1])
+            user = F.interpolate(user, size=grid, mode="bilinear", align_corners=False)
+            user = user.reshape(user.shape[0], -1, 1)
+            if user.shape[0] not in (1, batch):
+                user = user[:1]
+            user = user.expand(batch, -1, -1).repeat(chunks, 1, 1)
+            return user.to(device, dtype)
+
+        user_rows = self._cached(("user", tuple(grid), chunks, batch, str(device), dtype), build)
+        return user_rows if mask is None else mask * user_rows
+
+    # --- the two terms ---------------------------------------------------------------------------
+    def object_term(self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        if self.bank is None or not self.gates(extra_options)[0]:
+            return out
+        keys, values = self.bank.on(q.device, q.dtype)
+        heads = extra_options["n_heads"]
+        ref_out = moma_attention.reference_attention(
+            q, keys[layer.block], values[layer.block], heads,
+            attention_fn=lambda q_, k_, v_, h_: _attention(q_, k_, v_, h_, extra_options),
+        )
+        chunks = len(extra_options["cond_or_uncond"])
+        grid = _layer_grid(extra_options, q.shape[1])
+        mask = self.spatial_mask(extra_options, grid, chunks, q.shape[0] // chunks, q.device, q.dtype)
+        return moma_attention.add_object_shortcut(out, ref_out, self.object_gains[layer.block], mask)
+
+    def cross_attention(self, layer: AttentionLayer, previous: Optional[ReplacePatch], q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        chunk_kinds = list(extra_options["cond_or_uncond"])
+        chunks = len(chunk_kinds)
+        batch = q.shape[0] // chunks
+        columns = self.subject_columns(k.shape[1], q.device)
+        out, subject_probs = moma_attention.text_attention_with_subject_probs(
+            q, k, v, heads, columns, compute_output=previous is None
+        )
+        if previous is not None:
+            out = previous(q, k, v, extra_options)
+        grid = _layer_grid(extra_options, q.shape[1])
+        if subject_probs is not None:
+            self.tracker.add(layer_subject_map(subject_probs, grid, _latent_grid(extra_options)), chunk_kinds)
+        if self.gates(extra_options)[1]:
+            token_k, token_v = self.context_kv(layer.block, chunk_kinds, batch, q.device, q.dtype)
+            context_out = moma_attention.decoupled_token_attention(
+                q, token_k, token_v, heads,
+                attention_fn=lambda q_, k_, v_, h_: _attention(q_, k_, v_, h_, extra_options),
+            )
+            mask = self.spatial_mask(extra_options, grid, chunks, batch, q.device, q.dtype)
+            if mask is not None:
+                context_out = context_out * mask
+            out = out + context_out
+        return out
+
+
+class _ChainedPatch:
+    """Base for our replace patches: keeps the patch that was there before (e.g. an IPAdapter's) and
+    calls it instead of plain attention, so packs stack rather than overwrite each other."""
+
+    def __init__(self, run: MomaRun, layer: AttentionLayer, previous: Optional[ReplacePatch]) -> None:
+        self.run = run
+        self.layer = layer
+        self.previous = previous
+
+    def __deepcopy__(self, memo: dict) -> "_ChainedPatch":
+        return self
+
+    def to(self, device_or_dtype: Any) -> "_ChainedPatch":
+        """ComfyUI calls .to(device) and .to(dtype) on patches when it loads the model; pass it on."""
+        if self.previous is not None and hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device_or_dtype)
+        return self
+
+    def models(self) -> list:
+        return self.previous.models() if self.previous is not None and hasattr(self.previous, "models") else []
+
+
+class MomaSelfAttentionPatch(_ChainedPatch):
+    """attn1 replace: self-attention (or the previous patch) + the masked object shortcut."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        if self.previous is not None:
+            out = self.previous(q, k, v, extra_options)
+        else:
+            out = _attention(q, k, v, extra_options["n_heads"], extra_options)
+        return self.run.object_term(self.layer, out, q, extra_options)
+
+
+class MomaCrossAttentionPatch(_ChainedPatch):
+    """attn2 replace: text attention (or the previous patch) + the 4 MoMA context tokens, masked; records
+    the subject-token attention map for the next evaluation's subject mask."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        return self.run.cross_attention(self.layer, self.previous, q, k, v, extra_options)
+
+
+def _existing_replace(model_options: dict, kind: str, block: tuple[str, int]) -> tuple[Optional[ReplacePatch], tuple]:
+    """The replace patch ComfyUI would call for this block now, and the key it sits under."""
+    patches = model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    for key in ((block[0], block[1], 0), block):
+        if key in patches:
+            return patches[key], key
+    return None, block
+
+
+def install_moma_patches(model: Any, run: MomaRun) -> None:
+    """Install MoMA on a *cloned* ModelPatcher: 16 attn1 + 16 attn2 replaces (chained onto existing ones),
+    the post-CFG hook that closes each evaluation, and the wrapper that scopes state to one run."""
+    for layer in LAYERS:
+        for kind, patch_cls in (("attn1", MomaSelfAttentionPatch), ("attn2", MomaCrossAttentionPatch)):
+            previous, key = _existing_replace(model.model_options, kind, layer.block)
+            patch = patch_cls(run, layer, previous)
+            model.set_model_patch_replace(patch, kind, *key)
+    model.set_model_sampler_post_cfg_function(run.post_cfg, disable_cfg1_optimization=True)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run.key, run.outer_sample)
+
+
+class ReferenceCapturePatch:
+    """attn1 replace used only during the reference pass: plain self-attention, and records this
+    layer's K_ref/V_ref at the object's tokens."""
+
+    def __init__(self, layer: AttentionLayer, to_k_ip: torch.Tensor, to_v_ip: torch.Tensor,
+                 object_mask: torch.Tensor, store: dict) -> None:
+        self.layer = layer
+        self.to_k_ip = to_k_ip
+        self.to_v_ip = to_v_ip
+        self.object_mask = object_mask
+        self.store = store
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        grid = _layer_grid(extra_options, k.shape[1])
+        index = object_token_index(self.object_mask, grid)
+        k_ref, v_ref = capture_reference_layer(k[:1], v[:1], self.to_k_ip, self.to_v_ip, index)
+        self.store[self.layer.block] = (k_ref, v_ref, grid, index is None)
+        return _attention(q, k, v, extra_options["n_heads"], extra_options)
+
+
+def reference_capture_options(to_k_ip: dict[int, torch.Tensor], to_v_ip: dict[int, torch.Tensor],
+                              object_mask: torch.Tensor, sigma: torch.Tensor, store: dict) -> dict:
+    """Minimal transformer_options for the reference pass: only our capture patches run (other packs'
+    patches are left out: they may expect sampling state that a lone evaluation does not have)."""
+    attn1 = {
+        layer.block: ReferenceCapturePatch(layer, to_k_ip[layer.self_index], to_v_ip[layer.self_index], object_mask, store)
+        for layer in LAYERS
+    }
+    return {"patches_replace": {"attn1": attn1}, "cond_or_uncond": [COND], "sigmas": sigma}
+
+
+__all__ = [
+    "LAYER_BY_BLOCK",
+    "MomaRun",
+    "install_moma_patches",
+    "reference_capture_options",
+]
