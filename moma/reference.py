@@ -18,22 +18,26 @@ from .errors import MomaError
 
 log = logging.getLogger(__name__)
 
-REFERENCE_AREA = 512 * 512  # the reference stretches every reference picture to 512x512
+REFERENCE_RESOLUTION = 512  # the reference stretches every reference picture to 512x512
 SIZE_MULTIPLE = 64  # latent /8, three UNet downsamplings /8: keeps every layer grid whole
+MAX_SIDE = 1024  # extreme aspect ratios are stretched rather than giving a huge bank
 # The reference pass sees only the first 73 of the 77 subject-prompt tokens: every reference cross
 # processor splits the last 4 context tokens off as "MoMA tokens", even when disabled (spec 3.2 step 6).
 REFERENCE_TEXT_TOKENS = 73
 
 
-def reference_pixel_size(height: int, width: int) -> tuple[int, int]:
-    """Size the reference is encoded at: its aspect ratio kept, area ~512^2, sides multiples of 64.
+def reference_pixel_size(height: int, width: int, resolution: int = REFERENCE_RESOLUTION) -> tuple[int, int]:
+    """Size the reference is encoded at: its aspect ratio kept, area ~resolution^2, sides multiples of 64.
 
-    A square picture of any size gives 512x512, the reference's own size.
+    A square picture of any size gives resolution x resolution (512x512 is the reference's own size).
+    Sides stay within [64, 1024].
     """
-    scale = math.sqrt(REFERENCE_AREA / float(height * width))
-    h = max(SIZE_MULTIPLE, int(round(height * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
-    w = max(SIZE_MULTIPLE, int(round(width * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
-    return h, w
+    scale = math.sqrt(resolution * resolution / float(height * width))
+
+    def side(length: int) -> int:
+        return min(MAX_SIDE, max(SIZE_MULTIPLE, int(round(length * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE))
+
+    return side(height), side(width)
 
 
 def to_rgb(image: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,21 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import paths  # noqa: F401  (registers the pack's model folders with folder_paths)
+from .apply import MomaApply
+from .context import MomaContextEncoder, MomaLoadContext, MomaSaveContext
+from .feature_grab import MomaFeatureGrab
+from .loader import MomaLoader
+from .masker import MomaObjectMasker
 
-NODES: list[type[io.ComfyNode]] = []
+NODES: list[type[io.ComfyNode]] = [
+    MomaLoader,
+    MomaContextEncoder,
+    MomaSaveContext,
+    MomaLoadContext,
+    MomaObjectMasker,
+    MomaFeatureGrab,
+    MomaApply,
+]
 
 
 class MomaExtension(ComfyExtension):

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..moma.errors import MomaError
 from ..moma.reference import (
+    REFERENCE_RESOLUTION,
     REFERENCE_TEXT_TOKENS,
     ReferenceBank,
     binarise_object_mask,
@@ -49,7 +50,8 @@ def encode_reference_latent(vae: Any, pixels: torch.Tensor, generator: torch.Gen
 
 
 def grab_reference_features(model: Any, moma_model: Any, vae: Any, clip: Any, image: torch.Tensor,
-                            mask: torch.Tensor, subject: str, seed: int) -> ReferenceBank:
+                            mask: torch.Tensor, subject: str, seed: int,
+                            resolution: int = REFERENCE_RESOLUTION) -> ReferenceBank:
     """Run the reference pass on the wired MODEL and return the object bank of all 16 attn1 layers."""
     require_sd15(model, "Self-Attention Feature Grab")
     adapter = adapter_of(moma_model)
@@ -59,7 +61,7 @@ def grab_reference_features(model: Any, moma_model: Any, vae: Any, clip: Any, im
         raise MomaError("Feature Grab: 'subject' is empty; give the object's word, e.g. 'car' or 'dog'.")
     if image.shape[0] > 1 or (mask.dim() == 3 and mask.shape[0] > 1):
         log.warning("Feature Grab: batch of %d references given; using the first (MoMA takes one reference).", image.shape[0])
-    pixel_size = reference_pixel_size(int(image.shape[1]), int(image.shape[2]))
+    pixel_size = reference_pixel_size(int(image.shape[1]), int(image.shape[2]), int(resolution))
     pixels = resize_reference_image(image[:1], pixel_size)
     object_mask = binarise_object_mask(mask[:1] if mask.dim() == 3 else mask, pixel_size)
     if not bool(object_mask.any()):
@@ -118,10 +120,14 @@ class MomaFeatureGrab(io.ComfyNode):
                 io.String.Input("subject", default="car", tooltip="The object's word, as in the prompt (e.g. 'car', 'teddy bear')."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the VAE posterior sample and the t=0 noise of the reference pass."),
+                io.Int.Input("resolution", default=REFERENCE_RESOLUTION, min=64, max=1024, step=64,
+                             tooltip="Side of the (square-equivalent) size the reference is encoded at, aspect kept. "
+                                     "512 is what MoMA was trained and evaluated with; lower is faster."),
             ],
             outputs=[MomaRef.Output(display_name="reference")],
         )
 
     @classmethod
-    def execute(cls, model, moma_model, vae, clip, image, mask, subject, seed) -> io.NodeOutput:
-        return io.NodeOutput(grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed))
+    def execute(cls, model, moma_model, vae, clip, image, mask, subject, seed,
+                resolution=REFERENCE_RESOLUTION) -> io.NodeOutput:
+        return io.NodeOutput(grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed, resolution))

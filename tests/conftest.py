@@ -99,3 +99,27 @@ def load_image_tensor():
         return image.unsqueeze(0), mask
 
     return load
+
+
+MOMA_SUBJECT = "car"
+MOMA_PROMPT = "A car in autumn with falling leaves."
+
+
+@pytest.fixture(scope="session")
+def moma_model(adapter_file, llava_dir, clip_vision_dir):
+    """MOMA_MODEL from the real loading code on the fixture files (fp32, so comparisons are exact)."""
+    from comfyui_moma.moma.model import MomaModel
+
+    return MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def moma_context(moma_model, test_images, load_image_tensor):
+    """MOMA_CONTEXT of the rgb test picture, encoded by the fixture LLaVA through the real encoder."""
+    from comfyui_moma.moma.model import encode_context
+
+    image, mask = load_image_tensor(*test_images["rgb"])
+    encoder = moma_model.load_encoder("cpu")
+    context = encode_context(encoder, moma_model, image[0], mask[0], MOMA_SUBJECT, MOMA_PROMPT)
+    del encoder
+    return context

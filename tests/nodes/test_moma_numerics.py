@@ -182,7 +182,7 @@ def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context,
     model, clip, vae, image, mask, subject = scene
     adapter = moma_model.adapter
     seed, strength = 7, 0.8
-    bank = grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed)
+    bank = grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed, resolution=128)
     full_bank, obj = explicit_reference_pass(model, adapter, vae, clip, image, mask, subject, seed, bank.pixel_size)
 
     # the pack's bank = the explicit bank at the object's keys

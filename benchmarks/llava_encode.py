@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""LLaVA context encoder benchmark (issue 4): load time, encode time and peak RSS.
+
+    .host/venv/bin/python benchmarks/llava_encode.py [--precision auto|fp16|bf16|fp32] [--device cpu|cuda]
+                                                     [--repeats 2] [--json out.json]
+    .host/venv/bin/python benchmarks/llava_encode.py --full-width [--layers N] [--keep-files DIR]
+
+Default: the test fixtures (tests/fixtures: the original-format LLaVA folder with hidden 4096 and 2 layers, a
+3-layer CLIP ViT-L/14-336-shaped vision tower, the adapter file), built once into the tests' fixture cache.
+
+``--full-width``: a random LLaVA-1.5-7B-shaped folder (hidden 4096, MLP 11008, 32 heads, vocab 32000, one
+pickled shard per decoder layer + index, lm_head included) with as many decoder layers as the free memory
+allows (or ``--layers``), and a full-size CLIP ViT-L/14-336 vision tower (24 layers); written to a temporary
+folder and deleted afterwards. The real model has 32 layers: the report scales the per-layer cost up.
+
+Measured with the pack's own code (``moma.model``): ``load`` = LLaVA shards + CLIP + mapping/projector onto
+the device; ``encode`` = tokenise + pixels + vision + decoder + mapping + 4-token projector for one reference
+(first call and warm repeats); peak RSS is polled by a thread every 10 ms during each phase.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # tests/fixtures: the writers of the real-format test models
+sys.path.insert(0, str(REPO))  # the pack's `moma` package (pure torch + transformers, no ComfyUI)
+
+import torch  # noqa: E402
+
+from moma.model import MomaModel, encode_context  # noqa: E402
+
+FULL = dict(hidden=4096, intermediate=11008, heads=32, vocab=32000, layers=32)
+CLIP_FULL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
+SUBJECT, PROMPT = "car", "A car in autumn with falling leaves."
+MB = 1024 * 1024
+
+
+class PeakRss:
+    """Polls this process's RSS in a thread; ``peak`` is the highest value seen inside the ``with`` block."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._process = psutil.Process()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def rss() -> int:
+    """RSS after a collection and glibc's malloc_trim (freed heap pages handed back to the OS)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return psutil.Process().memory_info().rss
+
+
+def fixture_files() -> tuple[Path, Path, Path]:
+    import fixtures
+    from fixtures import adapter, clip_vision, llava
+
+    return (fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
+            fixtures.cached("MoMA_llava_7b", llava.write_llava_folder),
+            fixtures.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder))
+
+
+def full_width_layers(requested: int | None, dtype_bytes: int) -> int:
+    """Decoder layers that fit: ~60% of the available memory minus embeddings, projector and CLIP."""
+    if requested:
+        return requested
+    per_layer = (4 * FULL["hidden"] ** 2 + 3 * FULL["hidden"] * FULL["intermediate"]) * dtype_bytes
+    fixed = (FULL["vocab"] * FULL["hidden"] + 1024 * 4096 + 4096 * 4096 + 303_000_000 + 14_000_000) * dtype_bytes
+    budget = 0.6 * psutil.virtual_memory().available - fixed
+    return max(1, min(FULL["layers"], int(budget // per_layer)))
+
+
+def write_full_width(root: Path, layers: int) -> tuple[Path, Path]:
+    """A LLaVA-1.5-7B-shaped folder with ``layers`` decoder layers (one shard each) and a full CLIP-L/336."""
+    from fixtures import llava
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    folder = root / "MoMA_llava_7b_full_width"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    hidden, inter = FULL["hidden"], FULL["intermediate"]
+
+    def matrix(rows: int, cols: int, dtype=torch.float16) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=generator) / math.sqrt(cols)).to(dtype)
+
+    model_bytes = llava.train_tokenizer()
+    (folder / "tokenizer.model").write_bytes(model_bytes)
+    config = llava.config(FULL["vocab"])
+    config.update(intermediate_size=inter, num_hidden_layers=layers)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(llava.TOKENIZER_CONFIG, indent=2))
+    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": (0.02 * torch.randn(FULL["vocab"], hidden, generator=generator)).half()}]
+    weight_map: dict[str, str] = {}
+    total = layers + 2
+    names = [f"pytorch_model-{i:05d}-of-{total:05d}.bin" for i in range(1, total + 1)]
+
+    def flush(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        torch.save(tensors, folder / names[index])
+        weight_map.update({key: names[index] for key in tensors})
+
+    flush(0, shards.pop())
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        tensors = {p + f"self_attn.{n}.weight": matrix(hidden, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        tensors.update({p + "mlp.gate_proj.weight": matrix(inter, hidden), p + "mlp.up_proj.weight": matrix(inter, hidden),
+                        p + "mlp.down_proj.weight": matrix(hidden, inter),
+                        p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
+                        p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.float16)})
+        flush(layer + 1, tensors)
+        del tensors
+    flush(total - 1, {"model.norm.weight": torch.ones(hidden, dtype=torch.float16),
+                      "model.mm_projector.0.weight": matrix(hidden, 1024), "model.mm_projector.0.bias": torch.zeros(hidden, dtype=torch.float16),
+                      "model.mm_projector.2.weight": matrix(hidden, hidden), "model.mm_projector.2.bias": torch.zeros(hidden, dtype=torch.float16),
+                      "lm_head.weight": matrix(FULL["vocab"], hidden)})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    clip_folder = root / "clip-vit-large-patch14-336"
+    vision = CLIPVisionModel(CLIPVisionConfig(**CLIP_FULL))
+    vision.save_pretrained(str(clip_folder))
+    from fixtures.clip_vision import PREPROCESSOR_CONFIG
+
+    (clip_folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    return folder, clip_folder
+
+
+def reference_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    picture = torch.rand(1, 3, 48, 64, generator=generator)
+    picture = torch.nn.functional.interpolate(picture, size=(480, 640), mode="bicubic").clamp(0, 1)[0].permute(1, 2, 0)
+    mask = torch.zeros(480, 640)
+    mask[100:400, 150:500] = 1.0
+    return picture.contiguous(), mask
+
+
+def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: str, repeats: int) -> dict:
+    picture, mask = reference_inputs()
+    result: dict = {}
+    start = time.perf_counter()
+    import transformers.models.clip.modeling_clip  # noqa: F401  (one-off import cost, reported apart)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    result["import_s"] = time.perf_counter() - start
+    rss_start = rss()
+    moma_model = MomaModel.load(adapter, llava_dir, clip, precision=precision)
+    with PeakRss() as peak:
+        start = time.perf_counter()
+        encoder = moma_model.load_encoder(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        result["load_s"] = time.perf_counter() - start
+    result["load_peak_rss_mb"] = peak.peak / MB
+    result["params_m"] = sum(p.numel() for p in encoder.parameters()) / 1e6
+    result["layers"] = encoder.num_layers
+    times = []
+    with PeakRss() as peak:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encode_context(encoder, moma_model, picture, mask, SUBJECT, PROMPT)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    result["encode_first_s"] = times[0]
+    result["encode_warm_s"] = statistics.median(times[1:]) if len(times) > 1 else None
+    result["encode_peak_rss_mb"] = peak.peak / MB
+    result["rss_with_encoder_mb"] = rss() / MB
+    del encoder
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    result["rss_after_free_mb"] = rss() / MB
+    result["rss_before_load_mb"] = rss_start / MB
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--full-width", action="store_true", help="random full-width LLaVA (hidden 4096, MLP 11008)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers for --full-width (default: fit memory)")
+    parser.add_argument("--keep-files", type=Path, default=None, help="write the --full-width files here and keep them")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from moma.llava import resolve_dtype
+
+    dtype_bytes = torch.empty((), dtype=resolve_dtype(args.precision, args.device)).element_size()
+    with contextlib.ExitStack() as stack:
+        if args.full_width:
+            root = args.keep_files or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moma-bench-")))
+            layers = full_width_layers(args.layers, dtype_bytes)
+            print(f"writing a full-width random LLaVA with {layers} of {FULL['layers']} layers to {root} ...", flush=True)
+            start = time.perf_counter()
+            llava_dir, clip = write_full_width(root, layers)
+            print(f"  written in {time.perf_counter() - start:.1f} s", flush=True)
+            adapter = fixture_files()[0]
+        else:
+            adapter, llava_dir, clip = fixture_files()
+        result = measure(adapter, llava_dir, clip, args.precision, args.device, args.repeats)
+        if args.full_width and args.keep_files is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    result.update(kind="full-width random" if args.full_width else "test fixtures", precision=args.precision,
+                  device=args.device, torch=torch.__version__, cpu_count=psutil.cpu_count(),
+                  machine=platform.machine())
+    print(f"LLaVA context encoder benchmark ({result['kind']}, {args.precision} on {args.device}, "
+          f"torch {torch.__version__}, {psutil.cpu_count()} CPUs)")
+    print(f"  model: {result['layers']} decoder layers, {result['params_m']:.0f} M parameters (with CLIP, mapping, projector)")
+    print(f"  import transformers' Llama/CLIP modules (once per process): {result['import_s']:.2f} s")
+    print(f"  load:   {result['load_s']:.2f} s   peak RSS {result['load_peak_rss_mb']:.0f} MB")
+    warm = f", warm {result['encode_warm_s']:.2f} s" if result["encode_warm_s"] is not None else ""
+    print(f"  encode: first {result['encode_first_s']:.2f} s{warm}   peak RSS {result['encode_peak_rss_mb']:.0f} MB")
+    print(f"  RSS: before load {result['rss_before_load_mb']:.0f} MB, with encoder {result['rss_with_encoder_mb']:.0f} MB, "
+          f"after freeing it {result['rss_after_free_mb']:.0f} MB")
+    if args.full_width and result["layers"] < FULL["layers"]:
+        per_layer_params = (4 * FULL["hidden"] ** 2 + 3 * FULL["hidden"] * FULL["intermediate"]) / 1e6
+        missing = FULL["layers"] - result["layers"]
+        print(f"  (the real model has {FULL['layers']} layers: {missing} more x {per_layer_params:.0f} M parameters; "
+              f"decoder time and memory grow about linearly with the layer count)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,627 @@
+#!/usr/bin/env python3
+"""MoMA sampling benchmark (issue 7): plain SD1.5 vs the same model with MoMA applied, side by side.
+
+    .host/venv/bin/python benchmarks/sampling.py [--sizes 256 512] [--steps 3] [--repeats 2]
+                                                 [--json out.json] [--device cpu|cuda] [--profile]
+
+Boots the ComfyUI the tests use (tests/host.py), loads an SD1.5 checkpoint through ComfyUI's own
+``CheckpointLoaderSimple`` (default: the full-layout random-weight test checkpoint from tests/fixtures, the
+same shapes as a real SD1.5 file; ``--checkpoint`` for a real one), runs the pack's Feature Grab on a
+synthetic 512x512 reference and patches the model with the pack's ``apply_moma``. Then, per size, it samples
+with ComfyUI's ``sample_custom`` (sampler euler, CFG 7.5, same seed and noise) the plain model, MoMA with a
+~30%-coverage object bank and MoMA with a full-frame bank, interleaved and repeated, and reports:
+
+- per-step time (steady state: the first step of every run is left out) and the ratio MoMA / plain;
+- the Feature Grab (reference pass) time in units of one plain CFG step;
+- peak RSS of the process while sampling (a thread polls RSS every few ms; and peak CUDA memory on a GPU);
+- the re-run check: the same workflow executed twice through ComfyUI's executor does not run the LLaVA
+  context encoder (nor the reference pass) again.
+
+The measured steps are taken from the middle of a 50-step "normal" schedule (steps 10..), where MoMA's
+object path is on (it is off for t >= 950, i.e. the first ~2 of 50 steps), so the ratio is that of a
+typical step. ``--profile`` adds a torch.profiler table and the pack's Python hot spots for one step.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import datetime
+import io as text_io
+import json
+import logging
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # tests/host.py (boots ComfyUI) and tests/fixtures (test models)
+
+import host  # noqa: E402
+
+log = logging.getLogger("moma.benchmark")
+
+TARGETS = {"30%": {256: 1.05, 512: 1.20}, "full": {256: 1.5, 512: 1.5}}
+MEMORY_TARGET_MB = 250.0
+SD_PROMPT = "photo of a car. A car in autumn with falling leaves."
+SUBJECT = "car"
+OBJECT_COVERAGE = 0.30
+SCHEDULE_STEPS = 50  # the measured steps are a window of this schedule
+FIRST_STEP = 10
+
+
+# --------------------------------------------------------------------------------------------------
+# host
+
+
+def boot_comfy(device: str, attention: str) -> host.Host:
+    """tests/host.py's boot(); for ``--device cuda`` its ``--cpu`` is kept off, and ``--attention pytorch``
+    selects ComfyUI's SDPA backend (--use-pytorch-cross-attention) instead of its default for the device."""
+    if device != "cpu" or attention != "default":
+        sys.path.insert(0, str(host.host_dir() / "ComfyUI"))
+        import comfy.options
+
+        comfy.options.enable_args_parsing(False)
+        import comfy.cli_args
+
+        keep_gpu = device != "cpu"
+
+        class BenchmarkArgs(argparse.Namespace):
+            def __setattr__(self, name: str, value: Any) -> None:
+                if name == "cpu" and keep_gpu:
+                    value = False  # host.boot() forces --cpu for the tests
+                super().__setattr__(name, value)
+
+        args = BenchmarkArgs(**vars(comfy.cli_args.args))
+        if attention == "pytorch":
+            args.use_pytorch_cross_attention = True
+        comfy.cli_args.args = args
+    return host.boot()
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+
+
+class RssMonitor:
+    """Polls the process RSS in a thread; ``window()`` gives the high-water mark while it is open."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self._process = psutil.Process()
+        self._interval = interval_s
+        self._peak = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="rss-monitor", daemon=True)
+        self._thread.start()
+
+    def rss(self) -> int:
+        return self._process.memory_info().rss
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            value = self.rss()
+            with self._lock:
+                self._peak = max(self._peak, value)
+            time.sleep(self._interval)
+
+    @contextlib.contextmanager
+    def window(self) -> Iterator[dict]:
+        result: dict = {}
+        start = self.rss()
+        with self._lock:
+            self._peak = start
+        yield result
+        end = self.rss()
+        with self._lock:
+            peak = max(self._peak, end)
+        result.update(start=start, peak=peak, end=end)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def mb(value: float) -> float:
+    return round(value / 2**20, 1)
+
+
+def synchronize(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# models and inputs
+
+
+def load_checkpoint(hostinfo: host.Host, checkpoint: Optional[Path]) -> tuple[Any, Any, Any, str]:
+    """(model, clip, vae, file name) through ComfyUI's CheckpointLoaderSimple, from models/checkpoints."""
+    import fixtures
+    import nodes
+
+    if checkpoint is None:
+        from fixtures import sd15
+
+        checkpoint = fixtures.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
+    target = hostinfo.models_dir / "checkpoints" / checkpoint.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(checkpoint.resolve())
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)[:3]
+    return model, clip, vae, checkpoint.name
+
+
+def load_moma_model(adapter_path: Optional[Path]) -> Any:
+    """A MOMA_MODEL holding the adapter (default: the upstream-layout random test adapter)."""
+    import fixtures
+    from comfyui_moma.moma.weights import load_adapter
+
+    if adapter_path is None:
+        from fixtures import adapter
+
+        adapter_path = fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th)
+    weights = load_adapter(adapter_path)
+    try:
+        from comfyui_moma.moma.model import MomaModel
+
+        return MomaModel(adapter=weights, adapter_path=Path(adapter_path), llava_dir=Path("unused"),
+                         clip_vision_path=Path("unused"))
+    except (ImportError, TypeError):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(adapter=weights)
+
+
+def make_context(seed: int) -> Any:
+    """A MOMA_CONTEXT with random tokens (LLaVA is not part of the sampling benchmark)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens = {name: torch.randn(1, 4, 768, generator=generator) for name in ("cond_tokens", "uncond_tokens")}
+    try:
+        from comfyui_moma.moma.context import MomaContext
+
+        return MomaContext(llava_emb=torch.randn(1, 1024, generator=generator), subject=SUBJECT,
+                           prompt=SD_PROMPT.split(". ", 1)[1], sd_prompt=SD_PROMPT, **tokens)
+    except ImportError:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(subject=SUBJECT, sd_prompt=SD_PROMPT, **tokens)
+
+
+def reference_inputs(size: int = 512) -> tuple[Any, dict[str, Any]]:
+    """A smooth random reference IMAGE [1,H,W,3] and MASKs: a centred disc of ~30% area, and full frame."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(7)
+    coarse = torch.rand(1, 3, 16, 16, generator=generator)
+    image = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False).movedim(1, -1)
+    axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
+    radius = (OBJECT_COVERAGE / torch.pi) ** 0.5
+    disc = (axis.view(-1, 1) ** 2 + axis.view(1, -1) ** 2 <= radius**2).float()
+    return image, {"30%": disc.unsqueeze(0), "full": torch.ones(1, size, size)}
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling
+
+
+class Sampling:
+    """One size: the latent, noise, sigmas and conditioning shared by every variant."""
+
+    def __init__(self, model: Any, positive: Any, negative: Any, size: int, steps: int, sampler_name: str,
+                 cfg: float, seed: int) -> None:
+        import comfy.sample
+        import comfy.samplers
+        import torch
+
+        self.size = size
+        self.positive, self.negative, self.cfg, self.seed = positive, negative, cfg, seed
+        self.latent = torch.zeros(1, 4, size // 8, size // 8)
+        self.noise = comfy.sample.prepare_noise(self.latent, seed)
+        self.sampler = comfy.samplers.sampler_object(sampler_name)
+        model_sampling = model.get_model_object("model_sampling")
+        schedule = comfy.samplers.calculate_sigmas(model_sampling, "normal", SCHEDULE_STEPS).cpu()
+        self.sigmas = schedule[FIRST_STEP:FIRST_STEP + steps + 1]
+        self.timesteps = [float(model_sampling.timestep(s)) for s in self.sigmas[:-1]]
+        self.device = model.load_device
+
+    def run(self, model: Any, steps: Optional[int] = None) -> tuple[list[float], list[float]]:
+        """Sample; returns each step's wall-clock and process CPU seconds (step i ends at the i-th callback)."""
+        import comfy.sample
+
+        sigmas = self.sigmas if steps is None else self.sigmas[:steps + 1]
+        ends: list[tuple[float, float]] = []
+
+        def on_step(step: int, x0: Any, x: Any, total_steps: int) -> None:
+            synchronize(self.device)
+            ends.append((time.perf_counter(), time.process_time()))
+
+        start = (time.perf_counter(), time.process_time())
+        comfy.sample.sample_custom(model, self.noise, self.cfg, self.sampler, sigmas, self.positive, self.negative,
+                                   self.latent, callback=on_step, disable_pbar=True, seed=self.seed)
+        marks = [start] + ends
+        return ([b[0] - a[0] for a, b in zip(marks, marks[1:])], [b[1] - a[1] for a, b in zip(marks, marks[1:])])
+
+
+def steady(step_times: list[list[float]]) -> list[float]:
+    """Every step but the first of each run (that one carries per-run set-up, paid once per generation)."""
+    return [t for run in step_times for t in (run[1:] if len(run) > 1 else run)]
+
+
+def time_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image: Any, mask: Any) -> tuple[Any, dict]:
+    """The pack's Feature Grab, timed as a whole and its VAE-encode part alone."""
+    import torch
+    from comfyui_moma.moma.reference import reference_pixel_size, resize_reference_image
+    from comfyui_moma.nodes.feature_grab import encode_reference_latent, grab_reference_features
+
+    synchronize(model.load_device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    bank = grab_reference_features(model, moma_model, vae, clip, image, mask, SUBJECT, 0)
+    synchronize(model.load_device)
+    total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    pixels = resize_reference_image(image, reference_pixel_size(image.shape[1], image.shape[2]))
+    start, start_cpu = time.perf_counter(), time.process_time()
+    encode_reference_latent(vae, pixels, torch.Generator().manual_seed(0))
+    synchronize(model.load_device)
+    return bank, {"total_s": round(total, 3), "total_cpu_s": round(total_cpu, 3),
+                  "vae_encode_s": round(time.perf_counter() - start, 3),
+                  "vae_encode_cpu_s": round(time.process_time() - start_cpu, 3)}
+
+
+def profile_step(label: str, model: Any, sampling: Sampling) -> str:
+    """torch.profiler op table and cProfile of the pack's functions for a 2-step run (2nd step kept)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                            and str(sampling.device).startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        sampling.run(model, steps=2)
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    sampling.run(model, steps=2)
+    profiler.disable()
+    stream = text_io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream).sort_stats("cumulative")
+    stats.print_stats(str(REPO.name) + r"/(nodes|moma)/", 25)
+    return f"=== {label} @ {sampling.size}: torch ops (2 steps) ===\n{ops}\n=== {label}: pack functions ===\n{stream.getvalue()}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the re-run check (ComfyUI executor caching)
+
+
+class _MessageSink:
+    """The ``server`` a PromptExecutor reports to: keeps the messages so cached nodes can be read off."""
+
+    client_id = None
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, Any]] = []
+        self.last_node_id = None
+
+    def send_sync(self, event: str, data: Any, sid: Optional[str] = None) -> None:
+        self.messages.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+def rerun_check(hostinfo: host.Host, checkpoint_name: str) -> dict:
+    """Execute the MoMA graph twice through ComfyUI's PromptExecutor; the 2nd run must serve the LLaVA
+    context encoder and the Feature Grab from the executor cache."""
+    import nodes
+
+    needed = ("MomaLoader", "MomaContextEncoder", "MomaFeatureGrab", "MomaApply")
+    missing = [name for name in needed if name not in nodes.NODE_CLASS_MAPPINGS]
+    if missing:
+        return {"status": "not measured", "reason": f"nodes not registered yet: {', '.join(missing)}"}
+    return run_rerun_graph(hostinfo, checkpoint_name)
+
+
+def run_rerun_graph(hostinfo: host.Host, checkpoint_name: str) -> dict:
+    import execution
+    import fixtures
+    import numpy as np
+    from PIL import Image
+    import folder_paths
+    from fixtures import adapter, clip_vision, llava
+
+    links = {
+        ("moma", "attn_adapters_projectors.th"): fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
+        ("LLM", "MoMA_llava_7b"): fixtures.cached("MoMA_llava_7b", llava.write_llava_folder),
+        ("clip_vision", "clip-vit-large-patch14-336"): fixtures.cached("clip-vit-large-patch14-336",
+                                                                      clip_vision.write_clip_vision_folder),
+    }
+    for (folder, name), source in links.items():
+        target = hostinfo.models_dir / folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(source.resolve())
+        if target.parent.as_posix() not in [Path(p).as_posix() for p in folder_paths.get_folder_paths(folder)]:
+            folder_paths.add_model_folder_path(folder, str(target.parent))
+    image, masks = reference_inputs(64)
+    rgba = np.concatenate([image[0].numpy(), 1.0 - masks["30%"][0, ..., None].numpy()], axis=-1)
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(Path(folder_paths.get_input_directory()) / "moma_bench_ref.png")
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name}},
+        "3": {"class_type": "MomaLoader", "inputs": {
+            "adapter_name": "attn_adapters_projectors.th", "llava_name": "MoMA_llava_7b",
+            "clip_vision_name": "clip-vit-large-patch14-336", "precision": "auto", "quantization": "none",
+            "keep_llava_loaded": False}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "moma_bench_ref.png"}},
+        "6": {"class_type": "MomaContextEncoder", "inputs": {
+            "moma_model": ["3", 0], "image": ["4", 0], "mask": ["4", 1], "subject": SUBJECT,
+            "prompt": SD_PROMPT.split(". ", 1)[1]}},
+        "7": {"class_type": "MomaFeatureGrab", "inputs": {
+            "model": ["1", 0], "moma_model": ["3", 0], "vae": ["1", 2], "clip": ["1", 1], "image": ["4", 0],
+            "mask": ["4", 1], "subject": SUBJECT, "seed": 2}},
+        "8": {"class_type": "MomaApply", "inputs": {
+            "model": ["1", 0], "moma_model": ["3", 0], "context": ["6", 0], "reference": ["7", 0],
+            "preset": "context", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": SD_PROMPT}},
+        "10": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "11": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "12": {"class_type": "KSampler", "inputs": {
+            "model": ["8", 0], "positive": ["9", 0], "negative": ["10", 0], "latent_image": ["11", 0],
+            "seed": 0, "steps": 1, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "13": {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": "moma_bench"}},
+    }
+    sink = _MessageSink()
+    executor = execution.PromptExecutor(sink, cache_type=False)
+    runs = []
+    for attempt in range(2):
+        sink.messages.clear()
+        valid = asyncio.run(execution.validate_prompt(f"bench-{attempt}", prompt, None))
+        if not valid[0]:
+            return {"status": "error", "reason": f"graph did not validate: {valid[1]} {valid[3]}"}
+        start = time.perf_counter()
+        executor.execute(prompt, f"bench-{attempt}", {}, valid[2])
+        elapsed = time.perf_counter() - start
+        if not executor.success:
+            errors = [data for event, data in executor.status_messages if event == "execution_error"]
+            return {"status": "error", "reason": f"execution failed: {errors[:1]}"}
+        cached = sorted({nid for event, data in sink.messages if event == "execution_cached" for nid in data.get("nodes", [])})
+        executed = [data.get("node") for event, data in sink.messages if event == "executing" and data.get("node")]
+        runs.append({"seconds": round(elapsed, 2), "cached_nodes": cached, "executed_nodes": executed})
+    second = runs[1]
+    ok = "6" not in second["executed_nodes"] and "7" not in second["executed_nodes"]
+    return {"status": "pass" if ok else "FAIL", "runs": runs,
+            "detail": "2nd run: context encoder (6) and Feature Grab (7) served from ComfyUI's cache"
+            if ok else "2nd run executed the context encoder or the Feature Grab again"}
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides (multiples of 64)")
+    parser.add_argument("--steps", type=int, default=3, help="sampling steps per run (the first is not counted)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each variant per size")
+    parser.add_argument("--sampler", default="euler", help="ComfyUI sampler name (euler, ddim, ...)")
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--attention", choices=["default", "pytorch"], default="default",
+                        help="ComfyUI attention backend: its default for the device, or torch SDPA")
+    parser.add_argument("--checkpoint", type=Path, help="an SD1.5 .safetensors (default: the random test checkpoint)")
+    parser.add_argument("--adapter", type=Path, help="attn_adapters_projectors.th (default: the random test adapter)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--metric", choices=["wall", "cpu"], default="wall",
+                        help="which per-step time the targets are judged on: wall clock, or process CPU time "
+                             "(steadier on a machine shared with other jobs)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--profile", action="store_true", help="also print a profile of one step per variant")
+    parser.add_argument("--skip-rerun", action="store_true", help="skip the executor re-run check")
+    parser.add_argument("--min-free-gb", type=float, default=8.0, help="refuse to start with less RAM available")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    available_gb = psutil.virtual_memory().available / 2**30
+    if available_gb < opts.min_free_gb:
+        print(f"Only {available_gb:.1f} GB RAM available (need {opts.min_free_gb} GB for a full SD1.5 in fp32); "
+              f"try again later or pass --min-free-gb.", file=sys.stderr)
+        return 2
+    if any(size % 64 for size in opts.sizes):
+        print("--sizes must be multiples of 64", file=sys.stderr)
+        return 2
+
+    hostinfo = boot_comfy(opts.device, opts.attention)
+    import torch
+    import comfy.ldm.modules.attention as comfy_attention
+    import comfy.model_management
+    import nodes
+    from comfyui_moma.nodes.apply import apply_moma
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    monitor = RssMonitor()
+    started = datetime.datetime.now().astimezone()
+    load_before = os.getloadavg()
+    model, clip, vae, checkpoint_name = load_checkpoint(hostinfo, opts.checkpoint)
+    moma_model = load_moma_model(opts.adapter)
+    context = make_context(opts.seed)
+    positive = nodes.CLIPTextEncode().encode(clip, SD_PROMPT)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    device = model.load_device
+    on_cuda = getattr(device, "type", "") == "cuda"
+
+    samplings = {size: Sampling(model, positive, negative, size, opts.steps, opts.sampler, opts.cfg, opts.seed)
+                 for size in opts.sizes}
+    first = samplings[opts.sizes[0]]
+    print(f"Loading and warming up ({checkpoint_name}, {device}, attention {comfy_attention.optimized_attention.__name__})...",
+          flush=True)
+    first.run(model, steps=1)  # loads the model onto its device
+
+    image, masks = reference_inputs(512)
+    banks, reference = {}, {}
+    for label, mask in masks.items():
+        banks[label], reference[label] = time_reference_pass(model, moma_model, vae, clip, image, mask)
+        counts = banks[label].layer_token_counts()
+        reference[label]["bank_tokens_64x64"] = counts[("input", 1)]
+        reference[label]["coverage"] = round(counts[("input", 1)] / 4096, 3)
+        reference[label]["bank_mb"] = mb(sum(t.numel() * t.element_size() for d in (banks[label].keys, banks[label].values)
+                                             for t in d.values()))
+    variants: dict[str, Any] = {"plain": model}
+    for label, bank in banks.items():
+        variants[f"moma {label}"] = apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)
+
+    results: dict[str, Any] = {"sizes": {}}
+    for size, sampling in samplings.items():
+        print(f"{size}x{size}: warm-up", flush=True)
+        for patched in variants.values():
+            sampling.run(patched, steps=1)
+        wall: dict[str, list[list[float]]] = {name: [] for name in variants}
+        cpu: dict[str, list[list[float]]] = {name: [] for name in variants}
+        memory: dict[str, list[dict]] = {name: [] for name in variants}
+        names = list(variants)
+        for repeat in range(opts.repeats):
+            order = names[repeat % len(names):] + names[:repeat % len(names)]
+            for name in order:
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                with monitor.window() as window:
+                    wall_times, cpu_times = sampling.run(variants[name])
+                if on_cuda:
+                    window["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+                wall[name].append(wall_times)
+                cpu[name].append(cpu_times)
+                memory[name].append(window)
+                print(f"  {size} {name:10s} run {repeat + 1}: wall " + " ".join(f"{t:.2f}" for t in wall_times)
+                      + " s, cpu " + " ".join(f"{t:.2f}" for t in cpu_times) + " s", flush=True)
+        entry: dict[str, Any] = {"timesteps": [round(t, 1) for t in sampling.timesteps], "variants": {}}
+        plain_wall, plain_cpu = statistics.median(steady(wall["plain"])), statistics.median(steady(cpu["plain"]))
+        for name in names:
+            per_wall, per_cpu = statistics.median(steady(wall[name])), statistics.median(steady(cpu[name]))
+            entry["variants"][name] = {
+                "per_step_s": round(per_wall, 4),
+                "per_step_cpu_s": round(per_cpu, 4),
+                "ratio": round(per_wall / plain_wall, 3),
+                "ratio_cpu": round(per_cpu / plain_cpu, 3),
+                "ratio_per_repeat": [round(statistics.median(steady([m])) / statistics.median(steady([p])), 3)
+                                     for m, p in zip(wall[name], wall["plain"])],
+                "step_times_s": [[round(t, 4) for t in run] for run in wall[name]],
+                "step_cpu_s": [[round(t, 4) for t in run] for run in cpu[name]],
+                "peak_rss_mb": mb(max(w["peak"] for w in memory[name])),
+                "rss_before_mb": mb(min(w["start"] for w in memory[name])),
+                "peak_cuda_mb": mb(max(w["cuda_peak"] for w in memory[name])) if on_cuda else None,
+            }
+        results["sizes"][size] = entry
+
+    unit_size = 512 if 512 in results["sizes"] else max(results["sizes"])
+    plain_unit = results["sizes"][unit_size]["variants"]["plain"]
+    for label, info in reference.items():
+        info["plain_cfg_steps"] = round(info["total_s"] / plain_unit["per_step_s"], 2)
+        info["plain_cfg_steps_cpu"] = round(info["total_cpu_s"] / plain_unit["per_step_cpu_s"], 2)
+        info["unit"] = f"plain CFG step at {unit_size}x{unit_size}"
+
+    profile_text = ""
+    if opts.profile:
+        for size, sampling in samplings.items():
+            for name, patched in variants.items():
+                profile_text += profile_step(name, patched, sampling) + "\n"
+
+    rerun = {"status": "skipped"} if opts.skip_rerun else rerun_check(hostinfo, checkpoint_name)
+    monitor.close()
+    report = {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
+            "torch": torch.__version__,
+            "comfyui_attention": comfy_attention.optimized_attention.__name__,
+            "load_average_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        },
+        "settings": {"metric": opts.metric, "sampler": opts.sampler, "cfg": opts.cfg, "seed": opts.seed, "steps_per_run": opts.steps,
+                     "repeats": opts.repeats, "schedule": f"normal {SCHEDULE_STEPS}, steps {FIRST_STEP}..",
+                     "checkpoint": checkpoint_name, "dtype": str(model.model.get_dtype()),
+                     "strength": 1.0, "prompt": SD_PROMPT},
+        "sampling": results["sizes"],
+        "reference_pass": reference,
+        "rerun_check": rerun,
+        "targets": {"ratio": TARGETS, "memory_over_plain_mb": MEMORY_TARGET_MB},
+    }
+    print()
+    print(format_table(report))
+    if profile_text:
+        print(profile_text)
+    if opts.json:
+        opts.json.parent.mkdir(parents=True, exist_ok=True)
+        opts.json.write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nJSON written to {opts.json}")
+    return 0
+
+
+def _verdict(ok: Optional[bool]) -> str:
+    return "-" if ok is None else ("ok" if ok else "MISSED")
+
+
+def format_table(report: dict) -> str:
+    """The report as Markdown tables (the README's Performance section shows the same layout)."""
+    metric = report["settings"]["metric"]
+    ratio_key = "ratio" if metric == "wall" else "ratio_cpu"
+    lines = [f"| size | variant | s/step (wall) | CPU s/step | MoMA/plain (wall) | MoMA/plain (CPU) | target | "
+             f"peak RSS MB | vs plain MB | met ({metric}) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for size, entry in report["sampling"].items():
+        plain = entry["variants"]["plain"]
+        for name, info in entry["variants"].items():
+            label = name.split(" ", 1)[1] if name != "plain" else None
+            target = TARGETS.get(label, {}).get(int(size)) if label else None
+            on_gpu = info.get("peak_cuda_mb") is not None
+            extra = (info["peak_cuda_mb"] - plain["peak_cuda_mb"]) if on_gpu else (info["peak_rss_mb"] - plain["peak_rss_mb"])
+            met = None if label is None else ((target is None or info[ratio_key] <= target) and extra <= MEMORY_TARGET_MB)
+            lines.append(
+                f"| {size} | {name} | {info['per_step_s']:.2f} | {info['per_step_cpu_s']:.2f} | {info['ratio']:.3f} | "
+                f"{info['ratio_cpu']:.3f} | {'<= %.2f' % target if target else '-'} | {info['peak_rss_mb']:.0f}"
+                f"{' (CUDA %.0f)' % info['peak_cuda_mb'] if on_gpu else ''} | "
+                f"{'-' if label is None else '%+.0f' % extra} | {_verdict(met)} |")
+    unit = next(iter(report["reference_pass"].values()))["unit"]
+    lines += ["", f"| reference pass (Feature Grab, 512x512 reference) | s (wall) | CPU s | of which VAE encode s | "
+              f"in {unit}s (wall / CPU) | bank tokens at 64x64 |",
+              "|---|---|---|---|---|---|"]
+    for label, info in report["reference_pass"].items():
+        lines.append(f"| {label} mask | {info['total_s']:.2f} | {info['total_cpu_s']:.2f} | {info['vae_encode_s']:.2f} | "
+                     f"{info['plain_cfg_steps']:.2f} / {info['plain_cfg_steps_cpu']:.2f} | "
+                     f"{info['bank_tokens_64x64']} ({info['coverage']:.0%}) |")
+    rerun = report["rerun_check"]
+    note = rerun.get("reason") or rerun.get("detail")
+    lines += ["", f"re-run check (same workflow twice through ComfyUI's executor): {rerun['status']}"
+              + (f" - {note}" if note else "")]
+    machine = report["machine"]
+    lines.append(f"machine: {machine['cpu']} x{machine['cpu_count']} ({machine['torch_threads']} torch threads), "
+                 f"{machine['ram_gb']} GB RAM, {machine['device']}{' ' + machine['gpu'] if machine['gpu'] else ''}, "
+                 f"torch {machine['torch']}, ComfyUI attention {machine['comfyui_attention']}, "
+                 f"load average {machine['load_average_start_end']} (start, end); {report['date']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

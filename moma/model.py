@@ -1,0 +1,124 @@
+"""MOMA_MODEL: the adapter weights (loaded eagerly, ~150 MB) plus where and how to load LLaVA (lazily)."""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .context import MomaContext
+from .images import llava_pixel_values, load_clip_image_processor
+from .llava import (
+    PRECISIONS,
+    QUANTIZATIONS,
+    InterruptFn,
+    LlavaContextEncoder,
+    LlavaFolder,
+    LlavaTokenizer,
+    ProgressFn,
+    llava_prompt,
+    load_context_encoder,
+    sd_prompt,
+)
+from .errors import MomaError
+from .weights import MomaAdapterWeights, load_adapter
+
+CONTEXT_CACHE_SIZE = 16  # contexts remembered per MomaModel (tiny: 2x4x768 + 1024 floats each)
+
+
+@dataclass(eq=False)
+class MomaModel:
+    """What the MoMA Loader outputs. LLaVA is not loaded here: the context encoder loads it when needed."""
+
+    adapter: MomaAdapterWeights
+    adapter_path: Path
+    llava_dir: Path
+    clip_vision_path: Path
+    precision: str = "auto"
+    quantization: str = "none"
+    keep_llava_loaded: bool = False
+    # Runtime state, not part of the model's identity:
+    resident_encoder: Any = field(default=None, repr=False)  # kept encoder (or its ComfyUI patcher) if keep_llava_loaded
+    _contexts: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _tokenizer: LlavaTokenizer | None = field(default=None, repr=False)
+    _processor: Any = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, adapter_path: str | Path, llava_dir: str | Path, clip_vision_path: str | Path,
+             precision: str = "auto", quantization: str = "none", keep_llava_loaded: bool = False) -> MomaModel:
+        """Read the adapter now; check the LLaVA folder's config and files and the CLIP path exist (cheap)."""
+        if precision not in PRECISIONS:
+            raise MomaError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+        if quantization not in QUANTIZATIONS:
+            raise MomaError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
+        adapter = load_adapter(adapter_path)
+        LlavaFolder.open(llava_dir)
+        clip_vision_path = Path(clip_vision_path)
+        if not clip_vision_path.exists():
+            from .llava import CLIP_WHERE_TO_GET
+
+            raise MomaError(f"CLIP vision model not found: {clip_vision_path}. {CLIP_WHERE_TO_GET}")
+        return cls(adapter=adapter, adapter_path=Path(adapter_path), llava_dir=Path(llava_dir),
+                   clip_vision_path=clip_vision_path, precision=precision, quantization=quantization,
+                   keep_llava_loaded=keep_llava_loaded)
+
+    @property
+    def tokenizer(self) -> LlavaTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = LlavaTokenizer.from_folder(self.llava_dir)
+        return self._tokenizer
+
+    @property
+    def image_processor(self) -> Any:
+        if self._processor is None:
+            self._processor = load_clip_image_processor(self.clip_vision_path)
+        return self._processor
+
+    def load_encoder(self, device: torch.device | str, progress: ProgressFn | None = None,
+                     interrupt: InterruptFn | None = None) -> LlavaContextEncoder:
+        """Load LLaVA + CLIP vision + mapping/projector on ``device`` (the expensive step)."""
+        return load_context_encoder(self.llava_dir, self.clip_vision_path, self.adapter, precision=self.precision,
+                                    quantization=self.quantization, device=device, progress=progress,
+                                    interrupt=interrupt)
+
+    # --- remembered contexts: re-encoding identical inputs would give identical tokens
+
+    @staticmethod
+    def context_key(image: torch.Tensor, mask: torch.Tensor, subject: str, prompt: str) -> str:
+        digest = hashlib.sha256()
+        for tensor in (image, mask):
+            data = tensor.detach().float().contiguous().cpu()
+            digest.update(str(tuple(data.shape)).encode())
+            digest.update(data.numpy().tobytes())
+        digest.update(subject.encode("utf-8") + b"\0" + prompt.encode("utf-8"))
+        return digest.hexdigest()
+
+    def remembered_context(self, key: str) -> MomaContext | None:
+        context = self._contexts.get(key)
+        if context is not None:
+            self._contexts.move_to_end(key)
+        return context
+
+    def remember_context(self, key: str, context: MomaContext) -> None:
+        self._contexts[key] = context
+        while len(self._contexts) > CONTEXT_CACHE_SIZE:
+            self._contexts.popitem(last=False)
+
+
+def encode_context(encoder: LlavaContextEncoder, moma_model: MomaModel, image: torch.Tensor, mask: torch.Tensor,
+                   subject: str, prompt: str, progress: ProgressFn | None = None,
+                   interrupt: InterruptFn | None = None) -> MomaContext:
+    """One reference picture [H, W, C] + object mask [H, W] + texts -> MomaContext (spec 2)."""
+    input_ids = moma_model.tokenizer.prompt_ids(subject, prompt)
+    pixel_values = llava_pixel_values(image, mask, moma_model.image_processor)  # [1, 3, 336, 336]
+    llava_emb, cond, uncond = encoder(input_ids, pixel_values, progress=progress, interrupt=interrupt)
+    return MomaContext(cond_tokens=cond, uncond_tokens=uncond, llava_emb=llava_emb, subject=subject,
+                       prompt=prompt, sd_prompt=sd_prompt(subject, prompt))
+
+
+def check_texts(subject: str, prompt: str) -> None:
+    """Fail fast (before loading LLaVA) on a subject/prompt the tokenizer cannot take."""
+    llava_prompt(subject, prompt)

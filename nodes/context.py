@@ -1,0 +1,286 @@
+"""LLaVA Context Encoder (reference + texts -> MOMA_CONTEXT) and Save / Load MoMA Context (.safetensors)."""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..moma.context import CONTEXT_FORMAT, MomaContext as MomaContextObject, load_context, save_context
+from ..moma.errors import MomaError
+from ..moma.llava import LlavaContextEncoder
+from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context
+from .types import MomaContext, MomaModel
+
+log = logging.getLogger(__name__)
+
+REFERENCE_NOTES = (
+    "The first picture and mask of a batch are used (MoMA encodes one reference per subject). Any size or aspect "
+    "is stretched to 512x512 like the reference; RGBA loses its alpha (not composited), grey is repeated to RGB, "
+    "deeper than 8-bit pictures are rounded to 8 bit; the mask counts every pixel > 0 after resizing as object, "
+    "an empty mask gives an all-white picture."
+)
+
+
+def first_reference(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE [B, H, W, C] and MASK [B, H, W] or [H, W] -> the first picture [H, W, C] and its mask [H, W]."""
+    if image.ndim != 4:
+        raise MomaError(f"LLaVA Context Encoder: image has shape {tuple(image.shape)}; expected an IMAGE [B, H, W, C].")
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise MomaError(f"LLaVA Context Encoder: mask has shape {tuple(mask.shape)}; expected a MASK [B, H, W].")
+    if image.shape[0] > 1 or mask.shape[0] > 1:
+        log.warning("LLaVA Context Encoder: batch of %d pictures / %d masks; using the first of each.",
+                    image.shape[0], mask.shape[0])
+    if not bool((mask[0] > 0).any()):
+        log.warning("LLaVA Context Encoder: the object mask is empty, so LLaVA sees an all-white picture.")
+    return image[0], mask[0]
+
+
+def _estimated_bytes(moma_model: MomaModelObject, device: torch.device) -> int:
+    """Rough size of the loaded encoder: the fp16 LLaVA shards scaled to the dtype, plus the CLIP files."""
+    from ..moma.llava import LlavaFolder, resolve_dtype
+
+    itemsize = torch.empty((), dtype=resolve_dtype(moma_model.precision, device)).element_size()
+    scale = {"none": itemsize / 2, "8bit": 0.5, "4bit": 0.3}[moma_model.quantization]
+    llava = sum(file.stat().st_size for file in LlavaFolder.open(moma_model.llava_dir).weight_files)
+    clip_path = moma_model.clip_vision_path
+    clip_files = [*clip_path.glob("*.safetensors"), *clip_path.glob("*.bin")] if clip_path.is_dir() else [clip_path]
+    clip = sum(file.stat().st_size for file in clip_files)
+    return int(llava * scale + clip * itemsize / 4)
+
+
+def _loaded_encoder(moma_model: MomaModelObject, device: torch.device, progress: Any,
+                    interrupt: Any) -> LlavaContextEncoder:
+    """Load LLaVA on ``device`` after asking ComfyUI to make room for it."""
+    if device.type != "cpu":
+        comfy.model_management.free_memory(_estimated_bytes(moma_model, device), device)
+    return moma_model.load_encoder(device, progress=progress, interrupt=interrupt)
+
+
+def _resident_encoder(moma_model: MomaModelObject, device: torch.device, progress: Any,
+                      interrupt: Any) -> LlavaContextEncoder:
+    """The kept encoder, registered with ComfyUI's model management so sampling can offload it to RAM."""
+    held = moma_model.resident_encoder
+    if held is None:
+        encoder = _loaded_encoder(moma_model, device, progress, interrupt)
+        if moma_model.quantization != "none":
+            held = encoder  # bitsandbytes layers stay where they were quantised
+        else:
+            encoder.device = device  # ModelPatcher reads and writes .device (a plain attribute on our wrapper)
+            held = comfy.model_patcher.ModelPatcher(
+                encoder, load_device=device, offload_device=comfy.model_management.text_encoder_offload_device()
+            )
+        moma_model.resident_encoder = held
+    if isinstance(held, comfy.model_patcher.ModelPatcher):
+        comfy.model_management.load_models_gpu([held], force_full_load=True)
+        return held.model
+    return held
+
+
+def run_context_encoder(moma_model: MomaModelObject, picture: torch.Tensor, object_mask: torch.Tensor,
+                        subject: str, prompt: str) -> MomaContextObject:
+    """Encode with LLaVA (loaded for this call unless the model keeps it), with progress bar and interrupt."""
+    bar = comfy.utils.ProgressBar(1)
+
+    def progress(done: int, total: int) -> None:
+        bar.update_absolute(done, total)
+
+    interrupt = comfy.model_management.throw_exception_if_processing_interrupted
+    device = comfy.model_management.get_torch_device()
+    encoder = None
+    try:
+        if moma_model.keep_llava_loaded:
+            encoder = _resident_encoder(moma_model, device, progress, interrupt)
+        else:
+            encoder = _loaded_encoder(moma_model, device, progress, interrupt)
+        return encode_context(encoder, moma_model, picture, object_mask, subject, prompt, progress, interrupt)
+    except torch.cuda.OutOfMemoryError:
+        raise MomaError(
+            f"LLaVA ({moma_model.precision}, quantization {moma_model.quantization}) does not fit in the GPU's "
+            f"memory. In MoMA Loader choose quantization '8bit' (about half the memory of fp16) or '4bit' "
+            f"(about a quarter), or free VRAM by running the encoder before loading other models."
+        ) from None
+    finally:
+        encoder = None  # drops this frame's reference even if a traceback keeps the frame alive
+        if not moma_model.keep_llava_loaded:
+            gc.collect()
+            comfy.model_management.soft_empty_cache()
+
+
+class MomaContextEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MomaContextEncoder",
+            display_name="LLaVA Context Encoder",
+            category="MoMA",
+            description=(
+                "Runs MoMA's LLaVA on the reference picture with a white background (from the object mask) and the "
+                "prompt, and turns its answer into the 4 context tokens (cond and uncond) for Apply MoMA. LLaVA is "
+                "loaded for the encode and freed afterwards unless the loader keeps it; identical inputs are not "
+                "encoded twice. Outputs the SD prompt 'photo of a {subject}. {prompt}' for the positive "
+                "CLIPTextEncode. " + REFERENCE_NOTES
+            ),
+            inputs=[
+                MomaModel.Input("moma_model", tooltip="From MoMA Loader."),
+                io.Image.Input("image", tooltip="The reference picture of the object."),
+                io.Mask.Input("mask", tooltip="The object's mask (white = object), e.g. from MoMA Object Masker."),
+                io.String.Input("subject", default="car", tooltip="The object's class word(s), e.g. 'car', 'teddy bear'."),
+                io.String.Input("prompt", multiline=True, default="A car in autumn with falling leaves.",
+                                tooltip="The new scene or texture. A prompt already starting with 'photo of a "
+                                        "{subject}' is used as the SD prompt unchanged, and LLaVA gets the rest."),
+            ],
+            outputs=[
+                MomaContext.Output(display_name="context"),
+                io.String.Output(display_name="sd_prompt"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, moma_model: Any, image: torch.Tensor, mask: torch.Tensor, subject: str,
+                prompt: str) -> io.NodeOutput:
+        if not isinstance(moma_model, MomaModelObject):
+            raise MomaError("LLaVA Context Encoder: moma_model must come from a 'MoMA Loader' node.")
+        check_texts(subject, prompt)
+        picture, object_mask = first_reference(image, mask)
+        key = moma_model.context_key(picture, object_mask, subject, prompt)
+        context = moma_model.remembered_context(key)
+        if context is None:
+            context = run_context_encoder(moma_model, picture, object_mask, subject, prompt)
+            moma_model.remember_context(key, context)
+        return io.NodeOutput(context, context.sd_prompt)
+
+
+# ------------------------------------------------------------------------------------ save / load
+
+
+def _is_context_file(path: str) -> bool:
+    """Cheap check of a .safetensors header's metadata (no tensor is read)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 1 << 20:
+                return False
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error):
+        return False
+    return (header.get("__metadata__") or {}).get("format") == CONTEXT_FORMAT
+
+
+def context_file_choices() -> list[str]:
+    """Context files in ComfyUI's input/ and output/ folders, as annotated names ('x.safetensors [output]')."""
+    choices = []
+    for kind, root in (("input", folder_paths.get_input_directory()), ("output", folder_paths.get_output_directory())):
+        if not os.path.isdir(root):
+            continue
+        for folder, _dirs, files in os.walk(root, followlinks=True):
+            for name in files:
+                full = os.path.join(folder, name)
+                if name.lower().endswith(".safetensors") and _is_context_file(full):
+                    relative = os.path.relpath(full, root).replace(os.sep, "/")
+                    choices.append(f"{relative} [{kind}]")
+    return sorted(choices)
+
+
+def resolve_context_file(context_file: str, path: str) -> Path:
+    if path.strip():
+        candidate = Path(path.strip()).expanduser()
+        if not candidate.is_absolute():
+            for root in (folder_paths.get_input_directory(), folder_paths.get_output_directory()):
+                if (Path(root) / candidate).is_file():
+                    return Path(root) / candidate
+        if candidate.is_file():
+            return candidate
+        raise MomaError(f"MoMA context file not found: {path!r} (absolute, or relative to ComfyUI's input/ or output/).")
+    if not context_file:
+        raise MomaError("No MoMA context file chosen: save one with 'Save MoMA Context' or give a path.")
+    resolved = Path(folder_paths.get_annotated_filepath(context_file))
+    if not resolved.is_file():
+        raise MomaError(f"MoMA context file not found: {context_file!r} ({resolved}).")
+    return resolved
+
+
+class MomaSaveContext(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MomaSaveContext",
+            display_name="Save MoMA Context",
+            category="MoMA",
+            description="Saves a MOMA_CONTEXT (4+4 tokens, LLaVA embedding, subject and prompts) as .safetensors "
+                        "in ComfyUI's output folder, so a later run can skip LLaVA with Load MoMA Context.",
+            is_output_node=True,
+            inputs=[
+                MomaContext.Input("context"),
+                io.String.Input("filename_prefix", default="moma/context",
+                                tooltip="Path under the output folder; a counter and .safetensors are appended."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, context: Any, filename_prefix: str) -> io.NodeOutput:
+        if not isinstance(context, MomaContextObject):
+            raise MomaError("Save MoMA Context: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
+        output_dir = folder_paths.get_output_directory()
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        name = f"{filename}_{counter:05}_.safetensors"
+        save_context(context, Path(folder) / name)
+        return io.NodeOutput(ui={"moma_context": [{"filename": name, "subfolder": subfolder, "type": "output"}]})
+
+
+class MomaLoadContext(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MomaLoadContext",
+            display_name="Load MoMA Context",
+            category="MoMA",
+            description="Loads a context saved by Save MoMA Context (from input/ or output/, or a path), instead of "
+                        "running LLaVA. Outputs the context and its SD prompt.",
+            inputs=[
+                io.Combo.Input("context_file", options=context_file_choices(),
+                               tooltip="MoMA context files found in ComfyUI's input and output folders."),
+                io.String.Input("path", default="", optional=True,
+                                tooltip="Optional: a file path (absolute, or relative to input/ or output/); "
+                                        "overrides context_file when set."),
+            ],
+            outputs=[
+                MomaContext.Output(display_name="context"),
+                io.String.Output(display_name="sd_prompt"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, context_file: str, path: str = "") -> bool | str:
+        try:
+            resolve_context_file(context_file or "", path or "")
+        except MomaError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, context_file: str, path: str = "") -> Any:
+        try:
+            resolved = resolve_context_file(context_file or "", path or "")
+        except MomaError:
+            return float("nan")  # never equal: always re-run, so the error shows
+        return f"{resolved}:{resolved.stat().st_mtime_ns}"
+
+    @classmethod
+    def execute(cls, context_file: str, path: str = "") -> io.NodeOutput:
+        context = load_context(resolve_context_file(context_file or "", path or ""))
+        return io.NodeOutput(context, context.sd_prompt)

@@ -1,0 +1,132 @@
+"""MoMA Loader: the adapter file (read now), and which LLaVA folder / CLIP vision tower the encoder loads later."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..moma.errors import MomaError
+from ..moma.llava import CLIP_WHERE_TO_GET, LLAVA_WHERE_TO_GET, PRECISIONS, QUANTIZATIONS
+from ..moma.model import MomaModel as MomaModelObject
+from ..moma.weights import WHERE_TO_GET as ADAPTER_WHERE_TO_GET
+from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER
+from .types import MomaModel
+
+HF_CONFIG = "config.json"
+
+
+def _folders_with_config(folder_name: str) -> list[str]:
+    """Sub-folders (relative names) of a model folder that hold a config.json, like ComfyUI's DiffusersLoader."""
+    found: set[str] = set()
+    for search_path in folder_paths.get_folder_paths(folder_name):
+        if not os.path.isdir(search_path):
+            continue
+        for root, _dirs, files in os.walk(search_path, followlinks=True):
+            if HF_CONFIG in files and os.path.abspath(root) != os.path.abspath(search_path):
+                found.add(os.path.relpath(root, start=search_path).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def llava_choices() -> list[str]:
+    return _folders_with_config(LLM_FOLDER)
+
+
+def clip_vision_choices() -> list[str]:
+    """CLIP vision folders (with config.json) and single .safetensors files outside those folders."""
+    folders = _folders_with_config(CLIP_VISION_FOLDER)
+    files = [
+        name for name in folder_paths.get_filename_list(CLIP_VISION_FOLDER)
+        if name.lower().endswith(".safetensors") and not any(name.startswith(folder + "/") for folder in folders)
+    ]
+    return sorted(folders + files)
+
+
+def _searched(folder_name: str) -> str:
+    return ", ".join(folder_paths.get_folder_paths(folder_name)) or f"(no '{folder_name}' folder registered)"
+
+
+def _resolve_folder(folder_name: str, name: str) -> Path | None:
+    for search_path in folder_paths.get_folder_paths(folder_name):
+        candidate = Path(search_path) / name
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_adapter(name: str) -> Path:
+    path = folder_paths.get_full_path(MOMA_FOLDER, name) if name else None
+    if path is None:
+        raise MomaError(f"MoMA adapter {name!r} not found in {_searched(MOMA_FOLDER)}. {ADAPTER_WHERE_TO_GET}")
+    return Path(path)
+
+
+def resolve_llava(name: str) -> Path:
+    path = _resolve_folder(LLM_FOLDER, name) if name else None
+    if path is None or not (path / HF_CONFIG).is_file():
+        raise MomaError(f"LLaVA folder {name!r} not found in {_searched(LLM_FOLDER)}. {LLAVA_WHERE_TO_GET}")
+    return path
+
+
+def resolve_clip_vision(name: str) -> Path:
+    folder = _resolve_folder(CLIP_VISION_FOLDER, name) if name else None
+    if folder is not None:
+        return folder
+    path = folder_paths.get_full_path(CLIP_VISION_FOLDER, name) if name else None
+    if path is None:
+        raise MomaError(f"CLIP vision model {name!r} not found in {_searched(CLIP_VISION_FOLDER)}. {CLIP_WHERE_TO_GET}")
+    return Path(path)
+
+
+class MomaLoader(io.ComfyNode):
+    """Loads the adapter weights now; LLaVA (~14 GB) is loaded only by the LLaVA Context Encoder, when needed."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MomaLoader",
+            display_name="MoMA Loader",
+            category="MoMA",
+            description=(
+                "Loads MoMA's adapter (attn_adapters_projectors.th or its .safetensors) and records which LLaVA "
+                "folder (models/LLM, e.g. KunpengSong/MoMA_llava_7b) and CLIP ViT-L/14-336 vision tower "
+                "(models/clip_vision) the LLaVA Context Encoder will load. LLaVA itself is loaded lazily."
+            ),
+            inputs=[
+                io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(MOMA_FOLDER),
+                               tooltip="attn_adapters_projectors.th (or .safetensors) from models/moma."),
+                io.Combo.Input("llava_name", options=llava_choices(),
+                               tooltip="The MoMA_llava_7b folder under models/LLM (config.json, shards, tokenizer.model)."),
+                io.Combo.Input("clip_vision_name", options=clip_vision_choices(),
+                               tooltip="openai/clip-vit-large-patch14-336: a folder or a .safetensors file in models/clip_vision."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                               tooltip="auto: bf16 on CUDA (the reference's), fp32 on CPU."),
+                io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",
+                               tooltip="8bit/4bit LLaVA via bitsandbytes (CUDA only)."),
+                io.Boolean.Input("keep_llava_loaded", default=False,
+                                 tooltip="Keep LLaVA in memory between encodes (handed to ComfyUI's model management, "
+                                         "so it is offloaded when sampling needs the VRAM). Off: freed after each encode."),
+            ],
+            outputs=[MomaModel.Output(display_name="moma_model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name: str, llava_name: str, clip_vision_name: str) -> bool | str:
+        # Replaces ComfyUI's "value not in list" check with a message that says where to put the files.
+        try:
+            resolve_adapter(adapter_name)
+            resolve_llava(llava_name)
+            resolve_clip_vision(clip_vision_name)
+        except MomaError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str, quantization: str,
+                keep_llava_loaded: bool) -> io.NodeOutput:
+        moma_model = MomaModelObject.load(
+            resolve_adapter(adapter_name), resolve_llava(llava_name), resolve_clip_vision(clip_vision_name),
+            precision=precision, quantization=quantization, keep_llava_loaded=keep_llava_loaded,
+        )
+        return io.NodeOutput(moma_model)

@@ -1,0 +1,95 @@
+"""Drive the in-process ComfyUI host (booted by tests/host.py) the way a user's install would.
+
+- ``place_model``: put a model file in one of ComfyUI's model folders (a symlink) and get its name;
+- ``load_checkpoint``: ``CheckpointLoaderSimple`` on such a name;
+- ``run_api_workflow``: validate and run an API-format graph through ComfyUI's real executor.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+class WorkflowError(RuntimeError):
+    """An API workflow failed validation or execution; carries ComfyUI's own error records."""
+
+    def __init__(self, message: str, node_errors: dict | None = None, execution_error: dict | None = None):
+        super().__init__(message)
+        self.node_errors = node_errors or {}
+        self.execution_error = execution_error or {}
+
+
+class _NullServer:
+    """The parts of ComfyUI's PromptServer the executor touches, discarding every message."""
+
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        pass
+
+    def queue_updated(self) -> None:
+        pass
+
+
+def place_model(folder_name: str, path: Path, models_dir: Path) -> str:
+    """Link ``path`` into ``models_dir/folder_name`` and return the file name ComfyUI lists for it."""
+    import folder_paths
+
+    folder = models_dir / folder_name
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / path.name
+    if link.is_symlink() and link.resolve() != path.resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(path.resolve())
+    if folder_paths.get_full_path(folder_name, path.name) is None:
+        raise RuntimeError(f"ComfyUI does not see {link}: {folder_name} -> {folder_paths.get_folder_paths(folder_name)}")
+    return path.name
+
+
+def load_checkpoint(ckpt_name: str) -> tuple[Any, Any, Any]:
+    """(MODEL, CLIP, VAE) from ``nodes.CheckpointLoaderSimple``, as a workflow would get them."""
+    import nodes
+
+    return nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)
+
+
+def run_api_workflow(prompt: dict, prompt_id: str | None = None) -> dict:
+    """Run an API-format graph through ComfyUI's validator and PromptExecutor; return the UI outputs.
+
+    The result maps output node id -> what the node showed (e.g. SaveImage's ``{"images": [...]}``).
+    Raises ``WorkflowError`` with ComfyUI's node errors if validation fails, or with the failing
+    node's exception (type, message, traceback) if execution fails. Each call uses a fresh executor
+    with no cache, so models loaded by the graph are freed when it returns.
+    """
+    import execution
+
+    prompt_id = prompt_id or uuid.uuid4().hex
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid:
+        raise WorkflowError(f"workflow invalid: {error}; node errors: {node_errors}", node_errors=node_errors)
+    executor = execution.PromptExecutor(
+        _NullServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+    )
+    try:
+        executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
+        if not executor.success:
+            failure = next(
+                (data for event, data in executor.status_messages if event in ("execution_error", "execution_interrupted")),
+                {},
+            )
+            raise WorkflowError(
+                f"node {failure.get('node_id')} ({failure.get('node_type')}) failed: "
+                f"{failure.get('exception_type')}: {failure.get('exception_message')}\n"
+                + "".join(failure.get("traceback", [])),
+                execution_error=failure,
+            )
+        return executor.history_result["outputs"]
+    finally:
+        del executor
+        gc.collect()

@@ -1,0 +1,230 @@
+"""MoMA Loader, LLaVA Context Encoder and Save/Load MoMA Context in API-format graphs through ComfyUI's
+real validator and executor, with the fixture files placed in the host's model folders."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+import comfy_exec
+from comfyui_moma.moma.context import load_context
+from comfyui_moma.moma.model import MomaModel, encode_context
+from comfyui_moma.nodes.context import first_reference
+from comfyui_moma.nodes.loader import MomaLoader
+
+LLAVA_NAME = "MoMA_llava_7b"
+CLIP_NAME = "clip-vit-large-patch14-336"
+ADAPTER_NAME = "attn_adapters_projectors.th"
+SUBJECT, PROMPT = "car", "A car in autumn with falling leaves."
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
+@pytest.fixture(scope="module")
+def placed(comfy_host, llava_dir: Path, clip_vision_dir: Path, adapter_file: Path) -> dict[str, Path]:
+    """The fixtures linked into models/moma, models/LLM and models/clip_vision; a reference in input/."""
+    import folder_paths
+
+    models = comfy_host.models_dir
+    _link(models / "moma" / ADAPTER_NAME, adapter_file)
+    _link(models / "LLM" / LLAVA_NAME, llava_dir)
+    _link(models / "clip_vision" / CLIP_NAME, clip_vision_dir)
+    input_dir = Path(folder_paths.get_input_directory())
+    rng = np.random.default_rng(5)
+    picture = np.asarray(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300)))
+    mask = np.zeros((300, 400), np.uint8)
+    mask[60:240, 90:330] = 255
+    Image.fromarray(picture).save(input_dir / "moma_ref.png")
+    Image.fromarray(mask).save(input_dir / "moma_ref_mask.png")
+    return {"picture": input_dir / "moma_ref.png", "mask": input_dir / "moma_ref_mask.png"}
+
+
+def _graph(prompt: str = PROMPT, keep: bool = False, prefix: str = "moma/test", adapter: str = ADAPTER_NAME) -> dict:
+    return {
+        "1": {"class_type": "MomaLoader", "inputs": {
+            "adapter_name": adapter, "llava_name": LLAVA_NAME, "clip_vision_name": CLIP_NAME,
+            "precision": "fp32", "quantization": "none", "keep_llava_loaded": keep}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "moma_ref.png"}},
+        "3": {"class_type": "LoadImageMask", "inputs": {"image": "moma_ref_mask.png", "channel": "red"}},
+        "4": {"class_type": "MomaContextEncoder", "inputs": {
+            "moma_model": ["1", 0], "image": ["2", 0], "mask": ["3", 0], "subject": SUBJECT, "prompt": prompt}},
+        "5": {"class_type": "MomaSaveContext", "inputs": {"context": ["4", 0], "filename_prefix": prefix}},
+    }
+
+
+class _Recorder:
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        pass
+
+    def queue_updated(self) -> None:
+        pass
+
+
+def _run(executor, graph: dict) -> tuple[dict, list]:
+    """One prompt through a persistent executor (as ComfyUI's queue does); returns (ui outputs, status messages)."""
+    import execution
+
+    prompt_id = uuid.uuid4().hex
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, graph, None))
+    assert valid, (error, node_errors)
+    executor.execute(graph, prompt_id, extra_data={}, execute_outputs=outputs)
+    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    return executor.history_result["outputs"], list(executor.status_messages)
+
+
+def _saved(outputs: dict) -> Path:
+    import folder_paths
+
+    entry = outputs["5"]["moma_context"][0]
+    return Path(folder_paths.get_output_directory()) / entry["subfolder"] / entry["filename"]
+
+
+def _rss() -> int:
+    """Resident memory after a collection, with glibc's free heap pages handed back (memory freed to the
+    allocator is reusable by sampling; only memory still referenced counts)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return psutil.Process().memory_info().rss
+
+
+def test_loader_lists_the_placed_files(placed) -> None:
+    inputs = MomaLoader.INPUT_TYPES()["required"]
+    assert ADAPTER_NAME in inputs["adapter_name"][1]["options"]
+    assert inputs["llava_name"][1]["options"] == [LLAVA_NAME]
+    assert CLIP_NAME in inputs["clip_vision_name"][1]["options"]
+    assert not any(name.startswith(CLIP_NAME + "/") for name in inputs["clip_vision_name"][1]["options"])
+
+
+def test_missing_file_fails_validation_with_where_to_get_it(placed) -> None:
+    with pytest.raises(comfy_exec.WorkflowError) as error:
+        comfy_exec.run_api_workflow(_graph(adapter="absent.th"))
+    message = str(error.value)
+    assert "absent.th" in message and "models/moma" in message and "KunpengSong/MoMA_llava_7b" in message
+
+
+def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(placed, adapter_file: Path, llava_dir: Path,
+                                                                      clip_vision_dir: Path) -> None:
+    import execution
+
+    import transformers.models.clip.modeling_clip  # noqa: F401  (module imports are not LLaVA's memory)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    executor = execution.PromptExecutor(_Recorder(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
+    rss_before = _rss()
+    outputs, _ = _run(executor, _graph())
+    rss_after = _rss()
+    from_graph = load_context(_saved(outputs))
+
+    # The same encode called directly, from the same files and the same 8-bit pictures LoadImage read.
+    moma_model = MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision="fp32")
+    encoder = moma_model.load_encoder("cpu")
+    encoder_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
+    picture = torch.from_numpy(np.asarray(Image.open(placed["picture"]).convert("RGB")).astype(np.float32) / 255)
+    mask = torch.from_numpy(np.asarray(Image.open(placed["mask"])).astype(np.float32) / 255)
+    direct = encode_context(encoder, moma_model, picture, mask, SUBJECT, PROMPT)
+    del encoder
+    for name in ("cond_tokens", "uncond_tokens", "llava_emb"):
+        torch.testing.assert_close(getattr(from_graph, name), getattr(direct, name), rtol=1e-5, atol=1e-5)
+    assert from_graph.sd_prompt == "photo of a car. A car in autumn with falling leaves."
+    assert (from_graph.subject, from_graph.prompt) == (SUBJECT, PROMPT)
+
+    # LLaVA is not kept: the process holds far less than the encoder's weights after the run.
+    assert rss_after - rss_before < encoder_bytes // 2, (rss_after - rss_before, encoder_bytes)
+
+    # Same inputs again, only the save prefix changed: ComfyUI's cache answers, LLaVA does not run again.
+    outputs, messages = _run(executor, _graph(prefix="moma/again"))
+    cached = next(data["nodes"] for event, data in messages if event == "execution_cached")
+    assert {"1", "2", "3", "4"} <= set(cached)
+    again = load_context(_saved(outputs))
+    assert torch.equal(again.cond_tokens, from_graph.cond_tokens)
+    del executor
+    gc.collect()
+
+
+def test_keep_llava_loaded_hands_it_to_comfy_model_management(placed) -> None:
+    import comfy.model_management
+    import execution
+
+    from comfyui_moma.moma.llava import LlavaContextEncoder
+
+    def resident() -> list:
+        return [loaded.model for loaded in comfy.model_management.current_loaded_models
+                if isinstance(loaded.model.model, LlavaContextEncoder)]
+
+    executor = execution.PromptExecutor(_Recorder(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
+    try:
+        first, _ = _run(executor, _graph(keep=True, prefix="moma/keep"))
+        held = resident()
+        assert len(held) == 1
+        second, messages = _run(executor, _graph(prompt="A car on a snowy street at night.", keep=True,
+                                                 prefix="moma/keep"))
+        assert "4" not in next(data["nodes"] for event, data in messages if event == "execution_cached")
+        assert resident() == held  # the same patcher: LLaVA was not loaded a second time
+        a, b = load_context(_saved(first)), load_context(_saved(second))
+        assert not torch.equal(a.cond_tokens, b.cond_tokens) and torch.equal(a.uncond_tokens, b.uncond_tokens)
+    finally:
+        comfy.model_management.unload_all_models()
+        del executor
+        gc.collect()
+    assert resident() == []
+
+
+def test_save_and_load_context_nodes_round_trip(placed, tmp_path: Path) -> None:
+    from comfyui_moma.moma.context import MomaContext, save_context
+    from comfyui_moma.nodes.context import MomaLoadContext
+    import folder_paths
+
+    g = torch.Generator().manual_seed(9)
+    original = MomaContext(torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g),
+                           torch.randn(1, 1024, generator=g), "vase", "on a table", "photo of a vase. on a table")
+    save_context(original, Path(folder_paths.get_input_directory()) / "contexts" / "vase.safetensors")
+    assert "contexts/vase.safetensors [input]" in MomaLoadContext.INPUT_TYPES()["required"]["context_file"][1]["options"]
+    graph = {
+        "1": {"class_type": "MomaLoadContext", "inputs": {"context_file": "contexts/vase.safetensors [input]", "path": ""}},
+        "5": {"class_type": "MomaSaveContext", "inputs": {"context": ["1", 0], "filename_prefix": "moma/roundtrip"}},
+    }
+    copy = load_context(_saved(comfy_exec.run_api_workflow(graph)))
+    for name in ("cond_tokens", "uncond_tokens", "llava_emb", "subject", "prompt", "sd_prompt"):
+        value, expected = getattr(copy, name), getattr(original, name)
+        assert torch.equal(value, expected) if isinstance(value, torch.Tensor) else value == expected
+
+    outside = save_context(original, tmp_path / "elsewhere.safetensors")
+    graph["1"]["inputs"] = {"context_file": "", "path": str(outside)}
+    assert load_context(_saved(comfy_exec.run_api_workflow(graph))).subject == "vase"
+    graph["1"]["inputs"] = {"context_file": "", "path": str(tmp_path / "absent.safetensors")}
+    with pytest.raises(comfy_exec.WorkflowError, match="MoMA context file not found"):
+        comfy_exec.run_api_workflow(graph)
+
+
+def test_batches_use_the_first_picture_and_mask() -> None:
+    images = torch.rand(3, 20, 30, 4)
+    masks = torch.rand(2, 10, 10)
+    picture, mask = first_reference(images, masks)
+    assert torch.equal(picture, images[0]) and torch.equal(mask, masks[0])
+    picture, mask = first_reference(images[:1], masks[0])
+    assert torch.equal(mask, masks[0])
+    from comfyui_moma.moma.errors import MomaError
+
+    with pytest.raises(MomaError, match="expected an IMAGE"):
+        first_reference(torch.rand(20, 30, 3), masks)

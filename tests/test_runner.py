@@ -1,0 +1,275 @@
+"""The headless workflow runner (scripts/run_workflow.py): overrides, the missing-model message, and
+real runs through ComfyUI's executor, in process (--demo) and against a ComfyUI server (--server).
+
+Runs that execute a graph are subprocesses with this interpreter (the host venv), as a user runs the
+script; they load the full-layout SD1.5 fixture (~7 GB RSS), one process at a time.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "scripts" / "run_workflow.py"
+API_DIR = REPO / "workflows" / "api"
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("moma_run_workflow", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load_runner()
+TABLE = runner.load_models_table()
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(RUNNER), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
+
+def printed_images(stdout: str) -> list[Path]:
+    """The image paths the runner lists after 'images:'."""
+    tail = stdout.split("images:\n", 1)
+    assert len(tail) == 2, f"no image list in output:\n{stdout}"
+    return [Path(line.strip()) for line in tail[1].splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------
+# overrides (pure graph edits)
+
+
+def test_overrides_touch_the_documented_nodes(tmp_path):
+    prompt = runner.load_workflow(API_DIR / "moma_context.json")
+    before = copy.deepcopy(prompt)
+    image, mask = tmp_path / "ref.png", tmp_path / "ref_mask.png"
+    ov = runner.Overrides(image=image, mask=mask, subject="teddy bear", prompt="A teddy bear on the moon.",
+                          seed=77, steps=9, width=320, height=256)
+    changes, staged = runner.apply_overrides(prompt, ov)
+
+    masker = runner.ids_of(prompt, "MomaObjectMasker")[0]
+    (mask_node,) = runner.ids_of(prompt, "LoadImageMask")
+    assert mask_node not in before and prompt[mask_node]["inputs"]["channel"] == "red"
+    assert prompt[masker]["inputs"]["mask"] == [mask_node, 0]
+    assert {(s.node_id, s.input_name, s.source) for s in staged} == {
+        (runner.ids_of(prompt, "LoadImage")[0], "image", image), (mask_node, "image", mask)}
+    for nid in runner.ids_of(prompt, "MomaContextEncoder", "MomaFeatureGrab"):
+        assert prompt[nid]["inputs"]["subject"] == "teddy bear"
+    (encoder,) = runner.ids_of(prompt, "MomaContextEncoder")
+    assert prompt[encoder]["inputs"]["prompt"] == "A teddy bear on the moon."
+    # the positive CLIPTextEncode keeps its link to the encoder's sd_prompt
+    positives = [n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and runner.is_link(n["inputs"]["text"])]
+    assert positives and all(p["inputs"]["text"][0] == encoder for p in positives)
+    (sampler,) = runner.ids_of(prompt, "KSampler")
+    (grab,) = runner.ids_of(prompt, "MomaFeatureGrab")
+    assert prompt[sampler]["inputs"]["seed"] == 77 and prompt[grab]["inputs"]["seed"] == 77
+    assert prompt[sampler]["inputs"]["steps"] == 9
+    (latent,) = runner.ids_of(prompt, "EmptyLatentImage")
+    assert (prompt[latent]["inputs"]["width"], prompt[latent]["inputs"]["height"]) == (320, 256)
+    # nothing else changed
+    untouched = {k for k in before if k not in (masker, encoder, grab, sampler, latent)}
+    assert all(prompt[k] == before[k] for k in untouched)
+    assert len(changes) >= 8
+
+
+def test_prompt_override_on_plain_graph_hits_the_positive_text_only():
+    prompt = runner.load_workflow(API_DIR / "plain_sd15.json")
+    (sampler,) = runner.ids_of(prompt, "KSampler")
+    positive, negative = prompt[sampler]["inputs"]["positive"][0], prompt[sampler]["inputs"]["negative"][0]
+    negative_text = prompt[negative]["inputs"]["text"]
+    runner.apply_overrides(prompt, runner.Overrides(prompt="a red bicycle"))
+    assert prompt[positive]["inputs"]["text"] == "a red bicycle"
+    assert prompt[negative]["inputs"]["text"] == negative_text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(subject="car"), "--subject: no node"),
+    (dict(image=Path("x.png")), "--image: this workflow has no LoadImage"),
+    (dict(mask=Path("m.png")), "--mask: this workflow has no LoadImageMask"),
+    (dict(width=100), "multiple of 8"),
+    (dict(steps=0), "--steps must be"),
+])
+def test_overrides_without_a_target_are_errors(overrides, message):
+    prompt = runner.load_workflow(API_DIR / "plain_sd15.json")
+    with pytest.raises(runner.RunnerError, match=re.escape(message)):
+        runner.apply_overrides(prompt, runner.Overrides(**overrides))
+
+
+def test_ui_format_is_rejected_with_advice(tmp_path):
+    ui = tmp_path / "workflow.json"
+    ui.write_text(json.dumps({"last_node_id": 2, "nodes": [{"id": 1, "type": "KSampler"}], "links": []}))
+    result = run_cli(str(ui), timeout=60)
+    assert result.returncode == runner.EXIT_USAGE
+    assert "UI-format workflow" in result.stderr and "Export (API)" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# missing models
+
+
+def _expected_lines(entry: dict, models_dir: Path) -> list[str]:
+    target = models_dir / entry["folder"] / entry["name"]
+    return [entry["name"], f"models/{entry['folder']}/", str(target), entry["download"].replace("{dest}", str(target)),
+            entry["source"]]
+
+
+def test_missing_models_are_listed_with_folder_and_source(tmp_path):
+    base = tmp_path.resolve() / "base"
+    # a half-downloaded LLaVA folder: present, but without its weight shards
+    partial = base / "models" / "LLM" / "MoMA_llava_7b"
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")
+
+    result = run_cli(str(API_DIR / "moma_context.json"), "--base-dir", str(base), timeout=300)
+    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+    out = result.stderr
+    # the MoMA graph names every file of the table, so the message lists them all
+    assert f"needs {len(TABLE['models'])} model file(s)" in out
+    for entry in TABLE["models"]:
+        for expected in _expected_lines(entry, base / "models"):
+            assert expected in out, f"{expected!r} missing from:\n{out}"
+    llava = next(e for e in TABLE["models"] if e["folder"] == "LLM")
+    lacking = [f for f in llava["files"] if f != "config.json"]
+    assert f"lacks: {', '.join(lacking)}" in out
+    assert "Input image 'moma_reference.jpg'" in out and "--image PATH" in out
+
+
+def test_missing_models_of_the_plain_graph_only(tmp_path):
+    base = tmp_path.resolve() / "base"
+    result = run_cli(str(API_DIR / "plain_sd15.json"), "--base-dir", str(base), timeout=300)
+    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+    needed = {n["inputs"].get("ckpt_name") or n["inputs"].get("vae_name")
+              for n in runner.load_workflow(API_DIR / "plain_sd15.json").values()} - {None}
+    assert f"needs {len(needed)} model file(s)" in result.stderr
+    for entry in TABLE["models"]:
+        listed = entry["name"] in result.stderr
+        assert listed == (entry["name"] in needed), entry["name"]
+        if listed:
+            for expected in _expected_lines(entry, base / "models"):
+                assert expected in result.stderr
+    assert "images:" not in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# --check: ComfyUI's validation of every shipped API workflow on the demo models (nothing is executed)
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in API_DIR.glob("*.json")))
+def test_every_api_workflow_passes_the_check_on_demo_models(workflow, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp().resolve() / "check-base"  # shared: links are made once
+    result = run_cli(str(API_DIR / workflow), "--demo", "--check", "--base-dir", str(base), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "check passed" in result.stdout and "images:" not in result.stdout
+
+
+def test_mask_override_adds_a_valid_mask_node(test_images, tmp_path_factory):
+    image, mask = test_images["wide"]
+    base = tmp_path_factory.getbasetemp().resolve() / "check-base"
+    result = run_cli(str(API_DIR / "moma_context.json"), "--demo", "--check", "--base-dir", str(base),
+                     "--image", str(image), "--mask", str(mask), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "LoadImageMask added, wired to MomaObjectMasker" in result.stdout
+    staged = base / "input" / mask.name
+    assert staged.read_bytes() == mask.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# real runs (full-layout SD1.5 fixture)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``run_workflow.py --demo`` on the default workflow, into a fresh demo base directory."""
+    root = tmp_path_factory.mktemp("demo").resolve()
+    result = run_cli("--demo", "--base-dir", str(root / "base"), "--output", str(root / "out"))
+    return root, result
+
+
+@pytest.mark.slow
+def test_demo_runs_the_default_workflow(demo_run):
+    root, result = demo_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    images = printed_images(result.stdout)
+    assert images
+    for path in images:
+        assert path.is_file() and path.parent == (root / "out").resolve()
+        with Image.open(path) as img:
+            assert img.size == (runner.DEMO_SIZE, runner.DEMO_SIZE)
+    steps = f"step {runner.DEMO_STEPS}/{runner.DEMO_STEPS}"
+    assert "KSampler" in result.stdout and steps in result.stdout
+    # models are linked under the real file names of the workflow
+    prompt = runner.load_workflow(runner.DEFAULT_WORKFLOW)
+    for use in runner.model_uses(prompt, TABLE["loader_inputs"]):
+        assert (root / "base" / "models" / use.folder / use.name).exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_server_mode_runs_and_reports_missing_models(demo_run, tmp_path):
+    """The same graph posted to a real ComfyUI server (main.py) on the demo base directory."""
+    root, demo = demo_run
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    comfy_root = Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host")) / "ComfyUI"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, str(comfy_root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--base-directory", str(root / "base"), "--disable-api-nodes", "--database-url", "sqlite:///:memory:"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+
+        out = tmp_path / "out"
+        result = run_cli("--server", url, "--width", "64", "--height", "64", "--steps", "2", "--output", str(out))
+        assert result.returncode == 0, result.stdout + result.stderr
+        images = printed_images(result.stdout)
+        assert images and all(p.is_file() and p.parent == out.resolve() for p in images)
+        assert "step 2/2" in result.stdout
+
+        broken = runner.load_workflow(API_DIR / "plain_sd15.json")
+        (loader,) = runner.ids_of(broken, "CheckpointLoaderSimple")
+        broken[loader]["inputs"]["ckpt_name"] = "not_downloaded_yet.safetensors"
+        workflow = tmp_path / "broken.json"
+        workflow.write_text(json.dumps(broken))
+        result = run_cli(str(workflow), "--server", url, timeout=120)
+        assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+        assert "not_downloaded_yet.safetensors" in result.stderr
+        assert str(root / "base" / "models" / "checkpoints" / "not_downloaded_yet.safetensors") in result.stderr
+        assert "not in the pack's model table" in result.stderr
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
