@@ -102,6 +102,6 @@ def add_object_shortcut(
     spatial_mask: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """h + strength * scale_learnable * mask * h_ref (added before to_out). spatial_mask: [B, N, 1] or None."""
-    if spatial_mask is not None:
-        ref_out = ref_out * spatial_mask
-    return self_out + gain * ref_out
+    if spatial_mask is None:
+        return torch.add(self_out, ref_out, alpha=gain)
+    return torch.addcmul(self_out, ref_out, spatial_mask, value=gain)  # one pass, no [B, N, C] temporaries

@@ -25,154 +25,47 @@ features are cast ``.half()``, and everything runs under ``autocast(bfloat16)``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import pickle
 import re
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint import (
+    iter_weights,
+    meta_parameters,
+    parameters_on_meta,
+    read_json,
+    reference_cast,
+    set_parameter,
+    weight_files,
+)
+from .clip_vision import CLIP_WHERE_TO_GET, load_clip_vision
 from .errors import MomaError
 from .projection import ImageProjModel, SwiGLUMapping, build_mapping, build_projector
-from .weights import LLAVA_EMBED_DIM, LLM_HIDDEN, MomaAdapterWeights
+from .prompt import (  # noqa: F401  (re-exported: the prompt helpers belong to the LLaVA encoder's API)
+    IMAGE_TOKEN_INDEX,
+    LLAVA_WHERE_TO_GET,
+    LlavaTokenizer,
+    llava_prompt,
+    llava_user_prompt,
+    sd_prompt,
+)
+from .weights import LLM_HIDDEN, MomaAdapterWeights
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (done, total)
 InterruptFn = Callable[[], None]  # raises to stop
 
-IMAGE_TOKEN = "<image>"
-IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id for the picture features
-PROMPT_TEMPLATE = (
-    "USER: <image>\n A photo of a {subject}. Describe a new image of the same {subject} in: {prompt}. ASSISTANT: *"
-)
-SD_PREFIX = "photo of a {subject}"
-RESERVED_TEXT = (IMAGE_TOKEN, "<s>", "</s>", "<unk>")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 MM_HIDDEN = 1024  # CLIP ViT-L width, the mm_projector's input
 VISION_SELECT_LAYER = -2
-LLAVA_WHERE_TO_GET = (
-    "Download the whole folder of the Hugging Face repo KunpengSong/MoMA_llava_7b (config.json, "
-    "pytorch_model-0000x-of-00002.bin + pytorch_model.bin.index.json, tokenizer.model) into ComfyUI/models/LLM/."
-)
-CLIP_WHERE_TO_GET = (
-    "Download openai/clip-vit-large-patch14-336 from Hugging Face (config.json, model.safetensors, "
-    "preprocessor_config.json) into a folder under ComfyUI/models/clip_vision/."
-)
 _IGNORED_KEYS = re.compile(r"^(lm_head\.|model\.vision_tower\.|.*rotary_emb\.inv_freq$)")
-
-
-# --------------------------------------------------------------------------------------------- prompts
-
-
-def _check_text(subject: str, prompt: str) -> None:
-    if not subject.strip():
-        raise MomaError("subject is empty: give the object's class word, e.g. 'car' or 'teddy bear'.")
-    for name, text in (("subject", subject), ("prompt", prompt)):
-        for reserved in RESERVED_TEXT:
-            if reserved in text:
-                raise MomaError(
-                    f"The {name} contains {reserved!r}, which LLaVA's tokenizer treats as a control token; "
-                    f"remove it from the {name}."
-                )
-
-
-def _strip_sd_prefix(subject: str, prompt: str) -> str | None:
-    prefix = SD_PREFIX.format(subject=subject)
-    if not prompt.lower().startswith(prefix.lower()):
-        return None
-    rest = prompt[len(prefix):].lstrip()
-    if rest.startswith("."):
-        rest = rest[1:].lstrip()
-    return rest
-
-
-def sd_prompt(subject: str, prompt: str) -> str:
-    """The SD text prompt: ``"photo of a {subject}. {prompt}"`` (the reference's), unless ``prompt`` already
-    starts with ``"photo of a {subject}"`` (case-insensitive), in which case it is used unchanged."""
-    if _strip_sd_prefix(subject, prompt) is not None:
-        return prompt
-    return f"photo of a {subject}. {prompt}"
-
-
-def llava_user_prompt(subject: str, prompt: str) -> str:
-    """The ``{prompt}`` part of the LLaVA template: ``prompt`` with a leading ``"photo of a {subject}"`` and the
-    period after it removed (so a prompt written as the full SD prompt gives the reference's LLaVA input)."""
-    stripped = _strip_sd_prefix(subject, prompt)
-    return prompt if stripped is None else stripped
-
-
-def llava_prompt(subject: str, prompt: str) -> str:
-    """The whole LLaVA input text (no system prompt; the user prompt verbatim, so a final '.' gives '..')."""
-    _check_text(subject, prompt)
-    return PROMPT_TEMPLATE.format(subject=subject, prompt=llava_user_prompt(subject, prompt))
-
-
-# ------------------------------------------------------------------------------------------- tokenizer
-
-
-class LlavaTokenizer:
-    """The folder's ``tokenizer.model`` with the slow LlamaTokenizer's semantics on plain text:
-    ``[BOS] + sentencepiece.encode(text)`` (the model's dummy-prefix space included)."""
-
-    def __init__(self, model_file: str | Path, add_bos: bool = True) -> None:
-        import sentencepiece
-
-        model_file = Path(model_file)
-        try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-        except (OSError, RuntimeError) as error:
-            raise MomaError(f"Could not read the SentencePiece model {model_file}: {error}. {LLAVA_WHERE_TO_GET}") from None
-        self.add_bos = add_bos
-        self.bos_id = self.sp.bos_id()
-        if add_bos and self.bos_id < 0:
-            raise MomaError(f"{model_file} defines no BOS token; LLaVA's tokenizer needs one. {LLAVA_WHERE_TO_GET}")
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> LlavaTokenizer:
-        """``tokenizer.model`` (+ ``add_bos_token`` from tokenizer_config.json, default true) of a LLaVA folder."""
-        folder = Path(folder)
-        model_file = folder / "tokenizer.model"
-        if not model_file.is_file():
-            raise MomaError(f"No tokenizer.model in {folder}. {LLAVA_WHERE_TO_GET}")
-        add_bos = True
-        config_file = folder / "tokenizer_config.json"
-        if config_file.is_file():
-            add_bos = bool(_read_json(config_file).get("add_bos_token", True))
-        return cls(model_file, add_bos=add_bos)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        """One chunk as ``tokenizer(text).input_ids``: BOS (if enabled) then the pieces."""
-        ids = list(self.sp.encode(text))
-        return [self.bos_id] + ids if self.add_bos else ids
-
-    def image_prompt_ids(self, text: str) -> list[int]:
-        """LLaVA's ``tokenizer_image_token``: chunks split at ``<image>``, BOS only at the start, -200 between."""
-        chunks = [self.encode(chunk) for chunk in text.split(IMAGE_TOKEN)]
-        starts_with_bos = bool(chunks[0]) and chunks[0][0] == self.bos_id
-        ids = [self.bos_id] if starts_with_bos else []
-        for position, chunk in enumerate(chunks):
-            if position:
-                ids.append(IMAGE_TOKEN_INDEX)
-            ids.extend(chunk[1:] if starts_with_bos else chunk)
-        return ids
-
-    def prompt_ids(self, subject: str, prompt: str) -> list[int]:
-        """Token ids of MoMA's LLaVA prompt for (subject, prompt), with the -200 picture placeholder."""
-        return self.image_prompt_ids(llava_prompt(subject, prompt))
-
-
-# ------------------------------------------------------------------------------------ precision, meta
 
 
 def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
@@ -189,107 +82,6 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
-def reference_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast like the reference: to bf16 via fp16 (it loaded fp16 and recast the model to bf16)."""
-    if dtype == torch.bfloat16 and tensor.dtype == torch.float32:
-        tensor = tensor.to(torch.float16)
-    return tensor.to(dtype)
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules with parameters on the meta device (no memory) but real buffers (e.g. RoPE's inv_freq).
-
-    Patches ``nn.Module.register_parameter`` for the duration (as accelerate's ``init_empty_weights`` does), so
-    it must not overlap module construction in another thread; ComfyUI runs one prompt at a time.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def _set_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = root.get_submodule(module_name) if module_name else root
-    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-
-
-def _meta_parameters(root: nn.Module) -> list[str]:
-    return [name for name, param in root.named_parameters() if param.is_meta]
-
-
-# ------------------------------------------------------------------------------------------ file access
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise MomaError(f"Could not read {path} as JSON ({error}).") from None
-    if not isinstance(data, dict):
-        raise MomaError(f"{path} is not a JSON object.")
-    return data
-
-
-def _weight_files(folder: Path, where_to_get: str) -> list[Path]:
-    """The weight files of a Hugging Face folder: safetensors (sharded or single) preferred, then .bin."""
-    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
-                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index_file = folder / index_name
-        if index_file.is_file():
-            weight_map = _read_json(index_file).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise MomaError(f"{index_file} has no weight_map. {where_to_get}")
-            files = [folder / name for name in sorted(set(weight_map.values()))]
-            missing = [file.name for file in files if not file.is_file()]
-            if missing:
-                raise MomaError(f"{folder} is incomplete: {index_name} lists {missing}, which are missing. {where_to_get}")
-            return files
-        if (folder / single_name).is_file():
-            return [folder / single_name]
-    raise MomaError(f"No model weights (model*.safetensors or pytorch_model*.bin) in {folder}. {where_to_get}")
-
-
-def _iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs of one weight file, read without running code; one tensor at a time for safetensors."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    yield key, handle.get_tensor(key)
-            return
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except MomaError:
-        raise
-    except Exception as error:
-        if isinstance(error, pickle.UnpicklingError):
-            raise MomaError(
-                f"Refused to load {path}: the pickle holds more than tensors, so loading it could run code "
-                f"({str(error).strip().splitlines()[0] if str(error).strip() else 'weights_only check'})."
-            ) from None
-        raise MomaError(f"Could not read {path} ({type(error).__name__}: {error}); the file is probably truncated.") from None
-    if not isinstance(state, dict):
-        raise MomaError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
-    for key in list(state):
-        yield key, state.pop(key)
-    del state
-
-
-# -------------------------------------------------------------------------------------------- config
-
-
 @dataclass
 class LlavaFolder:
     """A LLaVA-1.5 folder in the original format, checked: its Llama config and weight files."""
@@ -304,9 +96,9 @@ class LlavaFolder:
         config_file = folder / "config.json"
         if not folder.is_dir() or not config_file.is_file():
             raise MomaError(f"{folder} is not a LLaVA folder (no config.json). {LLAVA_WHERE_TO_GET}")
-        config = _read_json(config_file)
+        config = read_json(config_file)
         _check_llava_config(config, config_file)
-        return cls(path=folder, config=config, weight_files=_weight_files(folder, LLAVA_WHERE_TO_GET))
+        return cls(path=folder, config=config, weight_files=weight_files(folder, LLAVA_WHERE_TO_GET))
 
     def llama_config(self):
         """transformers ``LlamaConfig`` for the language model (sdpa attention)."""
@@ -373,98 +165,6 @@ def _check_llava_config(cfg: dict, config_file: Path) -> None:
     if wrong:
         raise MomaError(f"{config_file} is not the LLaVA-1.5-7B layout MoMA was trained with: {'; '.join(wrong)}. "
                         f"{LLAVA_WHERE_TO_GET}")
-
-
-# --------------------------------------------------------------------------------------- CLIP vision
-
-
-_VISION_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
-
-
-def _vision_state(items: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The vision transformer's tensors, keyed relative to it: files name them ``vision_model.*`` (full CLIP, or
-    CLIPVisionModel saved by transformers 4.x) or bare ``embeddings.*`` / ``encoder.*`` (saved by 5.x)."""
-    prefixed: dict[str, torch.Tensor] = {}
-    bare: dict[str, torch.Tensor] = {}
-    for key, tensor in items:
-        if key.startswith("vision_model."):
-            prefixed[key[len("vision_model."):]] = tensor
-        elif key.startswith(_VISION_PARTS):
-            bare[key] = tensor
-    return prefixed or bare
-
-
-def _clip_vision_config_from_keys(state: dict[str, torch.Tensor], path: Path):
-    """A ``CLIPVisionConfig`` read off a single-file state dict (widths, depth, patch and picture size)."""
-    from transformers import CLIPVisionConfig
-
-    try:
-        patch = state["embeddings.patch_embedding.weight"]  # [hidden, 3, p, p]
-        positions = state["embeddings.position_embedding.weight"]  # [(size/p)^2 + 1, hidden]
-        fc1 = state["encoder.layers.0.mlp.fc1.weight"]  # [intermediate, hidden]
-    except KeyError as error:
-        raise MomaError(
-            f"{path} is not a transformers CLIPVisionModel state dict (no {error.args[0]!r}); MoMA needs the vision "
-            f"tower of openai/clip-vit-large-patch14-336 (keys 'vision_model.*'). {CLIP_WHERE_TO_GET}"
-        ) from None
-    hidden, patch_size = int(patch.shape[0]), int(patch.shape[-1])
-    grid = int(round((positions.shape[0] - 1) ** 0.5))
-    layers = {int(match.group(1)) for key in state if (match := re.match(r"encoder\.layers\.(\d+)\.", key))}
-    return CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=int(fc1.shape[0]),
-        num_hidden_layers=max(layers) + 1,
-        num_attention_heads=max(1, hidden // 64),
-        patch_size=patch_size,
-        image_size=grid * patch_size,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
-
-
-def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu"):
-    """transformers ``CLIPVisionModel`` from a Hugging Face folder (full CLIP or vision-only) or one safetensors file.
-
-    Text-tower and projection keys are ignored; every vision-transformer parameter must be present.
-    """
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise MomaError(f"{path} has no config.json; it is not a CLIP vision folder. {CLIP_WHERE_TO_GET}")
-        try:
-            config = CLIPVisionConfig.from_pretrained(str(path))
-        except Exception as error:
-            raise MomaError(f"Could not read {path / 'config.json'} as a CLIP config ({error}). {CLIP_WHERE_TO_GET}") from None
-        files = _weight_files(path, CLIP_WHERE_TO_GET)
-        state = _vision_state(item for file in files for item in _iter_weights(file))
-    elif path.is_file() and path.suffix == ".safetensors":
-        state = _vision_state(_iter_weights(path))
-        config = _clip_vision_config_from_keys(state, path)
-    else:
-        raise MomaError(f"CLIP vision model not found (or not a folder / .safetensors file): {path}. {CLIP_WHERE_TO_GET}")
-    config._attn_implementation = "eager"  # the reference's transformers (4.37) had no SDPA path for CLIP
-    with _parameters_on_meta():
-        model = CLIPVisionModel(config)
-    # transformers 4.x nests the transformer as CLIPVisionModel.vision_model; 5.x does not.
-    expected = dict(model.named_parameters())
-    inner_prefix = "vision_model." if any(name.startswith("vision_model.") for name in expected) else ""
-    relative = {name: name[len(inner_prefix):] for name in expected}
-    problems = [f"vision_model.{relative[name]} {tuple(state[relative[name]].shape)} (expected {tuple(param.shape)})"
-                for name, param in expected.items()
-                if relative[name] in state and state[relative[name]].shape != param.shape]
-    missing = ["vision_model." + relative[name] for name in expected if relative[name] not in state]
-    if problems or missing:
-        raise MomaError(f"{path} does not match its CLIP vision config: missing {missing[:8]} ({len(missing)}), "
-                        f"wrong shapes {problems[:8]}. {CLIP_WHERE_TO_GET}")
-    for name in expected:
-        _set_parameter(model, name, reference_cast(state.pop(relative[name]), dtype).to(device))
-    return model.requires_grad_(False).eval()
-
-
-# -------------------------------------------------------------------------------------------- encoder
 
 
 def _build_mm_projector() -> nn.Sequential:
@@ -587,15 +287,12 @@ class _Steps:
             self.progress(self.done, self.total)
 
 
-# ---------------------------------------------------------------------------------------------- loader
-
-
 def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.device,
                          step: _Steps) -> tuple[nn.Module, nn.Sequential]:
     from transformers import LlamaModel
 
     config = folder.llama_config()
-    with _parameters_on_meta():
+    with parameters_on_meta():
         language_model = LlamaModel(config)
         mm_projector = _build_mm_projector()
     targets: dict[str, tuple[nn.Module, str]] = {}
@@ -605,11 +302,14 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
         targets["model.mm_projector." + name] = (mm_projector, name)
 
     unexpected: list[str] = []
+    ignored = 0
     for file in folder.weight_files:
         step.check()
-        for key, tensor in _iter_weights(file):
+        for key, tensor in iter_weights(file):
             if key not in targets:
-                if not _IGNORED_KEYS.match(key):
+                if _IGNORED_KEYS.match(key):
+                    ignored += 1
+                else:
                     unexpected.append(key)
                 continue
             module, name = targets[key]
@@ -617,10 +317,10 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
             if tensor.shape != expected_shape:
                 raise MomaError(f"{file}: {key} has shape {tuple(tensor.shape)}, config.json implies "
                                 f"{tuple(expected_shape)}. The folder's files do not belong together. {LLAVA_WHERE_TO_GET}")
-            _set_parameter(module, name, reference_cast(tensor, dtype).to(device))
+            set_parameter(module, name, reference_cast(tensor, dtype).to(device))
         step.advance()
-    missing = ["model." + name for name in _meta_parameters(language_model)]
-    missing += ["model.mm_projector." + name for name in _meta_parameters(mm_projector)]
+    missing = ["model." + name for name in meta_parameters(language_model)]
+    missing += ["model.mm_projector." + name for name in meta_parameters(mm_projector)]
     if unexpected or missing:
         hint = ""
         if any(key.startswith(("language_model.", "model.language_model.")) for key in unexpected):
@@ -629,6 +329,7 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
             f"{folder.path} does not hold MoMA's LLaVA checkpoint: missing keys {missing[:8]} ({len(missing)}), "
             f"unexpected keys {unexpected[:8]} ({len(unexpected)}).{hint} {LLAVA_WHERE_TO_GET}"
         )
+    log.debug("LLaVA: %d checkpoint tensors ignored (lm_head, vision tower), as the reference ignores them.", ignored)
     return language_model.requires_grad_(False).eval(), mm_projector.requires_grad_(False).eval()
 
 
@@ -683,6 +384,9 @@ def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, ad
     dtype = resolve_dtype(precision, device)
     _check_quantization(quantization, device)
     folder = LlavaFolder.open(llava_dir)
+    log.info("MoMA: loading LLaVA from %s (%d weight files) and CLIP vision from %s, %s on %s%s.", folder.path,
+             len(folder.weight_files), clip_vision_path, str(dtype).removeprefix("torch."), device,
+             "" if quantization == "none" else f", {quantization} quantised")
     step = _Steps(len(folder.weight_files) + 1, progress, interrupt)
     quantized = quantization != "none"
     # Quantised layers are built from CPU weights and quantised as they move to the GPU.

@@ -106,7 +106,8 @@ class MomaLoader(io.ComfyNode):
                                tooltip="8bit/4bit LLaVA via bitsandbytes (CUDA only)."),
                 io.Boolean.Input("keep_llava_loaded", default=False,
                                  tooltip="Keep LLaVA in memory between encodes (handed to ComfyUI's model management, "
-                                         "so it is offloaded when sampling needs the VRAM). Off: freed after each encode."),
+                                         "so it is offloaded to RAM when sampling needs the VRAM; 8bit/4bit models stay "
+                                         "on the GPU). Off: loaded for each encode and freed afterwards."),
             ],
             outputs=[MomaModel.Output(display_name="moma_model")],
         )

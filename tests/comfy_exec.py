@@ -48,7 +48,8 @@ def place_model(folder_name: str, path: Path, models_dir: Path) -> str:
     if not link.exists():
         link.symlink_to(path.resolve())
     if folder_paths.get_full_path(folder_name, path.name) is None:
-        raise RuntimeError(f"ComfyUI does not see {link}: {folder_name} -> {folder_paths.get_folder_paths(folder_name)}")
+        searched = folder_paths.get_folder_paths(folder_name)
+        raise RuntimeError(f"ComfyUI does not see {link}: its {folder_name!r} folders are {searched}")
     return path.name
 
 
@@ -80,7 +81,8 @@ def run_api_workflow(prompt: dict, prompt_id: str | None = None) -> dict:
         executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
         if not executor.success:
             failure = next(
-                (data for event, data in executor.status_messages if event in ("execution_error", "execution_interrupted")),
+                (data for event, data in executor.status_messages
+                 if event in ("execution_error", "execution_interrupted")),
                 {},
             )
             raise WorkflowError(

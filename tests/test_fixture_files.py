@@ -64,14 +64,15 @@ def test_checkpoint_has_the_sd15_single_file_layout(sd15_checkpoint: Path) -> No
 def test_checkpoint_values_are_seeded_and_scaled(sd15_checkpoint: Path) -> None:
     shapes = sd15.sd15_shapes()
     conv = sd15.UNET_PREFIX + "input_blocks.4.0.in_layers.2.weight"  # [640, 320, 3, 3]
+    norm_scale = sd15.VAE_PREFIX + "decoder.norm_out.weight"
+    norm_bias = sd15.CLIP_PREFIX + "text_model.final_layer_norm.bias"
     with safe_open(sd15_checkpoint, "pt") as f:
-        for key in (conv, sd15.VAE_PREFIX + "decoder.norm_out.weight", sd15.CLIP_PREFIX + "text_model.final_layer_norm.bias"):
-            stored = f.get_tensor(key)
-            assert stored.dtype == torch.float16 and tuple(stored.shape) == shapes[key]
-            np.testing.assert_array_equal(stored.numpy().ravel(), sd15.random_weight(key, shapes[key]))
-        conv_weight = f.get_tensor(conv).float()
-        assert (f.get_tensor(sd15.VAE_PREFIX + "decoder.norm_out.weight") == 1).all()
-        assert (f.get_tensor(sd15.UNET_PREFIX + "out.2.bias") == 0).all()
+        stored = {key: f.get_tensor(key) for key in (conv, norm_scale, norm_bias)}
+    for key, tensor in stored.items():
+        assert tensor.dtype == torch.float16 and tuple(tensor.shape) == shapes[key]
+        np.testing.assert_array_equal(tensor.numpy().ravel(), sd15.random_weight(key, shapes[key]))
+    assert (stored[norm_scale] == 1).all() and (stored[norm_bias] == 0).all()
+    conv_weight = stored[conv].float()
     assert conv_weight.std().item() == pytest.approx(1 / math.sqrt(320 * 9), rel=0.01)
     assert abs(conv_weight.mean().item()) < 1e-4
     # another seed gives other values
@@ -126,7 +127,8 @@ def test_comfyui_detects_sd15_with_all_16_attention_blocks(loaded_sd15) -> None:
 @pytest.mark.slow
 def test_comfyui_fills_every_weight_from_the_file(loaded_sd15) -> None:
     messages = loaded_sd15[3]
-    problems = [m for m in messages if m.startswith(("unet missing", "unet unexpected", "Missing VAE keys", "Leftover VAE keys"))]
+    problem_prefixes = ("unet missing", "unet unexpected", "Missing VAE keys", "Leftover VAE keys")
+    problems = [m for m in messages if m.startswith(problem_prefixes)]
     assert problems == []
     # What ComfyUI also reports for real SD1.5 files: no projection in the file, position_ids not in its module.
     clip_missing = [k for m in messages if m.startswith("clip missing: ") for k in ast.literal_eval(m[14:])]
@@ -202,7 +204,9 @@ def test_fp16_activations_stay_finite_and_match_fp32(loaded_sd15, sd15_checkpoin
 
 # --- test pictures ---
 
-EXPECTED_PICTURES = {"rgb": ("RGB", (512, 512)), "rgba": ("RGBA", (128, 128)), "grey": ("L", (96, 96)), "wide": ("RGB", (96, 64))}
+EXPECTED_PICTURES = {
+    "rgb": ("RGB", (512, 512)), "rgba": ("RGBA", (128, 128)), "grey": ("L", (96, 96)), "wide": ("RGB", (96, 64))
+}
 
 
 def test_pictures_have_the_expected_modes_sizes_and_masks(test_images: dict[str, tuple[Path, Path]]) -> None:

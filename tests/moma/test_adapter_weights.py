@@ -157,7 +157,7 @@ def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path: Path, 
         torch.save(payload, path)
     else:
         with open(path, "wb") as handle:
-            pickle.dump(payload, handle)
+            pickle.dump(payload, handle, protocol=2)
     with pytest.raises(MomaError, match="Refused to load"):
         load_adapter(path)
     assert not marker.exists()

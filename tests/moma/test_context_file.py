@@ -52,3 +52,20 @@ def test_strict_checks(tmp_path: Path) -> None:
         load_context(tmp_path / "short.safetensors")
     with pytest.raises(MomaError, match="not found"):
         load_context(tmp_path / "absent.safetensors")
+
+
+def test_moma_model_remembers_contexts_by_input_content() -> None:
+    from comfyui_moma.moma.model import CONTEXT_CACHE_SIZE, MomaModel
+
+    model = MomaModel(adapter=None, adapter_path=Path("a"), llava_dir=Path("l"), clip_vision_path=Path("c"))
+    image, mask = torch.rand(8, 8, 3), torch.ones(8, 8)
+    key = model.context_key(image, mask, "car", "red")
+    assert key == model.context_key(image.clone(), mask.clone(), "car", "red")
+    assert len({key, model.context_key(image, mask, "car", "blue"), model.context_key(image, mask * 0, "car", "red"),
+                model.context_key(image[:4], mask, "car", "red"), model.context_key(image, mask, "ca", "rred")}) == 5
+    context = _context()
+    model.remember_context(key, context)
+    assert model.remembered_context(key) is context
+    for index in range(CONTEXT_CACHE_SIZE):
+        model.remember_context(str(index), context)
+    assert model.remembered_context(key) is None  # least recently used goes first

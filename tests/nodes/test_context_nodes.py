@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,13 @@ def test_keep_llava_loaded_hands_it_to_comfy_model_management(placed) -> None:
         assert resident() == held  # the same patcher: LLaVA was not loaded a second time
         a, b = load_context(_saved(first)), load_context(_saved(second))
         assert not torch.equal(a.cond_tokens, b.cond_tokens) and torch.equal(a.uncond_tokens, b.uncond_tokens)
+        # Back to the first prompt: ComfyUI's cache now holds the second one, so the node runs, but the
+        # MOMA_MODEL remembers the first context and LLaVA (seconds per encode here) is not run.
+        start = time.perf_counter()
+        third, messages = _run(executor, _graph(keep=True, prefix="moma/keep"))
+        assert "4" not in next(data["nodes"] for event, data in messages if event == "execution_cached")
+        assert time.perf_counter() - start < 2.0
+        assert torch.equal(load_context(_saved(third)).cond_tokens, a.cond_tokens)
     finally:
         comfy.model_management.unload_all_models()
         del executor

@@ -1,0 +1,256 @@
+"""Apply MoMA Attention / Feature Grab behaviour in the real host: gates, strength, isolation, chaining,
+determinism, and the whole graph through ComfyUI's executor with several samplers and sizes."""
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfy_exec import run_api_workflow
+from comfyui_moma.moma.errors import MomaError
+from comfyui_moma.moma.sd15 import LAYERS
+from comfyui_moma.nodes.apply import apply_moma
+from comfyui_moma.nodes.feature_grab import grab_reference_features
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference_bank(sd15_models, moma_model, moma_context, test_images, load_image_tensor):
+    model, clip, vae = sd15_models
+    image, mask = load_image_tensor(*test_images["rgb"])
+    return grab_reference_features(model, moma_model, vae, clip, image, mask, moma_context.subject, 11, resolution=128)
+
+
+def _unet(model, latent, t, context, rows=(1, 0)):
+    """One CFG-batched UNet evaluation (ComfyUI's chunk order) of ``model`` at timestep ``t``."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    ms = model.get_model_object("model_sampling")
+    sigma = ms.sigma(torch.tensor([float(t)]))
+    options = copy.copy(model.model_options["transformer_options"])
+    options.update(cond_or_uncond=list(rows), sigmas=sigma)
+    x = torch.cat([latent] * len(rows)) * math.sqrt(1 + float(sigma) ** 2)
+    with torch.no_grad():
+        return model.model.apply_model(x, sigma.expand(x.shape[0]), c_crossattn=context, transformer_options=options)
+
+
+@pytest.fixture(scope="module")
+def cfg_context(sd15_models, moma_context):
+    _, clip, _ = sd15_models
+    cond = clip.encode_from_tokens(clip.tokenize(moma_context.sd_prompt))
+    uncond = clip.encode_from_tokens(clip.tokenize(""))
+    return torch.cat([uncond, cond])
+
+
+LATENT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_apply_leaves_the_input_model_untouched(sd15_models, moma_model, moma_context, reference_bank):
+    model = sd15_models[0]
+    before = copy.deepcopy(model.model_options)
+    wrappers_before = {k: {k1: list(v1) for k1, v1 in v.items()} for k, v in model.wrappers.items()}
+    patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    assert model.model_options == before
+    assert {k: {k1: list(v1) for k1, v1 in v.items()} for k, v in model.wrappers.items()} == wrappers_before
+    replaces = patched.model_options["transformer_options"]["patches_replace"]
+    assert set(replaces["attn1"]) == set(replaces["attn2"]) == {layer.block for layer in LAYERS}
+    assert patched.model_options.get("disable_cfg1_optimization") is True
+
+
+def test_object_path_gated_at_t950_and_scaled_by_strength_times_scale_learnable(
+        sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    model = sd15_models[0]
+    full = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    zero = apply_moma(model, moma_model, moma_context, reference_bank, 0.0, 0.0, 1.0)
+    # t >= 950: the object path is off, whatever the strength
+    assert torch.equal(_unet(full, LATENT, 950, cfg_context), _unet(zero, LATENT, 950, cfg_context))
+    # t < 950: it is on and changes the output (the object path is not silently zero)
+    on, off = _unet(full, LATENT, 949, cfg_context), _unet(zero, LATENT, 949, cfg_context)
+    assert _rel(on, off) > 1e-3
+    # the gain is strength x scale_learnable: zeroing scale_learnable == strength 0
+    silent = copy.copy(moma_model)
+    silent.adapter = copy.copy(moma_model.adapter)
+    silent.adapter.scale_learnable = {i: torch.zeros_like(t) for i, t in moma_model.adapter.scale_learnable.items()}
+    no_scale = apply_moma(model, silent, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    torch.testing.assert_close(_unet(no_scale, LATENT, 949, cfg_context), off, rtol=0, atol=0)
+
+
+def test_start_end_window_switches_moma_off(sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    model = sd15_models[0]
+    late = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.6, 1.0)  # off early in sampling
+    plain = _unet(model, LATENT, 700, cfg_context)  # t=700 is ~30% into sampling: outside the window
+    torch.testing.assert_close(_unet(late, LATENT, 700, cfg_context), plain, rtol=1e-4, atol=1e-4)
+    assert _rel(_unet(late, LATENT, 100, cfg_context), _unet(model, LATENT, 100, cfg_context)) > 1e-3
+    with pytest.raises(MomaError, match="start_percent"):
+        apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.8, 0.2)
+
+
+def test_two_apply_nodes_keep_separate_subject_masks(sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    model = sd15_models[0]
+    first = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    second = apply_moma(model, moma_model, moma_context, reference_bank, 0.4, 0.0, 1.0)
+
+    def run_of(patched):
+        return next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
+
+    def evaluate(patched, t, latent):
+        out = _unet(patched, latent, t, cfg_context)
+        run_of(patched).post_cfg({"denoised": out})
+        return out
+
+    other = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(9))
+    run_of(first).tracker.reset()
+    run_of(second).tracker.reset()
+    evaluate(first, 800, LATENT)
+    evaluate(second, 800, other)  # would overwrite a shared mask
+    interleaved = evaluate(first, 500, LATENT)
+    run_of(first).tracker.reset()
+    evaluate(first, 800, LATENT)
+    alone = evaluate(first, 500, LATENT)
+    assert torch.equal(interleaved, alone)
+    assert run_of(first) is not run_of(second)
+
+
+def test_non_sd15_model_is_refused(moma_model, moma_context, reference_bank):
+    """An SDXL-shaped MODEL (its config as ComfyUI's model detection builds it) gets a clear error."""
+    from types import SimpleNamespace
+
+    import comfy.supported_models
+
+    config = comfy.supported_models.SDXL.__new__(comfy.supported_models.SDXL)
+    config.unet_config = {"model_channels": 320, "context_dim": 2048, "adm_in_channels": 2816}
+    sdxl_like = SimpleNamespace(model=SimpleNamespace(model_config=config))
+    with pytest.raises(MomaError, match="SDXL"):
+        apply_moma(sdxl_like, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+
+
+# --- the whole graph through ComfyUI's executor ------------------------------------------------------
+
+ATTN2_CALLS: list[tuple] = []
+
+
+class PackStyleAttn2Replace:
+    """What other packs (IPAdapter, PuLID) install: an attn2 replace object per block."""
+
+    def __init__(self, block):
+        self.block = block
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        ATTN2_CALLS.append(self.block)
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+
+class TestPackAttn2Node:
+    """A classic (V1) node that installs PackStyleAttn2Replace on all 16 blocks, as a peer pack would."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing"
+
+    def patch(self, model):
+        patched = model.clone()
+        for layer in LAYERS:
+            patched.set_model_attn2_replace(PackStyleAttn2Replace(layer.block), *layer.block)
+        return (patched,)
+
+
+@pytest.fixture(scope="module")
+def graph_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision_dir, test_images):
+    import folder_paths
+    import nodes
+
+    models = comfy_host.models_dir
+    for folder, path in (("checkpoints", sd15_checkpoint), ("moma", adapter_file), ("LLM", llava_dir),
+                         ("clip_vision", clip_vision_dir)):
+        link = models / folder / path.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(path, target_is_directory=path.is_dir())
+    input_dir = Path(folder_paths.get_input_directory())
+    image_path, mask_path = test_images["wide"]
+    shutil.copy(image_path, input_dir / "moma_graph_ref.png")
+    Image.open(mask_path).convert("L").save(input_dir / "moma_graph_mask.png")
+    nodes.NODE_CLASS_MAPPINGS["MomaTestPackAttn2"] = TestPackAttn2Node
+    yield
+    nodes.NODE_CLASS_MAPPINGS.pop("MomaTestPackAttn2", None)
+
+
+def moma_graph(sd15_name, sampler, width, height, batch, seed=5, steps=2, preset="context", with_peer_pack=True):
+    model_source = ["20", 0] if with_peer_pack else ["1", 0]
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_name}},
+        "2": {"class_type": "MomaLoader", "inputs": {
+            "adapter_name": "attn_adapters_projectors.th", "llava_name": "MoMA_llava_7b",
+            "clip_vision_name": "clip-vit-large-patch14-336", "precision": "fp32", "quantization": "none",
+            "keep_llava_loaded": False}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "moma_graph_ref.png"}},
+        "4": {"class_type": "LoadImageMask", "inputs": {"image": "moma_graph_mask.png", "channel": "red"}},
+        "5": {"class_type": "MomaContextEncoder", "inputs": {
+            "moma_model": ["2", 0], "image": ["3", 0], "mask": ["4", 0], "subject": "car",
+            "prompt": "A car in autumn with falling leaves."}},
+        "6": {"class_type": "MomaFeatureGrab", "inputs": {
+            "model": model_source, "moma_model": ["2", 0], "vae": ["1", 2], "clip": ["1", 1], "image": ["3", 0],
+            "mask": ["4", 0], "subject": "car", "seed": seed, "resolution": 128}},
+        "7": {"class_type": "MomaApply", "inputs": {
+            "model": model_source, "moma_model": ["2", 0], "context": ["5", 0], "reference": ["6", 0],
+            "preset": preset, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": ["5", 1], "clip": ["1", 1]}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "10": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
+        "11": {"class_type": "KSampler", "inputs": {
+            "seed": seed, "steps": steps, "cfg": 7.5, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0,
+            "model": ["7", 0], "positive": ["8", 0], "negative": ["9", 0], "latent_image": ["10", 0]}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": f"moma_graph_{sampler}", "images": ["12", 0]}},
+    }
+    if with_peer_pack:
+        graph["20"] = {"class_type": "MomaTestPackAttn2", "inputs": {"model": ["1", 0]}}
+    return graph
+
+
+def _saved_images(outputs):
+    import folder_paths
+
+    images = outputs["13"]["images"]
+    return [np.asarray(Image.open(Path(folder_paths.get_output_directory()) / i["subfolder"] / i["filename"]))
+            for i in images]
+
+
+@pytest.mark.parametrize(("sampler", "width", "height", "batch"), [
+    ("euler", 64, 64, 1),
+    ("heun", 64, 96, 1),  # two model evaluations per step
+    ("dpmpp_2m", 64, 64, 2),
+])
+def test_whole_graph_runs_through_the_executor(graph_setup, sd15_checkpoint, sampler, width, height, batch):
+    ATTN2_CALLS.clear()
+    outputs = run_api_workflow(moma_graph(sd15_checkpoint.name, sampler, width, height, batch))
+    images = _saved_images(outputs)
+    assert len(images) == batch
+    assert all(image.shape == (height, width, 3) for image in images)
+    # the peer pack's attn2 replace still runs under MoMA's (chained, not overwritten): 16 layers per UNet call
+    assert ATTN2_CALLS and len(ATTN2_CALLS) % 16 == 0
+    assert set(ATTN2_CALLS) == {layer.block for layer in LAYERS}
+
+
+def test_same_seed_twice_gives_identical_images(graph_setup, sd15_checkpoint):
+    first = _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, "euler", 64, 64, 1, with_peer_pack=False)))
+    second = _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, "euler", 64, 64, 1, with_peer_pack=False)))
+    assert np.array_equal(first[0], second[0])
