@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import cProfile
 import datetime
+import gc
 import io as text_io
 import json
 import logging
@@ -310,7 +311,7 @@ def profile_step(label: str, model: Any, sampling: Sampling) -> str:
 class _MessageSink:
     """The ``server`` a PromptExecutor reports to: keeps the messages so cached nodes can be read off."""
 
-    client_id = None
+    client_id = "moma-benchmark"  # the executor reports "executing" only to a client (extra_data client_id)
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, Any]] = []
@@ -347,9 +348,14 @@ def run_rerun_graph(hostinfo: host.Host, checkpoint_name: str) -> dict:
 
     adapter_name = place_model("moma", fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
                                hostinfo.models_dir)
-    llava_name = place_model("LLM", fixtures.cached("MoMA_llava_7b", llava.write_llava_folder), hostinfo.models_dir)
-    clip_name = place_model("clip_vision", fixtures.cached("clip-vit-large-patch14-336",
-                                                           clip_vision.write_clip_vision_folder), hostinfo.models_dir)
+    folders = {"LLM": fixtures.cached("MoMA_llava_7b", llava.write_llava_folder),
+               "clip_vision": fixtures.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder)}
+    for folder, source in folders.items():  # model folders, which place_model (files only) does not take
+        link = hostinfo.models_dir / folder / source.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(source.resolve(), target_is_directory=True)
+    llava_name, clip_name = folders["LLM"].name, folders["clip_vision"].name
     image, masks = reference_inputs(64)
     alpha = 1.0 - masks["30%"][0, ..., None].numpy()  # LoadImage's MASK output is 1 - alpha
     rgba = np.concatenate([image[0].numpy(), alpha], axis=-1)
@@ -379,7 +385,8 @@ def run_rerun_graph(hostinfo: host.Host, checkpoint_name: str) -> dict:
         "13": {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": "moma_bench"}},
     }
     sink = _MessageSink()
-    executor = execution.PromptExecutor(sink, cache_type=execution.CacheType.CLASSIC)
+    executor = execution.PromptExecutor(sink, cache_type=execution.CacheType.CLASSIC,  # ComfyUI's default
+                                        cache_args={"lru": 0, "ram": 0})
     runs = []
     for attempt in range(2):
         sink.messages.clear()
@@ -389,7 +396,7 @@ def run_rerun_graph(hostinfo: host.Host, checkpoint_name: str) -> dict:
         if not valid:
             return {"status": "error", "reason": f"the graph did not validate: {error} {node_errors}"}
         start = time.perf_counter()
-        executor.execute(prompt, prompt_id, {}, outputs)
+        executor.execute(prompt, prompt_id, {"client_id": _MessageSink.client_id}, outputs)
         elapsed = time.perf_counter() - start
         if not executor.success:
             errors = [data for event, data in executor.status_messages if event == "execution_error"]
@@ -434,32 +441,28 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", action="store_true", help="also print a profile of one step per variant")
     parser.add_argument("--skip-rerun", action="store_true", help="skip the executor re-run check")
+    parser.add_argument("--rerun-only", action="store_true", help="only the executor re-run check")
     parser.add_argument("--min-free-gb", type=float, default=8.0, help="refuse to start with less RAM available")
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    opts = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    available_gb = psutil.virtual_memory().available / 2**30
-    if available_gb < opts.min_free_gb:
-        print(f"Only {available_gb:.1f} GB RAM available (need {opts.min_free_gb} GB for a full SD1.5 in fp32); "
-              f"try again later or pass --min-free-gb.", file=sys.stderr)
-        return 2
-    if any(size % 64 for size in opts.sizes):
-        print("--sizes must be multiples of 64", file=sys.stderr)
-        return 2
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    hostinfo = boot_comfy(opts.device, opts.attention)
+
+def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) -> tuple[dict, str]:
+    """Everything but the re-run check; returns (report, profile text). Its models are freed on return."""
     import torch
     import comfy.ldm.modules.attention as comfy_attention
-    import comfy.model_management
     import nodes
     from comfyui_moma.nodes.apply import apply_moma
 
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    monitor = RssMonitor()
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()
     model, clip, vae, checkpoint_name = load_checkpoint(hostinfo, opts.checkpoint)
@@ -472,10 +475,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     samplings = {size: Sampling(model, positive, negative, size, opts.steps, opts.sampler, opts.cfg, opts.seed)
                  for size in opts.sizes}
-    first = samplings[opts.sizes[0]]
-    print(f"Loading and warming up ({checkpoint_name}, {device}, attention {comfy_attention.optimized_attention.__name__})...",
-          flush=True)
-    first.run(model, steps=1)  # loads the model onto its device
+    print(f"Loading {checkpoint_name} and warming up ({device}, {torch.get_num_threads()} threads, ComfyUI attention "
+          f"{comfy_attention.optimized_attention.__name__})...", flush=True)
+    samplings[opts.sizes[0]].run(model, steps=1)  # loads the model onto its device
 
     image, masks = reference_inputs(512)
     banks, reference = {}, {}
@@ -484,13 +486,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         counts = banks[label].layer_token_counts()
         reference[label]["bank_tokens_64x64"] = counts[("input", 1)]
         reference[label]["coverage"] = round(counts[("input", 1)] / 4096, 3)
-        reference[label]["bank_mb"] = mb(sum(t.numel() * t.element_size() for d in (banks[label].keys, banks[label].values)
-                                             for t in d.values()))
+        reference[label]["bank_mb"] = mb(sum(t.numel() * t.element_size()
+                                             for d in (banks[label].keys, banks[label].values) for t in d.values()))
+        print(f"Feature Grab, {label} mask: {reference[label]['total_s']:.2f} s", flush=True)
     variants: dict[str, Any] = {"plain": model}
     for label, bank in banks.items():
         variants[f"moma {label}"] = apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)
 
-    results: dict[str, Any] = {"sizes": {}}
+    results: dict[str, Any] = {}
     for size, sampling in samplings.items():
         print(f"{size}x{size}: warm-up", flush=True)
         for patched in variants.values():
@@ -500,7 +503,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         memory: dict[str, list[dict]] = {name: [] for name in variants}
         names = list(variants)
         for repeat in range(opts.repeats):
-            order = names[repeat % len(names):] + names[:repeat % len(names)]
+            order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotate: drift hits all alike
             for name in order:
                 if on_cuda:
                     torch.cuda.reset_peak_memory_stats(device)
@@ -530,10 +533,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "rss_before_mb": mb(min(w["start"] for w in memory[name])),
                 "peak_cuda_mb": mb(max(w["cuda_peak"] for w in memory[name])) if on_cuda else None,
             }
-        results["sizes"][size] = entry
+        results[size] = entry
 
-    unit_size = 512 if 512 in results["sizes"] else max(results["sizes"])
-    plain_unit = results["sizes"][unit_size]["variants"]["plain"]
+    unit_size = 512 if 512 in results else max(results)
+    plain_unit = results[unit_size]["variants"]["plain"]
     for label, info in reference.items():
         info["plain_cfg_steps"] = round(info["total_s"] / plain_unit["per_step_s"], 2)
         info["plain_cfg_steps_cpu"] = round(info["total_cpu_s"] / plain_unit["per_step_cpu_s"], 2)
@@ -541,16 +544,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     profile_text = ""
     if opts.profile:
-        for size, sampling in samplings.items():
+        for sampling in samplings.values():
             for name, patched in variants.items():
                 profile_text += profile_step(name, patched, sampling) + "\n"
 
-    rerun = {"status": "skipped"} if opts.skip_rerun else rerun_check(hostinfo, checkpoint_name)
-    monitor.close()
     report = {
         "date": started.isoformat(timespec="seconds"),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -560,15 +561,63 @@ def main(argv: Optional[list[str]] = None) -> int:
             "comfyui_attention": comfy_attention.optimized_attention.__name__,
             "load_average_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         },
-        "settings": {"metric": opts.metric, "sampler": opts.sampler, "cfg": opts.cfg, "seed": opts.seed, "steps_per_run": opts.steps,
-                     "repeats": opts.repeats, "schedule": f"normal {SCHEDULE_STEPS}, steps {FIRST_STEP}..",
+        "settings": {"metric": opts.metric, "sampler": opts.sampler, "cfg": opts.cfg, "seed": opts.seed,
+                     "steps_per_run": opts.steps, "repeats": opts.repeats,
+                     "schedule": f"normal {SCHEDULE_STEPS}, steps {FIRST_STEP}..{FIRST_STEP + opts.steps - 1}",
                      "checkpoint": checkpoint_name, "dtype": str(model.model.get_dtype()),
                      "strength": 1.0, "prompt": SD_PROMPT},
-        "sampling": results["sizes"],
+        "sampling": results,
         "reference_pass": reference,
-        "rerun_check": rerun,
         "targets": {"ratio": TARGETS, "memory_over_plain_mb": MEMORY_TARGET_MB},
     }
+    return report, profile_text
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    available_gb = psutil.virtual_memory().available / 2**30
+    if available_gb < opts.min_free_gb:
+        print(f"Only {available_gb:.1f} GB RAM available (need {opts.min_free_gb} GB for a full SD1.5 in fp32); "
+              f"try again later or pass --min-free-gb.", file=sys.stderr)
+        return 2
+    if any(size % 64 for size in opts.sizes):
+        print("--sizes must be multiples of 64", file=sys.stderr)
+        return 2
+
+    quiet = logging.Filter()
+    quiet.filter = lambda record: record.levelno >= logging.ERROR  # ComfyUI lists optional nodes it can't import
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
+    hostinfo = boot_comfy(opts.device, opts.attention)
+    for handler in logging.getLogger().handlers:
+        handler.removeFilter(quiet)
+    import torch
+    import comfy.model_management
+    from comfy_exec import place_model
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.rerun_only:
+        import fixtures
+        from fixtures import sd15
+
+        checkpoint = opts.checkpoint or fixtures.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
+        result = rerun_check(hostinfo, place_model("checkpoints", checkpoint, hostinfo.models_dir))
+        print(json.dumps(result, indent=2))
+        return 0 if result["status"] == "pass" else 1
+
+    monitor = RssMonitor()
+    report, profile_text = measure(opts, hostinfo, monitor)
+    monitor.close()
+    if opts.skip_rerun:
+        report["rerun_check"] = {"status": "skipped"}
+    else:
+        gc.collect()  # the graph loads the checkpoint again: free the benchmark's copy first
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        print("Re-run check through ComfyUI's executor...", flush=True)
+        report["rerun_check"] = rerun_check(hostinfo, report["settings"]["checkpoint"])
     print()
     print(format_table(report))
     if profile_text:

@@ -52,11 +52,6 @@ def set_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module = root.get_submodule(module_name) if module_name else root
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
-
-def meta_parameters(root: nn.Module) -> list[str]:
-    return [name for name, param in root.named_parameters() if param.is_meta]
-
-
 def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -66,7 +61,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise MomaError(f"{path} is not a JSON object.")
     return data
-
 
 def weight_files(folder: Path, where_to_get: str) -> list[Path]:
     """The weight files of a Hugging Face folder: safetensors (sharded or single) preferred, then .bin."""
@@ -85,7 +79,6 @@ def weight_files(folder: Path, where_to_get: str) -> list[Path]:
         if (folder / single_name).is_file():
             return [folder / single_name]
     raise MomaError(f"No model weights (model*.safetensors or pytorch_model*.bin) in {folder}. {where_to_get}")
-
 
 def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) pairs of one weight file, read without running code; one tensor at a time for safetensors."""

@@ -98,4 +98,4 @@ def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,
                         f"wrong shapes {problems[:8]}. {CLIP_WHERE_TO_GET}")
     for name in expected:
         set_parameter(model, name, reference_cast(state.pop(relative[name]), dtype).to(device))
-    return model.requires_grad_(False).eval()
+    return model.to(device).requires_grad_(False).eval()  # .to: the position-id buffer was built on the CPU

@@ -2,11 +2,9 @@
 
 What is computed, for one reference picture and one (subject, prompt):
 
-1. Prompt ``USER: <image>\\n A photo of a {subject}. Describe a new image of the same {subject} in: {prompt}. ASSISTANT: *``
-   tokenised as LLaVA's ``tokenizer_image_token``: the text is split at ``<image>``, each chunk is encoded by the
-   folder's SentencePiece model as the slow LlamaTokenizer does (BOS + pieces, dummy-prefix space included), the
-   BOS is kept only at the very start and id -200 marks the picture between the chunks.
-2. CLIP ViT-L/14-336: ``hidden_states[-2]`` (penultimate layer, before post_layernorm) without CLS -> [1, 576, 1024]
+1. The prompt's token ids with the -200 picture placeholder (``prompt.py``: template and LLaVA's
+   ``tokenizer_image_token`` on the folder's SentencePiece model).
+2. CLIP ViT-L/14-336 (``clip_vision.py``): ``hidden_states[-2]`` (penultimate layer, before post_layernorm) without CLS -> [1, 576, 1024]
    -> ``mm_projector`` (Linear 1024->4096, exact GELU, Linear 4096->4096) -> [1, 576, 4096].
 3. ``embed_tokens`` of the text ids with the 576 picture rows spliced in at the -200 position -> the bare
    ``LlamaModel`` (no LM head) with positions 0..L-1 and an all-ones mask -> final-RMSNorm hidden states.
@@ -16,7 +14,8 @@ The folder is read with transformers' own ``LlamaModel`` and ``CLIPVisionModel``
 remote code). Keys of the original checkpoint: ``model.embed_tokens``, ``model.layers.*``, ``model.norm``,
 ``model.mm_projector.0/2``; ``lm_head`` and any vision-tower keys in the shards are ignored, as the reference
 ignores them (it reloads the tower from ``openai/clip-vit-large-patch14-336``). Weights are loaded shard by shard
-into a model whose parameters start on the meta device, so peak memory is the model plus one tensor.
+into a model whose parameters start on the meta device (``checkpoint.py``), so peak memory is the model plus
+one tensor.
 
 Precision: ``fp32`` computes in float32 throughout. ``bf16`` reproduces the reference's numerics: its weights went
 through float16 first (``from_pretrained(torch_dtype=float16)`` then ``.to(bfloat16)``), its pixels and picture
@@ -36,7 +35,6 @@ from torch import nn
 
 from .checkpoint import (
     iter_weights,
-    meta_parameters,
     parameters_on_meta,
     read_json,
     reference_cast,
@@ -255,8 +253,8 @@ class LlavaContextEncoder(nn.Module):
                                     f"{self.max_length}; shorten the prompt.")
                 hidden = self.language_model(
                     inputs_embeds=embeds,
-                    attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
-                    position_ids=torch.arange(length, device=device)[None],
+                    attention_mask=None,  # the reference's all-ones mask (B=1, no padding): plain causal
+                    position_ids=None,  # the default 0..L-1, as the reference passes
                     use_cache=False,
                 ).last_hidden_state  # [1, L, 4096], after the final RMSNorm
                 step.check()
@@ -302,6 +300,7 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
         targets["model.mm_projector." + name] = (mm_projector, name)
 
     unexpected: list[str] = []
+    loaded: set[str] = set()
     ignored = 0
     for file in folder.weight_files:
         step.check()
@@ -318,9 +317,9 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
                 raise MomaError(f"{file}: {key} has shape {tuple(tensor.shape)}, config.json implies "
                                 f"{tuple(expected_shape)}. The folder's files do not belong together. {LLAVA_WHERE_TO_GET}")
             set_parameter(module, name, reference_cast(tensor, dtype).to(device))
+            loaded.add(key)
         step.advance()
-    missing = ["model." + name for name in meta_parameters(language_model)]
-    missing += ["model.mm_projector." + name for name in meta_parameters(mm_projector)]
+    missing = [key for key in targets if key not in loaded]
     if unexpected or missing:
         hint = ""
         if any(key.startswith(("language_model.", "model.language_model.")) for key in unexpected):
@@ -389,9 +388,10 @@ def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, ad
              "" if quantization == "none" else f", {quantization} quantised")
     step = _Steps(len(folder.weight_files) + 1, progress, interrupt)
     quantized = quantization != "none"
-    # Quantised layers are built from CPU weights and quantised as they move to the GPU.
-    weights_device = torch.device("cpu") if quantized else device
-    language_model, mm_projector = _load_language_model(folder, dtype, weights_device, step)
+    # Quantised layers are built from the fp16 CPU tensors (memory-mapped from the shards, no copy, as
+    # bitsandbytes takes fp16) and quantised as they move to the GPU; the rest is cast to ``dtype`` after.
+    language_model, mm_projector = _load_language_model(folder, torch.float16 if quantized else dtype,
+                                                         torch.device("cpu") if quantized else device, step)
     step.check()
     vision_tower = load_clip_vision(clip_vision_path, dtype, device)
     if vision_tower.config.hidden_size != MM_HIDDEN:
@@ -401,9 +401,13 @@ def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, ad
     if quantized:
         for module in (language_model.layers, mm_projector):
             _quantize_linears(module, quantization, dtype, device)
-        language_model.to(device)
-        mm_projector.to(device)
+        for module in language_model.modules():  # embeddings and RMSNorms: plain parameters, in ``dtype``
+            if isinstance(module, nn.Embedding) or type(module).__name__.endswith("RMSNorm"):
+                module.to(dtype=dtype)
     mapping = build_mapping(adapter, dtype, device)
     projector = build_projector(adapter, dtype, device)
-    return LlavaContextEncoder(language_model, vision_tower, mm_projector, mapping, projector, dtype,
-                               max_length=folder.max_length).eval()
+    encoder = LlavaContextEncoder(language_model, vision_tower, mm_projector, mapping, projector, dtype,
+                                  max_length=folder.max_length)
+    # Parameters were placed on ``device`` one by one; buffers built at construction (RoPE frequencies, CLIP
+    # position ids) and anything still on the CPU follow here.
+    return encoder.to(device).eval()

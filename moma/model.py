@@ -11,19 +11,10 @@ import torch
 
 from .context import MomaContext
 from .images import llava_pixel_values, load_clip_image_processor
-from .llava import (
-    PRECISIONS,
-    QUANTIZATIONS,
-    InterruptFn,
-    LlavaContextEncoder,
-    LlavaFolder,
-    LlavaTokenizer,
-    ProgressFn,
-    llava_prompt,
-    load_context_encoder,
-    sd_prompt,
-)
+from .clip_vision import CLIP_WHERE_TO_GET
 from .errors import MomaError
+from .llava import PRECISIONS, QUANTIZATIONS, InterruptFn, LlavaContextEncoder, LlavaFolder, ProgressFn, load_context_encoder
+from .prompt import LlavaTokenizer, llava_prompt, sd_prompt
 from .weights import MomaAdapterWeights, load_adapter
 
 CONTEXT_CACHE_SIZE = 16  # contexts remembered per MomaModel (tiny: 2x4x768 + 1024 floats each)
@@ -58,8 +49,6 @@ class MomaModel:
         LlavaFolder.open(llava_dir)
         clip_vision_path = Path(clip_vision_path)
         if not clip_vision_path.exists():
-            from .llava import CLIP_WHERE_TO_GET
-
             raise MomaError(f"CLIP vision model not found: {clip_vision_path}. {CLIP_WHERE_TO_GET}")
         return cls(adapter=adapter, adapter_path=Path(adapter_path), llava_dir=Path(llava_dir),
                    clip_vision_path=clip_vision_path, precision=precision, quantization=quantization,

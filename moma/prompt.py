@@ -96,7 +96,10 @@ class LlavaTokenizer:
         add_bos = True
         config_file = folder / "tokenizer_config.json"
         if config_file.is_file():
-            add_bos = bool(json.loads(config_file.read_text(encoding="utf-8")).get("add_bos_token", True))
+            try:
+                add_bos = bool(json.loads(config_file.read_text(encoding="utf-8")).get("add_bos_token", True))
+            except (OSError, ValueError, AttributeError) as error:
+                raise MomaError(f"Could not read {config_file} ({error}). {LLAVA_WHERE_TO_GET}") from None
         return cls(model_file, add_bos=add_bos)
 
     @property

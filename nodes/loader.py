@@ -8,7 +8,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..moma.errors import MomaError
-from ..moma.llava import CLIP_WHERE_TO_GET, LLAVA_WHERE_TO_GET, PRECISIONS, QUANTIZATIONS
+from ..moma.clip_vision import CLIP_WHERE_TO_GET
+from ..moma.llava import PRECISIONS, QUANTIZATIONS
+from ..moma.prompt import LLAVA_WHERE_TO_GET
 from ..moma.model import MomaModel as MomaModelObject
 from ..moma.weights import WHERE_TO_GET as ADAPTER_WHERE_TO_GET
 from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from comfyui_moma.moma.errors import MomaError
-from comfyui_moma.moma.llava import reference_cast
+from comfyui_moma.moma.checkpoint import reference_cast
 from comfyui_moma.moma.model import MomaModel, encode_context
 
 SUBJECT = "teddy bear"

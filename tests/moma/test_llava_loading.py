@@ -12,7 +12,8 @@ import sentencepiece
 import torch
 
 from comfyui_moma.moma.errors import MomaError
-from comfyui_moma.moma.llava import LlavaFolder, _load_language_model, _Steps, load_clip_vision, resolve_dtype
+from comfyui_moma.moma.clip_vision import load_clip_vision
+from comfyui_moma.moma.llava import LlavaFolder, _load_language_model, _Steps, resolve_dtype
 from comfyui_moma.moma.weights import load_adapter, save_adapter_safetensors
 
 
@@ -224,3 +225,18 @@ def test_clip_vision_only_save_loads_too(clip_vision_dir: Path, tmp_path: Path) 
     for source in (tmp_path / "vision-only", tmp_path / "vision-only" / "model.safetensors"):
         loaded = dict(load_clip_vision(source).named_parameters())
         assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in loaded)
+
+
+def test_every_parameter_and_buffer_lands_on_the_requested_device(llava_dir: Path, clip_vision_dir: Path,
+                                                                  adapter_file: Path) -> None:
+    """The meta device stands in for a GPU on a CPU-only machine: nothing (RoPE frequencies, CLIP position ids,
+    mapping, projector) may be left behind on the CPU."""
+    from comfyui_moma.moma.llava import load_context_encoder
+
+    encoder = load_context_encoder(llava_dir, clip_vision_dir, load_adapter(adapter_file), precision="bf16",
+                                   device="meta")
+    tensors = list(encoder.named_parameters()) + list(encoder.named_buffers())
+    assert [name for name, tensor in tensors if tensor.device.type != "meta"] == []
+    assert {tensor.dtype for name, tensor in encoder.named_parameters()} == {torch.bfloat16}
+    features = encoder.picture_features(torch.zeros(1, 3, 336, 336))  # the vision tower and projector run there
+    assert features.shape == (1, 576, 4096) and features.device.type == "meta"

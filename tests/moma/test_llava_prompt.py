@@ -11,7 +11,7 @@ import pytest
 import sentencepiece
 
 from comfyui_moma.moma.errors import MomaError
-from comfyui_moma.moma.llava import LlavaTokenizer, llava_prompt, llava_user_prompt, sd_prompt
+from comfyui_moma.moma.prompt import LlavaTokenizer, llava_prompt, llava_user_prompt, sd_prompt
 
 CASES = [
     ("car", "A car in autumn with falling leaves."),  # ends with '.': the template then has '..'
