@@ -159,3 +159,20 @@ def test_moma_package_imports_without_comfyui():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_paths_keep_dtype_and_stay_close(dtype):
+    """The model's own dtype goes in and out (fp16/bf16 on GPUs); probabilities are formed in fp32."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 16, 32, generator=g) for _ in range(3))
+    text_k, text_v = torch.randn(2, 77, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    cols = torch.tensor([3])
+    out32, map32 = attention.text_attention_with_subject_probs(q, text_k, text_v, 4, cols)
+    out16, map16 = attention.text_attention_with_subject_probs(q.to(dtype), text_k.to(dtype), text_v.to(dtype), 4, cols)
+    assert out16.dtype == dtype and map16.dtype == torch.float32
+    torch.testing.assert_close(out16.float(), out32, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(map16, map32, rtol=0.05, atol=0.01)
+    ref16 = attention.reference_attention(q.to(dtype), k[0].to(dtype), v[0].to(dtype), 4)
+    assert ref16.dtype == dtype and torch.isfinite(ref16).all()
+    torch.testing.assert_close(ref16.float(), attention.reference_attention(q, k[0], v[0], 4), rtol=0.05, atol=0.05)

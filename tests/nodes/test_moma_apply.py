@@ -254,3 +254,29 @@ def test_same_seed_twice_gives_identical_images(graph_setup, sd15_checkpoint):
     first = _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, "euler", 64, 64, 1, with_peer_pack=False)))
     second = _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, "euler", 64, 64, 1, with_peer_pack=False)))
     assert np.array_equal(first[0], second[0])
+
+
+def test_separate_cond_and_uncond_calls_equal_one_batched_call(sd15_models, moma_model, moma_context,
+                                                               reference_bank, cfg_context):
+    """Low-VRAM ComfyUI evaluates cond and uncond in separate UNet calls; the subject mask and the outputs
+    must not change."""
+    model = sd15_models[0]
+    patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
+    uncond_ctx, cond_ctx = cfg_context[:1], cfg_context[1:]
+
+    def evaluation(t, split):
+        if split:
+            out = torch.cat([_unet(patched, LATENT, t, uncond_ctx, rows=(1,)), _unet(patched, LATENT, t, cond_ctx, rows=(0,))])
+        else:
+            out = _unet(patched, LATENT, t, cfg_context)
+        run.post_cfg({"denoised": out})
+        return out, run.tracker.mask.clone()
+
+    run.tracker.reset()
+    batched = [evaluation(t, split=False) for t in (800, 500)]
+    run.tracker.reset()
+    split = [evaluation(t, split=True) for t in (800, 500)]
+    for (out_b, mask_b), (out_s, mask_s) in zip(batched, split):
+        torch.testing.assert_close(mask_s, mask_b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_s, out_b, rtol=1e-4, atol=1e-4)
