@@ -37,11 +37,10 @@ import platform
 import pstats
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import psutil
 
@@ -49,8 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tests/host.py (boots ComfyUI) and tests/fixtures (test models)
 
 import host  # noqa: E402
-
-log = logging.getLogger("moma.benchmark")
 
 TARGETS = {"30%": {256: 1.05, 512: 1.20}, "full": {256: 1.5, 512: 1.5}}
 MEMORY_TARGET_MB = 250.0
@@ -300,7 +297,7 @@ def profile_step(label: str, model: Any, sampling: Sampling) -> str:
     profiler.disable()
     stream = text_io.StringIO()
     stats = pstats.Stats(profiler, stream=stream).sort_stats("cumulative")
-    stats.print_stats(str(REPO.name) + r"/(nodes|moma)/", 25)
+    stats.print_stats(r"(comfyui_moma|" + REPO.name + r")/(nodes|moma)/", 25)
     return f"=== {label} @ {sampling.size}: torch ops (2 steps) ===\n{ops}\n=== {label}: pack functions ===\n{stream.getvalue()}"
 
 

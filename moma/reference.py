@@ -61,15 +61,16 @@ def resize_reference_image(image: torch.Tensor, size: tuple[int, int]) -> torch.
 
 
 def binarise_object_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Object mask [H, W] or [1, H, W] -> bool [h, w]: bilinear resize then "value > 0" (as the reference)."""
+    """Object mask [H, W] or [1, H, W] -> bool [h, w], as the reference: an antialiased bilinear resize (PIL's,
+    on an 8-bit mask picture) then "value > 0", i.e. anything that rounds to at least 1/255 is object."""
     mask = mask.float()
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     if mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[1] != 1:
         raise MomaError(f"Object mask has shape {tuple(mask.shape)}; expected one mask [H, W] (a ComfyUI MASK of batch 1).")
     if tuple(mask.shape[-2:]) != tuple(size):
-        mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
-    return (mask[0, 0] > 0)
+        mask = F.interpolate(mask, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return mask[0, 0] > 0.5 / 255.0
 
 
 def object_token_index(object_mask: torch.Tensor, grid: tuple[int, int]) -> Optional[torch.Tensor]:

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 
+import folder_paths
 from comfy.sd1_clip import SDTokenizer
 from comfy_api.latest import io
 
@@ -24,10 +25,10 @@ _TOKENIZER: Optional[SDTokenizer] = None
 
 
 def _sd_tokenizer() -> SDTokenizer:
-    """ComfyUI's SD1.5 CLIP tokenizer (the same one CLIPTextEncode uses for SD1.5 models)."""
+    """ComfyUI's SD1.5 CLIP tokenizer, with the embeddings folder, as CLIPTextEncode tokenises for SD1.5."""
     global _TOKENIZER
     if _TOKENIZER is None:
-        _TOKENIZER = SDTokenizer()
+        _TOKENIZER = SDTokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"))
     return _TOKENIZER
 
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Run a ComfyUI workflow (API format) headlessly through ComfyUI's real executor.
 
-    python scripts/run_workflow.py [WORKFLOW.json] [--demo] [--image PATH] [--mask PATH] [--subject TEXT]
-                                   [--prompt TEXT] [--seed N] [--steps N] [--width N] [--height N]
-                                   [--output DIR] [--base-dir DIR] [--comfyui ROOT] [--server URL] [--cpu]
-                                   [--check] [--verbose]
+    python scripts/run_workflow.py [WORKFLOW.json] [--demo] [--image PATH] [--mask PATH] [--context PATH]
+                                   [--subject TEXT] [--prompt TEXT] [--seed N] [--steps N] [--width N]
+                                   [--height N] [--reference-resolution N] [--output DIR] [--base-dir DIR]
+                                   [--comfyui ROOT] [--server URL] [--cpu] [--check] [--verbose]
+
+The default workflow is workflows/api/moma_context.json (MoMA context editing); the other examples
+are next to it (the UI-format twins, for the browser, are in workflows/).
 
 Two ways to execute:
 - in process (default): boots the ComfyUI that scripts/setup_host.sh installs (or the one at --comfyui),
@@ -13,23 +16,28 @@ Two ways to execute:
 - ``--server http://127.0.0.1:8188``: posts the graph to a running ComfyUI, follows its progress over the
   websocket and downloads the images into --output (default ./out).
 
-Before anything runs, every model file the graph names (see ``loader_inputs`` in workflows/models.json)
-is looked up in ComfyUI's model folders; missing ones are listed with their folder and download source,
-and the runner exits with status 3. ``--demo`` writes the tiny random-weight test models
-(tests/fixtures), links them into a separate base directory under the real file names and runs the same
-graph at 64x64 with 2 steps, so the whole graph can be seen executing without any download.
+Before anything runs, every model file the graph names (see ``loader_inputs`` in models.json) is looked
+up in ComfyUI's model folders; missing ones are listed with their folder and download source, and the
+runner exits with status 3 (so does a missing input image or saved MoMA context). ``--demo`` writes the
+tiny random-weight test models (tests/fixtures), links them into a separate base directory under the real
+file names and runs the same graph at 64x64 with 2 steps (Feature Grab at 128) on a generated test
+picture, so the whole graph can be seen executing without any download; a saved context the graph loads
+is encoded from that picture by the tiny LLaVA.
 
 Overrides (each one touches the nodes named here; an override the graph has no node for is an error):
   --image    LoadImage.image (if there are several LoadImage nodes: the one titled "...reference...");
              the file is copied into ComfyUI's input folder (uploaded with --server)
   --mask     LoadImageMask.image; without a LoadImageMask node, one (channel red: white = subject) is added
              and wired to the free ``mask`` input of every MomaObjectMasker
+  --context  MomaLoadContext.context_file (a .safetensors written by Save MoMA Context); the file is copied
+             into ComfyUI's input folder (uploaded with --server) and the node's ``path`` is cleared
   --subject  every literal ``subject`` input (MomaContextEncoder, MomaFeatureGrab)
   --prompt   MomaContextEncoder.prompt; without that node, the literal ``text`` of the CLIPTextEncode wired
              to a sampler's ``positive`` input
   --seed     KSampler.seed, KSamplerAdvanced/SamplerCustom/RandomNoise.noise_seed, MomaFeatureGrab.seed
   --steps    KSampler/KSamplerAdvanced/BasicScheduler.steps
   --width / --height   EmptyLatentImage.width / .height (multiples of 8)
+  --reference-resolution   MomaFeatureGrab.resolution (multiple of 64, 64..1024; 512 is MoMA's own)
 
 Exit status: 0 images written, 1 execution failed, 2 bad arguments or workflow, 3 model or input files missing.
 """
@@ -39,9 +47,11 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -51,9 +61,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-# The default example graph. Switch to workflows/api/moma_context.json once the MoMA nodes are registered.
-DEFAULT_WORKFLOW = REPO / "workflows" / "api" / "plain_sd15.json"
-MODELS_TABLE = REPO / "workflows" / "models.json"
+# Example workflows: UI format (listed by ComfyUI's template browser) in workflows/, API format in its api/.
+EXAMPLES_DIR = REPO / "workflows"
+API_DIR = EXAMPLES_DIR / "api"
+DEFAULT_WORKFLOW = API_DIR / "moma_context.json"
+MODELS_TABLE = REPO / "models.json"
 PACK_LINK_NAME = "comfyui_moma"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING = 0, 1, 2, 3
@@ -68,7 +80,9 @@ SEED_INPUTS = {
 }
 STEPS_INPUTS = {"KSampler": "steps", "KSamplerAdvanced": "steps", "BasicScheduler": "steps"}
 LATENT_SIZE_CLASSES = ("EmptyLatentImage",)
-DEMO_SIZE, DEMO_STEPS = 64, 2
+DEMO_SIZE, DEMO_STEPS, DEMO_REFERENCE_RESOLUTION = 64, 2, 128
+# The first file Save MoMA Context writes in the examples (filename_prefix moma/context), for messages.
+SAVED_CONTEXT_HINT = "output/moma/context_00001_.safetensors"
 
 
 class RunnerError(Exception):
@@ -89,7 +103,7 @@ def host_dir() -> Path:
 
 
 def load_models_table(path: Path = MODELS_TABLE) -> dict[str, Any]:
-    """Read workflows/models.json: ``models`` (list of entries) and ``loader_inputs``."""
+    """Read models.json: ``models`` (list of entries) and ``loader_inputs``."""
     with open(path, encoding="utf-8") as f:
         table = json.load(f)
     table["loader_inputs"] = {k: v for k, v in table["loader_inputs"].items() if not k.startswith("_")}
@@ -114,7 +128,7 @@ def load_workflow(path: Path) -> dict[str, dict]:
             hint = f" Its API variant is {api_twin}."
         raise RunnerError(
             f"{path} is a UI-format workflow (the file the browser saves). The runner needs the API format: "
-            f"in ComfyUI use Workflow > Export (API), or take the file from workflows/api/.{hint}"
+            f"in ComfyUI use Workflow > Export (API), or take the file from {API_DIR.relative_to(REPO)}/.{hint}"
         )
     if not isinstance(data, dict) or not data:
         raise RunnerError(f"{path} holds no workflow nodes.")
@@ -152,6 +166,8 @@ class Overrides:
     steps: int | None = None
     width: int | None = None
     height: int | None = None
+    reference_resolution: int | None = None
+    context: Path | None = None
 
 
 @dataclass
@@ -161,6 +177,7 @@ class StagedInput:
     node_id: str
     input_name: str
     source: Path
+    annotate: bool = False  # write "name [input]" (combos listing input/ and output/ files)
 
 
 def _pick_one(prompt: dict, ids: list[str], title_word: str, what: str) -> str:
@@ -229,6 +246,15 @@ def apply_overrides(prompt: dict, ov: Overrides) -> tuple[list[str], list[Staged
                 prompt[masker]["inputs"]["mask"] = [new_id, 0]
             changes.append(f"node {new_id} LoadImageMask added, wired to MomaObjectMasker {', '.join(maskers)}.mask")
             staged.append(StagedInput(new_id, "image", ov.mask))
+    if ov.context is not None:
+        ids = ids_of(prompt, "MomaLoadContext")
+        if not ids:
+            raise RunnerError("--context: this workflow has no MomaLoadContext node (Load MoMA Context).")
+        for nid in ids:
+            staged.append(StagedInput(nid, "context_file", ov.context, annotate=True))
+            if prompt[nid]["inputs"].get("path"):
+                prompt[nid]["inputs"]["path"] = ""
+                changes.append(f"node {nid} MomaLoadContext.path = '' (context_file is used)")
     if ov.subject is not None:
         targets = {"MomaContextEncoder": "subject", "MomaFeatureGrab": "subject"}
         if not _set_literal(prompt, targets, ov.subject, changes):
@@ -258,7 +284,24 @@ def apply_overrides(prompt: dict, ov: Overrides) -> tuple[list[str], list[Staged
             raise RunnerError(f"--{name} must be a multiple of 8 and at least 16 (got {value}).")
         if not _set_literal(prompt, {c: name for c in LATENT_SIZE_CLASSES}, value, changes):
             raise RunnerError(f"--{name}: no EmptyLatentImage node in this workflow.")
+    if ov.reference_resolution is not None:
+        value = ov.reference_resolution
+        if value % 64 or not 64 <= value <= 1024:
+            raise RunnerError(f"--reference-resolution must be a multiple of 64 from 64 to 1024 (got {value}).")
+        if not _set_literal(prompt, {"MomaFeatureGrab": "resolution"}, value, changes):
+            raise RunnerError("--reference-resolution: no MomaFeatureGrab (Self-Attention Feature Grab) in this workflow.")
     return changes, staged
+
+
+def context_file_inputs(prompt: dict) -> list[tuple[str, str]]:
+    """(node id, context_file) of every MomaLoadContext that reads its file by name (no ``path`` given)."""
+    found = []
+    for nid in ids_of(prompt, "MomaLoadContext"):
+        inputs = prompt[nid]["inputs"]
+        name = inputs.get("context_file")
+        if isinstance(name, str) and not (isinstance(inputs.get("path"), str) and inputs["path"].strip()):
+            found.append((nid, name))
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,7 +374,7 @@ def format_missing(missing: list[MissingModel]) -> str:
     """The message listing each missing model: name, folder under models/ (and absolute path), source."""
     lines = [
         f"The workflow needs {len(missing)} model file(s) that are not installed. "
-        "Put each one where shown and run again (table: README 'Models to download', workflows/models.json).",
+        "Put each one where shown and run again (table: README 'Models', models.json).",
         "",
     ]
     for i, m in enumerate(missing, 1):
@@ -491,6 +534,7 @@ class InProcessBackend:
         self.verbose = verbose
         self.log_records: list[logging.LogRecord] = []
         self.device = "?"
+        self.saved_files: list[str] = []  # non-image outputs (saved MoMA contexts), for the summary
 
     # stage 1: import ComfyUI with the right args (before any model folder is read)
     def prepare(self) -> None:
@@ -584,6 +628,9 @@ class InProcessBackend:
 
         return bool(name) and folder_paths.exists_annotated_filepath(name)
 
+    def context_exists(self, name: str) -> bool:
+        return self.input_exists(name)
+
     def input_dir(self) -> str:
         import folder_paths
 
@@ -636,12 +683,14 @@ class InProcessBackend:
         if not executor.success:
             raise RunnerError(format_execution_error(executor.status_messages, self.verbose), EXIT_FAILED)
         paths: list[Path] = []
+        base = folder_paths.get_directory_by_type("output")
         for node_output in executor.history_result["outputs"].values():
             for image in node_output.get("images", []):
                 if image.get("type") != "output":
                     continue
-                base = folder_paths.get_directory_by_type("output")
                 paths.append(Path(base) / image.get("subfolder", "") / image["filename"])
+            for saved in node_output.get("moma_context", []):
+                self.saved_files.append(str(Path(base) / saved.get("subfolder", "") / saved["filename"]))
         return paths
 
 
@@ -684,6 +733,7 @@ class ServerBackend:
         self.folder_paths: dict[str, list[str]] = {}
         self.uploaded: set[str] = set()
         self.device = "server"
+        self.saved_files: list[str] = []
 
     async def _get(self, session, path: str) -> Any:
         async with session.get(self.url + path) as resp:
@@ -741,6 +791,10 @@ class ServerBackend:
 
     def input_exists(self, name: str) -> bool:
         return name in self.uploaded or name in (self._options("LoadImage", "image") or [])
+
+    def context_exists(self, name: str) -> bool:
+        uploaded = name[: -len(" [input]")] if name.endswith(" [input]") else None
+        return uploaded in self.uploaded or name in (self._options("MomaLoadContext", "context_file") or [])
 
     def input_dir(self) -> str:
         return "the server's input folder"
@@ -828,6 +882,8 @@ class ServerBackend:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             paths: list[Path] = []
             for node_output in entry.get("outputs", {}).values():
+                for saved in node_output.get("moma_context", []):
+                    self.saved_files.append(f"{saved.get('subfolder', '')}/{saved['filename']} (server's output folder)")
                 for image in node_output.get("images", []):
                     if image.get("type") != "output":
                         continue
@@ -896,8 +952,13 @@ def demo_model_builders() -> dict[str, Callable[[], Path]]:
 
         return fixtures.cached("u2net.onnx", rembg_fixture.write_u2net_onnx)
 
+    def lora() -> Path:
+        from fixtures import lora as lora_fixture
+
+        return fixtures.cached("moma_test_sd15_lora.safetensors", lora_fixture.write_sd15_lora)
+
     return {"checkpoints": checkpoint, "vae": vae, "LLM": llava, "clip_vision": clip_vision,
-            "moma": adapter, "rembg": rembg_model}
+            "moma": adapter, "rembg": rembg_model, "loras": lora}
 
 
 def demo_images() -> dict[str, tuple[Path, Path]]:
@@ -935,6 +996,62 @@ def prepare_demo(base_dir: Path, prompt: dict, table: dict, ov: Overrides) -> No
         image, mask = demo_images()["rgb"]
         ov.image = image
         print(f"demo: reference image {image.name} (fixture)")
+    if ids_of(prompt, "MomaFeatureGrab") and ov.reference_resolution is None:
+        ov.reference_resolution = DEMO_REFERENCE_RESOLUTION
+
+
+def loaded_pack_module() -> str:
+    """The module name under which ComfyUI's custom-node loader imported this checkout."""
+    init = (REPO / "__init__.py").resolve()
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == init:
+            return name
+    raise RunnerError(f"The pack ({REPO}) was not loaded by ComfyUI's custom-node loader; run with --verbose.")
+
+
+DEMO_CONTEXT_PROMPT = "A car in autumn with falling leaves."
+
+
+def demo_context_file(subject: str) -> Path:
+    """A MoMA context of the demo picture, encoded by the tiny LLaVA through the pack's own code (cached).
+
+    Needs the pack loaded (call after ``load_nodes``); stands in for the file Save MoMA Context writes."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    builders = demo_model_builders()
+    import fixtures
+
+    pack = loaded_pack_module()
+    model_module = importlib.import_module(f"{pack}.moma.model")
+    context_module = importlib.import_module(f"{pack}.moma.context")
+    image_path, mask_path = demo_images()["rgb"]
+    llava = builders["LLM"]()
+
+    def write(path: Path) -> None:
+        moma = model_module.MomaModel.load(builders["moma"](), llava, builders["clip_vision"](), precision="fp32")
+        with Image.open(image_path) as picture:
+            image = torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)
+        with Image.open(mask_path) as picture:
+            mask = torch.from_numpy(np.asarray(picture.convert("L"), dtype=np.float32) / 255.0)
+        encoder = moma.load_encoder("cpu")
+        context = model_module.encode_context(encoder, moma, image, mask, subject, DEMO_CONTEXT_PROMPT)
+        context_module.save_context(context, path)
+
+    slug = re.sub(r"[^a-z0-9]+", "_", subject.lower()).strip("_") or "subject"
+    # named after the LLaVA fixture's version, as the cache key only covers this file
+    return fixtures.cached(f"demo_context_{slug}_of_{llava.parent.name}.safetensors", write)
+
+
+def demo_context_subject(prompt: dict) -> str:
+    """The subject the graph's Feature Grab uses (the saved context must name the same object)."""
+    for nid in ids_of(prompt, "MomaFeatureGrab"):
+        subject = prompt[nid]["inputs"].get("subject")
+        if isinstance(subject, str) and subject.strip():
+            return subject.strip()
+    return "car"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -951,15 +1068,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("workflow", nargs="?", type=Path, default=DEFAULT_WORKFLOW,
                         help=f"API-format workflow JSON (default: {DEFAULT_WORKFLOW.relative_to(REPO)})")
     parser.add_argument("--demo", action="store_true",
-                        help="run on generated tiny models (no downloads), 64x64, 2 steps, in a separate base dir")
+                        help="run on generated tiny models (no downloads), 64x64, 2 steps, reference at 128, "
+                             "in a separate base dir")
     parser.add_argument("--image", type=Path, help="reference image (LoadImage)")
     parser.add_argument("--mask", type=Path, help="subject mask, white = subject (LoadImageMask)")
+    parser.add_argument("--context", type=Path,
+                        help="saved MoMA context .safetensors (Save MoMA Context) for MomaLoadContext")
     parser.add_argument("--subject", help="subject word, e.g. 'car' (MomaContextEncoder, MomaFeatureGrab)")
     parser.add_argument("--prompt", help="text prompt (MomaContextEncoder.prompt, else the positive CLIPTextEncode)")
     parser.add_argument("--seed", type=int, help="sampler seed (also MomaFeatureGrab.seed)")
     parser.add_argument("--steps", type=int, help="sampling steps")
     parser.add_argument("--width", type=int, help="image width (EmptyLatentImage)")
     parser.add_argument("--height", type=int, help="image height (EmptyLatentImage)")
+    parser.add_argument("--reference-resolution", type=int, metavar="N",
+                        help="side the reference is encoded at (MomaFeatureGrab.resolution; 512 is MoMA's, "
+                             "--demo uses 128)")
     parser.add_argument("--output", type=Path,
                         help="folder for the images (default: ComfyUI's output folder; ./out with --server)")
     parser.add_argument("--base-dir", type=Path,
@@ -981,7 +1104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def report_problems(backend: InProcessBackend | ServerBackend, prompt: dict, unknown: list[str],
                     missing: list[MissingModel], fetched_later: list[MissingModel],
-                    missing_inputs: list[tuple[str, str]]) -> int:
+                    missing_inputs: list[tuple[str, str]], missing_contexts: list[tuple[str, str]] = ()) -> int:
     """Print what stops the graph from running (on stderr); return the exit status (EXIT_OK if nothing)."""
     problems = 0
     if unknown:
@@ -1007,6 +1130,12 @@ def report_problems(backend: InProcessBackend | ServerBackend, prompt: dict, unk
             print(f"\nInput image {name!r} (node {nid} {prompt[nid]['class_type']}) is not in {backend.input_dir()}: "
                   f"pass {'--mask' if prompt[nid]['class_type'] == 'LoadImageMask' else '--image'} PATH.",
                   file=sys.stderr)
+    if missing_contexts:
+        problems |= 2
+        for nid, name in missing_contexts:
+            print(f"\nSaved MoMA context {name!r} (node {nid} MomaLoadContext) is not there. Run "
+                  f"{DEFAULT_WORKFLOW.relative_to(REPO)} first (its Save MoMA Context node writes "
+                  f"{SAVED_CONTEXT_HINT}), or pass --context PATH.", file=sys.stderr)
     if not problems:
         return EXIT_OK
     return EXIT_MISSING if problems & 2 else EXIT_USAGE
@@ -1019,7 +1148,8 @@ def run(argv: list[str] | None = None) -> int:
     workflow_path = args.workflow.resolve()
     prompt = load_workflow(workflow_path)
     ov = Overrides(image=args.image, mask=args.mask, subject=args.subject, prompt=args.prompt, seed=args.seed,
-                   steps=args.steps, width=args.width, height=args.height)
+                   steps=args.steps, width=args.width, height=args.height,
+                   reference_resolution=args.reference_resolution, context=args.context)
     if args.demo:  # small and short unless asked otherwise
         if ids_of(prompt, *LATENT_SIZE_CLASSES):
             ov.width, ov.height = ov.width or DEMO_SIZE, ov.height or DEMO_SIZE
@@ -1050,6 +1180,12 @@ def run(argv: list[str] | None = None) -> int:
             prepare_demo(backend.base_dir, prompt, table, ov)
         changes, staged = apply_overrides(prompt, ov)
         backend.load_nodes()
+        if args.demo and ov.context is None and context_file_inputs(prompt):
+            subject = demo_context_subject(prompt)
+            context = demo_context_file(subject)
+            print(f"demo: saved MoMA context = {context.name} (the fixture picture, subject {subject!r}, "
+                  "encoded by the tiny LLaVA)")
+            staged += [StagedInput(nid, "context_file", context, annotate=True) for nid, _ in context_file_inputs(prompt)]
     if isinstance(backend, InProcessBackend):
         backend.log_records = log_records
         if args.verbose:
@@ -1062,22 +1198,24 @@ def run(argv: list[str] | None = None) -> int:
     fetched_later = [m for m in missing if m.use.auto_download]
     missing = [m for m in missing if not m.use.auto_download]
     for item in staged:
-        prompt[item.node_id]["inputs"][item.input_name] = backend.stage_input(item.source)
+        name = backend.stage_input(item.source)
+        prompt[item.node_id]["inputs"][item.input_name] = f"{name} [input]" if item.annotate else name
         changes.append(f"node {item.node_id} {prompt[item.node_id]['class_type']}.{item.input_name} = "
                        f"{prompt[item.node_id]['inputs'][item.input_name]!r} (from {item.source})")
     missing_inputs = [
         (nid, prompt[nid]["inputs"]["image"]) for nid in ids_of(prompt, "LoadImage", "LoadImageMask")
         if isinstance(prompt[nid]["inputs"].get("image"), str) and not backend.input_exists(prompt[nid]["inputs"]["image"])
     ]
+    missing_contexts = [(nid, name) for nid, name in context_file_inputs(prompt) if not backend.context_exists(name)]
     for change in changes:
         print(f"override: {change}")
 
-    code = report_problems(backend, prompt, unknown, missing, fetched_later, missing_inputs)
+    code = report_problems(backend, prompt, unknown, missing, fetched_later, missing_inputs, missing_contexts)
     if code != EXIT_OK:
         return code
     if args.check:
         backend.validate(prompt)
-        print("check passed: every node type, model file and input image is there"
+        print("check passed: every node type, model file and input file is there"
               + (" and ComfyUI accepts the graph." if isinstance(backend, InProcessBackend) else "."))
         return EXIT_OK
 
@@ -1089,6 +1227,8 @@ def run(argv: list[str] | None = None) -> int:
     if not images:
         print("The workflow ran but saved no images (no SaveImage node?).", file=sys.stderr)
         return EXIT_FAILED
+    for saved in backend.saved_files:
+        print(f"saved MoMA context: {saved}")
     print(f"done in {elapsed:.1f}s (total {time.perf_counter() - started:.1f}s); images:")
     for path in images:
         print(f"  {path}")

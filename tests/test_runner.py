@@ -36,6 +36,7 @@ def _load_runner():
 
 runner = _load_runner()
 TABLE = runner.load_models_table()
+assert runner.API_DIR == API_DIR
 
 
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -102,13 +103,31 @@ def test_prompt_override_on_plain_graph_hits_the_positive_text_only():
     (dict(subject="car"), "--subject: no node"),
     (dict(image=Path("x.png")), "--image: this workflow has no LoadImage"),
     (dict(mask=Path("m.png")), "--mask: this workflow has no LoadImageMask"),
+    (dict(context=Path("c.safetensors")), "--context: this workflow has no MomaLoadContext"),
     (dict(width=100), "multiple of 8"),
     (dict(steps=0), "--steps must be"),
+    (dict(reference_resolution=128), "--reference-resolution: no MomaFeatureGrab"),
 ])
 def test_overrides_without_a_target_are_errors(overrides, message):
     prompt = runner.load_workflow(API_DIR / "plain_sd15.json")
     with pytest.raises(runner.RunnerError, match=re.escape(message)):
         runner.apply_overrides(prompt, runner.Overrides(**overrides))
+
+
+def test_reference_resolution_and_context_overrides():
+    prompt = runner.load_workflow(API_DIR / "moma_saved_context.json")
+    (loader,) = runner.ids_of(prompt, "MomaLoadContext")
+    prompt[loader]["inputs"]["path"] = "/somewhere/else.safetensors"
+    assert runner.context_file_inputs(prompt) == []  # a path overrides the file name
+    with pytest.raises(runner.RunnerError, match="multiple of 64"):
+        runner.apply_overrides(copy.deepcopy(prompt), runner.Overrides(reference_resolution=100))
+    context = Path("saved.safetensors")
+    changes, staged = runner.apply_overrides(prompt, runner.Overrides(reference_resolution=256, context=context))
+    (grab,) = runner.ids_of(prompt, "MomaFeatureGrab")
+    assert prompt[grab]["inputs"]["resolution"] == 256
+    assert prompt[loader]["inputs"]["path"] == ""
+    assert [(s.node_id, s.input_name, s.source, s.annotate) for s in staged] == [(loader, "context_file", context, True)]
+    assert runner.context_file_inputs(prompt) == [(loader, prompt[loader]["inputs"]["context_file"])]
 
 
 def test_ui_format_is_rejected_with_advice(tmp_path):
@@ -139,11 +158,15 @@ def test_missing_models_are_listed_with_folder_and_source(tmp_path):
     result = run_cli(str(API_DIR / "moma_context.json"), "--base-dir", str(base), timeout=300)
     assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
     out = result.stderr
-    # the MoMA graph names every file of the table, so the message lists them all
-    assert f"needs {len(TABLE['models'])} model file(s)" in out
+    uses = runner.model_uses(runner.load_workflow(API_DIR / "moma_context.json"), TABLE["loader_inputs"])
+    used = {(use.folder, use.name) for use in uses}
+    assert f"needs {len(used)} model file(s)" in out
     for entry in TABLE["models"]:
-        for expected in _expected_lines(entry, base / "models"):
-            assert expected in out, f"{expected!r} missing from:\n{out}"
+        listed = (entry["folder"], entry["name"]) in used
+        assert (entry["name"] in out) == listed, entry["name"]
+        if listed:
+            for expected in _expected_lines(entry, base / "models"):
+                assert expected in out, f"{expected!r} missing from:\n{out}"
     llava = next(e for e in TABLE["models"] if e["folder"] == "LLM")
     lacking = [f for f in llava["files"] if f != "config.json"]
     assert f"lacks: {', '.join(lacking)}" in out
@@ -164,6 +187,24 @@ def test_missing_models_of_the_plain_graph_only(tmp_path):
             for expected in _expected_lines(entry, base / "models"):
                 assert expected in result.stderr
     assert "images:" not in result.stdout
+
+
+def test_every_model_of_the_table_is_used_by_an_example():
+    used = set()
+    for path in API_DIR.glob("*.json"):
+        used |= {(use.folder, use.name) for use in runner.model_uses(runner.load_workflow(path), TABLE["loader_inputs"])}
+    assert used == {(entry["folder"], entry["name"]) for entry in TABLE["models"]}
+
+
+def test_missing_saved_context_is_explained(tmp_path):
+    base = tmp_path.resolve() / "base"
+    result = run_cli(str(API_DIR / "moma_saved_context.json"), "--base-dir", str(base), timeout=300)
+    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+    (node,) = runner.ids_of(runner.load_workflow(API_DIR / "moma_saved_context.json"), "MomaLoadContext")
+    assert (f"Saved MoMA context 'moma/context_00001_.safetensors [output]' (node {node} MomaLoadContext) is not "
+            "there") in result.stderr
+    assert "workflows/api/moma_context.json first" in result.stderr and "--context PATH" in result.stderr
+    assert "DreamShaper" not in result.stderr  # only the files this graph uses
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,6 +254,11 @@ def test_demo_runs_the_default_workflow(demo_run):
             assert img.size == (runner.DEMO_SIZE, runner.DEMO_SIZE)
     steps = f"step {runner.DEMO_STEPS}/{runner.DEMO_STEPS}"
     assert "KSampler" in result.stdout and steps in result.stdout
+    assert runner.DEFAULT_WORKFLOW == API_DIR / "moma_context.json"
+    assert f"MomaFeatureGrab.resolution = {runner.DEMO_REFERENCE_RESOLUTION}" in result.stdout
+    assert "demo: reference image rgb.png (fixture)" in result.stdout
+    (saved,) = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("saved MoMA context: ")]
+    assert Path(saved).parent == (root / "out" / "moma").resolve() and Path(saved).is_file()
     # models are linked under the real file names of the workflow
     prompt = runner.load_workflow(runner.DEFAULT_WORKFLOW)
     for use in runner.model_uses(prompt, TABLE["loader_inputs"]):
@@ -226,7 +272,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_server_mode_runs_and_reports_missing_models(demo_run, tmp_path):
+def test_server_mode_runs_and_reports_missing_models(demo_run, test_images, tmp_path):
     """The same graph posted to a real ComfyUI server (main.py) on the demo base directory."""
     root, demo = demo_run
     assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -250,11 +296,14 @@ def test_server_mode_runs_and_reports_missing_models(demo_run, tmp_path):
                 time.sleep(0.5)
 
         out = tmp_path / "out"
-        result = run_cli("--server", url, "--width", "64", "--height", "64", "--steps", "2", "--output", str(out))
+        image, _mask = test_images["rgb"]
+        result = run_cli("--server", url, "--width", "64", "--height", "64", "--steps", "2",
+                         "--reference-resolution", "128", "--image", str(image), "--output", str(out))
         assert result.returncode == 0, result.stdout + result.stderr
         images = printed_images(result.stdout)
         assert images and all(p.is_file() and p.parent == out.resolve() for p in images)
         assert "step 2/2" in result.stdout
+        assert "saved MoMA context: moma/context_" in result.stdout
 
         broken = runner.load_workflow(API_DIR / "plain_sd15.json")
         (loader,) = runner.ids_of(broken, "CheckpointLoaderSimple")

@@ -280,3 +280,56 @@ def test_separate_cond_and_uncond_calls_equal_one_batched_call(sd15_models, moma
     for (out_b, mask_b), (out_s, mask_s) in zip(batched, split):
         torch.testing.assert_close(mask_s, mask_b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out_s, out_b, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_rows_are_routed_per_item_and_per_chunk(sd15_models, moma_model, moma_context, reference_bank,
+                                                      cfg_context):
+    """Batch 2 with ComfyUI's chunks in [cond, uncond] order == each item evaluated alone: context tokens,
+    subject masks and the object term are routed to the right rows."""
+    model = sd15_models[0]
+    patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
+    uncond_ctx, cond_ctx = cfg_context[:1], cfg_context[1:]
+    latents = torch.cat([LATENT, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(21))])
+
+    def evaluate(latent_batch, t):
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([patched])
+        ms = patched.get_model_object("model_sampling")
+        sigma = ms.sigma(torch.tensor([float(t)]))
+        n = latent_batch.shape[0]
+        options = copy.copy(patched.model_options["transformer_options"])
+        options.update(cond_or_uncond=[0, 1], sigmas=sigma)
+        x = torch.cat([latent_batch, latent_batch]) * math.sqrt(1 + float(sigma) ** 2)
+        context = torch.cat([cond_ctx.expand(n, -1, -1), uncond_ctx.expand(n, -1, -1)])
+        with torch.no_grad():
+            out = patched.model.apply_model(x, sigma.expand(2 * n), c_crossattn=context, transformer_options=options)
+        run.post_cfg({"denoised": out})
+        return out
+
+    run.tracker.reset()
+    batched = [evaluate(latents, t) for t in (800, 500)][-1]  # rows: cond 0, cond 1, uncond 0, uncond 1
+    singles = []
+    for item in range(2):
+        run.tracker.reset()
+        singles.append([evaluate(latents[item:item + 1], t) for t in (800, 500)][-1])  # rows: cond, uncond
+    expected = torch.cat([singles[0][:1], singles[1][:1], singles[0][1:], singles[1][1:]])
+    torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_each_sampling_run_starts_with_a_fresh_subject_mask(sd15_models, moma_model, moma_context, reference_bank):
+    """Two runs of one patched MODEL with the same seed give the same latents: the second run does not
+    start from the first run's last subject mask (the sampling wrapper resets it)."""
+    import nodes
+
+    model, clip, _ = sd15_models
+    patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    positive = nodes.CLIPTextEncode().encode(clip, moma_context.sd_prompt)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    first = nodes.common_ksampler(patched, 3, 3, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+    second = nodes.common_ksampler(patched, 3, 3, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+    assert torch.equal(first, second)
+    run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
+    assert run.tracker.mask is None  # nothing left over after a run

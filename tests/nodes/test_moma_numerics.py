@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 import torch.nn.functional as F
 
 from comfyui_moma.moma.sd15 import LAYERS
@@ -119,7 +121,9 @@ def explicit_reference_pass(model, adapter, vae, clip, image, mask, subject, see
     import comfy.model_management
 
     pixels = F.interpolate(image[:1, ..., :3].movedim(-1, 1), size=pixel_size, mode="bilinear", antialias=True).clamp(0, 1)
-    obj = F.interpolate(mask[:1].unsqueeze(1).float(), size=pixel_size, mode="bilinear") > 0  # [1,1,H,W]
+    # the reference: 8-bit mask picture, PIL bilinear (antialiased) resize, then "> 0"
+    mask8 = Image.fromarray((mask[0].numpy() * 255).round().astype(np.uint8)).resize(pixel_size[::-1], Image.BILINEAR)
+    obj = torch.from_numpy(np.asarray(mask8) > 0)[None, None]  # [1,1,H,W]
     gen = torch.Generator().manual_seed(seed)
     comfy.model_management.load_models_gpu([vae.patcher])
     fs = vae.first_stage_model
@@ -196,7 +200,9 @@ def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context,
     patched = apply_moma(model, moma_model, moma_context, bank, strength, 0.0, 1.0)
     run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
     cols, _ = subject_positions_in_prompt(moma_context.sd_prompt, subject)
-    assert cols, "subject tokens must be found in the SD prompt"
+    # the spec's worked example (moma.md 1, 4.3), checked with the real CLIP BPE: "car" -> id 1615 -> [4, 7]
+    assert moma_context.sd_prompt == "photo of a car. A car in autumn with falling leaves."
+    assert cols == [4, 7]
 
     h, w = latent_hw
     gen = torch.Generator().manual_seed(3)
