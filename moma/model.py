@@ -20,14 +20,24 @@ from .weights import MomaAdapterWeights, load_adapter
 CONTEXT_CACHE_SIZE = 16  # contexts remembered per MomaModel (tiny: 2x4x768 + 1024 floats each)
 
 
+# What the encoder needs, per MomaModel field: the MoMA Loader input that sets it and what to choose there.
+_ENCODER_PARTS = {
+    "llava_dir": ("llava_name", "the MoMA_llava_7b folder (models/LLM)"),
+    "clip_vision_path": ("clip_vision_name", "the clip-vit-large-patch14-336 vision tower (models/clip_vision)"),
+}
+
+
 @dataclass(eq=False)
 class MomaModel:
-    """What the MoMA Loader outputs. LLaVA is not loaded here: the context encoder loads it when needed."""
+    """What the MoMA Loader outputs. LLaVA is not loaded here: the context encoder loads it when needed.
+
+    ``llava_dir`` / ``clip_vision_path`` are None when the loader was set to 'none': such a model applies
+    saved contexts (Load MoMA Context) but cannot encode new ones."""
 
     adapter: MomaAdapterWeights
     adapter_path: Path
-    llava_dir: Path
-    clip_vision_path: Path
+    llava_dir: Path | None = None
+    clip_vision_path: Path | None = None
     precision: str = "auto"
     quantization: str = "none"
     keep_llava_loaded: bool = False
@@ -38,37 +48,58 @@ class MomaModel:
     _processor: Any = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, adapter_path: str | Path, llava_dir: str | Path, clip_vision_path: str | Path,
+    def load(cls, adapter_path: str | Path, llava_dir: str | Path | None, clip_vision_path: str | Path | None,
              precision: str = "auto", quantization: str = "none", keep_llava_loaded: bool = False) -> MomaModel:
-        """Read the adapter now; check the LLaVA folder's config and files and the CLIP path exist (cheap)."""
+        """Read the adapter now; check the LLaVA folder's config and files and the CLIP path exist (cheap).
+
+        ``llava_dir`` / ``clip_vision_path`` may be None (the loader's 'none'): nothing is checked for them and
+        encoding a new context raises a MomaError naming what to choose."""
         if precision not in PRECISIONS:
             raise MomaError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
         if quantization not in QUANTIZATIONS:
             raise MomaError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
         adapter = load_adapter(adapter_path)
-        LlavaFolder.open(llava_dir)
-        clip_vision_path = Path(clip_vision_path)
-        if not clip_vision_path.exists():
-            raise MomaError(f"CLIP vision model not found: {clip_vision_path}. {CLIP_WHERE_TO_GET}")
-        return cls(adapter=adapter, adapter_path=Path(adapter_path), llava_dir=Path(llava_dir),
+        if llava_dir is not None:
+            llava_dir = Path(llava_dir)
+            LlavaFolder.open(llava_dir)
+        if clip_vision_path is not None:
+            clip_vision_path = Path(clip_vision_path)
+            if not clip_vision_path.exists():
+                raise MomaError(f"CLIP vision model not found: {clip_vision_path}. {CLIP_WHERE_TO_GET}")
+        return cls(adapter=adapter, adapter_path=Path(adapter_path), llava_dir=llava_dir,
                    clip_vision_path=clip_vision_path, precision=precision, quantization=quantization,
                    keep_llava_loaded=keep_llava_loaded)
+
+    def require_encoder(self, *fields: str) -> None:
+        """Raise a MomaError naming the loader inputs set to 'none' among ``fields`` (default: all the encoder's)."""
+        unset = [_ENCODER_PARTS[name] for name in (fields or _ENCODER_PARTS) if getattr(self, name) is None]
+        if not unset:
+            return
+        inputs = " and ".join(f"{input_name} 'none'" for input_name, _ in unset)
+        choices = " and ".join(choice for _, choice in unset)
+        raise MomaError(
+            f"MoMA Loader has {inputs}: choose {choices} to encode a new context, or use Load MoMA Context "
+            f"(a context saved by Save MoMA Context) instead of the LLaVA Context Encoder."
+        )
 
     @property
     def tokenizer(self) -> LlavaTokenizer:
         if self._tokenizer is None:
+            self.require_encoder("llava_dir")
             self._tokenizer = LlavaTokenizer.from_folder(self.llava_dir)
         return self._tokenizer
 
     @property
     def image_processor(self) -> Any:
         if self._processor is None:
+            self.require_encoder("clip_vision_path")
             self._processor = load_clip_image_processor(self.clip_vision_path)
         return self._processor
 
     def load_encoder(self, device: torch.device | str, progress: ProgressFn | None = None,
                      interrupt: InterruptFn | None = None) -> LlavaContextEncoder:
         """Load LLaVA + CLIP vision + mapping/projector on ``device`` (the expensive step)."""
+        self.require_encoder()
         return load_context_encoder(self.llava_dir, self.clip_vision_path, self.adapter, precision=self.precision,
                                     quantization=self.quantization, device=device, progress=progress,
                                     interrupt=interrupt)

@@ -103,6 +103,11 @@ class SubjectMaskTracker:
                 self._sums[kind] = part.clone()
                 self._counts[kind] = 1
 
+    def discard_partial(self) -> None:
+        """Drop maps of an evaluation that will not be finished (or not count)."""
+        self._sums.clear()
+        self._counts.clear()
+
     def finish_evaluation(self) -> None:
         """Close one model evaluation: new mask from its layer maps (kept as is if no cond map arrived)."""
         if COND in self._sums:

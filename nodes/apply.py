@@ -73,8 +73,8 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
         subject_positions=positions,
         prompt_length=prompt_length,
         model_sampling=model_sampling,
-        sigma_start=float(model_sampling.percent_to_sigma(start_percent)),
-        sigma_end=float(model_sampling.percent_to_sigma(end_percent)),
+        start_percent=start_percent,
+        end_percent=end_percent,
         attn_mask=attn_mask,
     )
     patched = model.clone()

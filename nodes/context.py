@@ -154,6 +154,7 @@ class MomaContextEncoder(io.ComfyNode):
                 prompt: str) -> io.NodeOutput:
         if not isinstance(moma_model, MomaModelObject):
             raise MomaError("LLaVA Context Encoder: moma_model must come from a 'MoMA Loader' node.")
+        moma_model.require_encoder()  # a loader set to 'none' (saved contexts only) cannot encode
         check_texts(subject, prompt)
         picture, object_mask = first_reference(image, mask)
         key = moma_model.context_key(picture, object_mask, subject, prompt)

@@ -1,4 +1,5 @@
-"""MoMA Loader: the adapter file (read now), and which LLaVA folder / CLIP vision tower the encoder loads later."""
+"""MoMA Loader: the adapter file (read now), and which LLaVA folder / CLIP vision tower the encoder loads later
+('none': neither is needed, the MOMA_MODEL then applies saved contexts only)."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,10 @@ from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER
 from .types import MomaModel
 
 HF_CONFIG = "config.json"
+# Last in the llava/clip_vision lists, so a node added to a full install defaults to the real model, while an
+# install without LLaVA (saved contexts only) gets 'none' as its only choice and default.
+NONE = "none"
+NONE_HINT = f"Choose '{NONE}' if you only apply saved contexts (Load MoMA Context): they need neither."
 
 
 def _folders_with_config(folder_name: str) -> list[str]:
@@ -32,7 +37,7 @@ def _folders_with_config(folder_name: str) -> list[str]:
 
 
 def llava_choices() -> list[str]:
-    return _folders_with_config(LLM_FOLDER)
+    return [name for name in _folders_with_config(LLM_FOLDER) if name != NONE] + [NONE]
 
 
 def clip_vision_choices() -> list[str]:
@@ -42,7 +47,7 @@ def clip_vision_choices() -> list[str]:
         name for name in folder_paths.get_filename_list(CLIP_VISION_FOLDER)
         if name.lower().endswith(".safetensors") and not any(name.startswith(folder + "/") for folder in folders)
     ]
-    return sorted(folders + files)
+    return [name for name in sorted(folders + files) if name != NONE] + [NONE]
 
 
 def _searched(folder_name: str) -> str:
@@ -64,20 +69,30 @@ def resolve_adapter(name: str) -> Path:
     return Path(path)
 
 
-def resolve_llava(name: str) -> Path:
+def resolve_llava(name: str) -> Path | None:
+    """The LLaVA folder, or None for 'none'."""
+    if name == NONE:
+        return None
     path = _resolve_folder(LLM_FOLDER, name) if name else None
     if path is None or not (path / HF_CONFIG).is_file():
-        raise MomaError(f"LLaVA folder {name!r} not found in {_searched(LLM_FOLDER)}. {LLAVA_WHERE_TO_GET}")
+        raise MomaError(
+            f"LLaVA folder {name!r} not found in {_searched(LLM_FOLDER)}. {LLAVA_WHERE_TO_GET} {NONE_HINT}"
+        )
     return path
 
 
-def resolve_clip_vision(name: str) -> Path:
+def resolve_clip_vision(name: str) -> Path | None:
+    """The CLIP vision folder or file, or None for 'none'."""
+    if name == NONE:
+        return None
     folder = _resolve_folder(CLIP_VISION_FOLDER, name) if name else None
     if folder is not None:
         return folder
     path = folder_paths.get_full_path(CLIP_VISION_FOLDER, name) if name else None
     if path is None:
-        raise MomaError(f"CLIP vision model {name!r} not found in {_searched(CLIP_VISION_FOLDER)}. {CLIP_WHERE_TO_GET}")
+        raise MomaError(
+            f"CLIP vision model {name!r} not found in {_searched(CLIP_VISION_FOLDER)}. {CLIP_WHERE_TO_GET} {NONE_HINT}"
+        )
     return Path(path)
 
 
@@ -93,15 +108,19 @@ class MomaLoader(io.ComfyNode):
             description=(
                 "Loads MoMA's adapter (attn_adapters_projectors.th or its .safetensors) and records which LLaVA "
                 "folder (models/LLM, e.g. KunpengSong/MoMA_llava_7b) and CLIP ViT-L/14-336 vision tower "
-                "(models/clip_vision) the LLaVA Context Encoder will load. LLaVA itself is loaded lazily."
+                "(models/clip_vision) the LLaVA Context Encoder will load. LLaVA itself is loaded lazily. Set both "
+                "to 'none' when you only apply saved contexts (Load MoMA Context): then neither needs to be "
+                "installed."
             ),
             inputs=[
                 io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(MOMA_FOLDER),
                                tooltip="attn_adapters_projectors.th (or .safetensors) from models/moma."),
                 io.Combo.Input("llava_name", options=llava_choices(),
-                               tooltip="The MoMA_llava_7b folder under models/LLM (config.json, shards, tokenizer.model)."),
+                               tooltip="The MoMA_llava_7b folder under models/LLM (config.json, shards, "
+                                       "tokenizer.model). 'none': for saved contexts (Load MoMA Context) only."),
                 io.Combo.Input("clip_vision_name", options=clip_vision_choices(),
-                               tooltip="openai/clip-vit-large-patch14-336: a folder or a .safetensors file in models/clip_vision."),
+                               tooltip="openai/clip-vit-large-patch14-336: a folder or a .safetensors file in "
+                                       "models/clip_vision. 'none': for saved contexts (Load MoMA Context) only."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="auto: bf16 on CUDA (the reference's), fp32 on CPU."),
                 io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",

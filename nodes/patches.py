@@ -5,6 +5,7 @@ All maths lives in ``moma.attention`` / ``moma.subject_mask``; this module only 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import uuid
 from typing import Any, Callable, Optional
@@ -22,6 +23,7 @@ from comfy.ldm.modules.attention import (
 )
 
 from ..moma import attention as moma_attention
+from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank, capture_reference_layer, object_token_index
 from ..moma.sd15 import LAYER_BY_BLOCK, LAYERS, AttentionLayer
 from ..moma.subject_mask import COND, SubjectMaskTracker, layer_subject_map
@@ -37,8 +39,10 @@ _FALLBACK_BACKENDS = (attention_sub_quad, attention_split, attention_basic)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
-    """The attention ComfyUI itself runs in this layer (plain self- and text attention stay exactly as without MoMA)."""
-    return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+    """The attention ComfyUI itself runs in this layer (plain self- and text attention stay exactly as without
+    MoMA, including another pack's ``optimized_attention_override``)."""
+    return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                               transformer_options=extra_options)
 
 
 def _added_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
@@ -70,8 +74,8 @@ def _latent_grid(extra_options: dict) -> tuple[int, int]:
 class MomaRun:
     """Everything the 32 patches of one Apply node share: weights on device, gates, the subject mask.
 
-    ComfyUI deep-copies model_options on every clone; ``__deepcopy__`` returns self so that the patches,
-    the post-CFG hook and the sampling wrapper of every clone keep talking to this one object. Its
+    ComfyUI deep-copies model_options on every clone; ``__deepcopy__`` returns self so that the patches
+    and the sampling wrappers of every clone keep talking to this one object. Its
     per-run part (the subject mask) is reset at the start of each sampling run by ``outer_sample``.
     """
 
@@ -87,8 +91,8 @@ class MomaRun:
         subject_positions: list[int],
         prompt_length: int,
         model_sampling: Any,
-        sigma_start: float,
-        sigma_end: float,
+        start_percent: float,
+        end_percent: float,
         attn_mask: Optional[torch.Tensor] = None,
     ) -> None:
         self.key = f"moma-{uuid.uuid4().hex[:8]}"
@@ -96,9 +100,9 @@ class MomaRun:
         self.object_gains = object_gains
         self.subject_positions = subject_positions
         self.prompt_length = prompt_length
-        self.model_sampling = model_sampling
-        self.sigma_start = sigma_start
-        self.sigma_end = sigma_end
+        self.start_percent = start_percent
+        self.end_percent = end_percent
+        self._use_model_sampling(model_sampling)
         self.attn_mask = attn_mask  # [B?, H, W] user MASK, or None
         self.tracker = SubjectMaskTracker()
         # The 4 context tokens through each attn2 layer's to_k_ip/to_v_ip, once: [2 (cond, uncond), 4, C].
@@ -111,6 +115,13 @@ class MomaRun:
         self._device_cache: dict[tuple, Any] = {}
         self._gate_sigmas: Optional[torch.Tensor] = None
         self._gate_value: tuple[bool, bool] = (False, False)
+        self._cfg_seen = False  # this run evaluates cond and uncond (a CFG guider)
+
+    def _use_model_sampling(self, model_sampling: Any) -> None:
+        """sigma <-> timestep of the model being sampled (a later ModelSampling* node may replace it)."""
+        self.model_sampling = model_sampling
+        self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
+        self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
 
     def __deepcopy__(self, memo: dict) -> "MomaRun":
         return self
@@ -120,6 +131,10 @@ class MomaRun:
         """OUTER_SAMPLE wrapper: a fresh subject mask for every sampling run, device copies freed after."""
         self.tracker.reset()
         self._gate_sigmas = None
+        self._cfg_seen = False
+        patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
+        if patcher is not None:
+            self._use_model_sampling(patcher.get_model_object("model_sampling"))
         try:
             return executor(*args, **kwargs)
         finally:
@@ -129,10 +144,23 @@ class MomaRun:
             if self.bank is not None:
                 self.bank.release_device_copy()
 
-    def post_cfg(self, args: dict) -> torch.Tensor:
-        """sampler_post_cfg_function: one model evaluation is complete; its maps become the next mask."""
-        self.tracker.finish_evaluation()
-        return args["denoised"]
+    def calc_cond_batch(self, executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: Any,
+                        model_options: dict) -> Any:
+        """CALC_COND_BATCH wrapper: one model evaluation (cond and uncond, in one UNet call or several).
+
+        Its subject maps become the mask of the next evaluation. Extra evaluations that guidance add-ons make
+        inside a CFG step with only one of the two (PAG, SAG) are not evaluations of the sampler: their maps
+        are dropped, so they neither skew nor replace the mask.
+        """
+        self.tracker.discard_partial()
+        out = executor(model, conds, x_in, timestep, model_options)
+        has_uncond = len(conds) > 1 and conds[1] is not None
+        self._cfg_seen = self._cfg_seen or has_uncond
+        if has_uncond or not self._cfg_seen:
+            self.tracker.finish_evaluation()
+        else:
+            self.tracker.discard_partial()
+        return out
 
     # --- per-call helpers ------------------------------------------------------------------------
     def gates(self, extra_options: dict) -> tuple[bool, bool]:
@@ -248,7 +276,19 @@ class _ChainedPatch:
         self.previous = previous
 
     def __deepcopy__(self, memo: dict) -> "_ChainedPatch":
-        return self
+        # ComfyUI deep-copies model_options on clone: the chained patch is copied (another pack may .add()
+        # to the clone's copy), the shared run state is not.
+        return type(self)(self.run, self.layer, copy.deepcopy(self.previous, memo))
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        """IPAdapter-style packs add their callback to the replace patch already at their key."""
+        if self.previous is None or not hasattr(self.previous, "add"):
+            raise MomaError(
+                f"Another node tried to add its attention patch onto MoMA's at block {self.layer.block}. "
+                "Apply that node (e.g. IPAdapter) before 'Apply MoMA Attention' in the graph: MoMA chains onto "
+                "patches that are already on the model."
+            )
+        self.previous.add(*args, **kwargs)
 
     def to(self, device_or_dtype: Any) -> "_ChainedPatch":
         """ComfyUI calls .to(device) and .to(dtype) on patches when it loads the model; pass it on."""
@@ -296,8 +336,9 @@ def install_moma_patches(model: Any, run: MomaRun) -> None:
             previous, key = _existing_replace(model.model_options, kind, layer.block)
             patch = patch_cls(run, layer, previous)
             model.set_model_patch_replace(patch, kind, *key)
-    model.set_model_sampler_post_cfg_function(run.post_cfg, disable_cfg1_optimization=True)
+    model.model_options["disable_cfg1_optimization"] = True  # the mask recipe needs the uncond half at cfg 1 too
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run.key, run.outer_sample)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, run.key, run.calc_cond_batch)
 
 
 class ReferenceCapturePatch:

@@ -16,13 +16,13 @@ Two ways to execute:
 - ``--server http://127.0.0.1:8188``: posts the graph to a running ComfyUI, follows its progress over the
   websocket and downloads the images into --output (default ./out).
 
-Before anything runs, every model file the graph names (see ``loader_inputs`` in models.json) is looked
-up in ComfyUI's model folders; missing ones are listed with their folder and download source, and the
-runner exits with status 3 (so does a missing input image or saved MoMA context). ``--demo`` writes the
-tiny random-weight test models (tests/fixtures), links them into a separate base directory under the real
-file names and runs the same graph at 64x64 with 2 steps (Feature Grab at 128) on a generated test
-picture, so the whole graph can be seen executing without any download; a saved context the graph loads
-is encoded from that picture by the tiny LLaVA.
+Before anything runs, every model file the graph names (see ``loader_inputs`` in models.json; a value
+such as MoMA Loader's ``none`` names no file) is looked up in ComfyUI's model folders; missing ones are
+listed with their folder and download source, and the runner exits with status 3 (so does a missing
+input image or saved MoMA context). ``--demo`` writes the tiny random-weight test models (tests/fixtures),
+links them into a separate base directory under the real file names and runs the same graph at 64x64
+with 2 steps (Feature Grab at 128) on a generated test picture, so the whole graph can be seen executing
+without any download; a saved context the graph loads is encoded from that picture by the tiny LLaVA.
 
 Overrides (each one touches the nodes named here; an override the graph has no node for is an error):
   --image    LoadImage.image (if there are several LoadImage nodes: the one titled "...reference...");
@@ -340,8 +340,8 @@ def model_uses(prompt: dict, loader_inputs: dict[str, dict[str, str | dict]]) ->
         for input_name, raw_spec in loader_inputs[node["class_type"]].items():
             spec = _input_spec(raw_spec)
             value = node["inputs"].get(input_name)
-            if not isinstance(value, str) or not value:
-                continue
+            if not isinstance(value, str) or not value or value in spec.get("no_file", ()):
+                continue  # e.g. MoMA Loader's llava_name 'none': no file to find
             if spec.get("unused_if_linked") and is_link(node["inputs"].get(spec["unused_if_linked"])):
                 continue
             name = value.rstrip("/\\")

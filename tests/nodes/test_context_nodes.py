@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -110,8 +112,9 @@ def _rss() -> int:
 def test_loader_lists_the_placed_files(placed) -> None:
     inputs = MomaLoader.INPUT_TYPES()["required"]
     assert ADAPTER_NAME in inputs["adapter_name"][1]["options"]
-    assert inputs["llava_name"][1]["options"] == [LLAVA_NAME]
+    assert inputs["llava_name"][1]["options"] == [LLAVA_NAME, "none"]  # the real folder first: the default
     assert CLIP_NAME in inputs["clip_vision_name"][1]["options"]
+    assert inputs["clip_vision_name"][1]["options"][-1] == "none"
     assert not any(name.startswith(CLIP_NAME + "/") for name in inputs["clip_vision_name"][1]["options"])
 
 
@@ -236,3 +239,145 @@ def test_batches_use_the_first_picture_and_mask() -> None:
 
     with pytest.raises(MomaError, match="expected an IMAGE"):
         first_reference(torch.rand(20, 30, 3), masks)
+
+
+# ------------------------------------------------------------------- MoMA Loader set to 'none'
+
+NONE_MESSAGE = ("MoMA Loader has llava_name 'none' and clip_vision_name 'none': choose the MoMA_llava_7b folder "
+                "(models/LLM) and the clip-vit-large-patch14-336 vision tower (models/clip_vision) to encode a new "
+                "context, or use Load MoMA Context")
+
+
+def test_none_is_the_only_choice_and_passes_validation_without_llava_or_clip(placed, tmp_path, monkeypatch) -> None:
+    """An install without the LLaVA and CLIP vision folders: 'none' is all the lists offer (so the default),
+    the loader validates with it, and a real name gets a message that also points to 'none'."""
+    import folder_paths
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in ("LLM", "clip_vision"):
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder,
+                            ([str(empty)], folder_paths.folder_names_and_paths[folder][1]))
+        monkeypatch.delitem(folder_paths.filename_list_cache, folder, raising=False)
+    inputs = MomaLoader.INPUT_TYPES()["required"]
+    assert inputs["llava_name"][1]["options"] == ["none"]
+    assert inputs["clip_vision_name"][1]["options"] == ["none"]
+    assert MomaLoader.validate_inputs(ADAPTER_NAME, "none", "none") is True
+    message = MomaLoader.validate_inputs(ADAPTER_NAME, LLAVA_NAME, "none")
+    assert f"LLaVA folder {LLAVA_NAME!r} not found in {empty}" in message and "Choose 'none'" in message
+    message = MomaLoader.validate_inputs(ADAPTER_NAME, "none", CLIP_NAME)
+    assert f"CLIP vision model {CLIP_NAME!r} not found in {empty}" in message and "Choose 'none'" in message
+    moma_model = MomaLoader.execute(ADAPTER_NAME, "none", "none", "fp32", "none", False).result[0]
+    assert moma_model.llava_dir is None and moma_model.clip_vision_path is None
+    assert set(moma_model.adapter.to_k_ip) and set(moma_model.adapter.to_k_ip) == set(moma_model.adapter.to_v_ip)
+
+
+def test_none_loader_reads_the_same_adapter(adapter_file: Path, llava_dir: Path, clip_vision_dir: Path) -> None:
+    without = MomaModel.load(adapter_file, None, None, precision="fp32")
+    full = MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision="fp32")
+    for group in ("projector", "to_k_ip", "to_v_ip", "scale_learnable", "mapping"):
+        ours, theirs = getattr(without.adapter, group), getattr(full.adapter, group)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_encoding_with_none_names_what_to_choose(adapter_file: Path, llava_dir: Path, clip_vision_dir: Path) -> None:
+    from comfyui_moma.moma.errors import MomaError
+
+    both = MomaModel.load(adapter_file, None, None, precision="fp32")
+    for attempt in (lambda: both.load_encoder("cpu"), lambda: both.tokenizer, lambda: both.image_processor):
+        with pytest.raises(MomaError) as error:
+            attempt()
+        message = str(error.value)
+        assert message.startswith("MoMA Loader has ") and "Load MoMA Context" in message
+    with pytest.raises(MomaError, match=re.escape(NONE_MESSAGE)):
+        both.load_encoder("cpu")
+
+    # Independent choices; the encoder needs both, and the message names only what is missing.
+    no_llava = MomaModel.load(adapter_file, None, clip_vision_dir, precision="fp32")
+    no_clip = MomaModel.load(adapter_file, llava_dir, None, precision="fp32")
+    llava_only = ("MoMA Loader has llava_name 'none': choose the MoMA_llava_7b folder (models/LLM) to encode a new "
+                  "context, or use Load MoMA Context")
+    clip_only = ("MoMA Loader has clip_vision_name 'none': choose the clip-vit-large-patch14-336 vision tower "
+                 "(models/clip_vision) to encode a new context, or use Load MoMA Context")
+    for attempt, expected in ((lambda: no_llava.load_encoder("cpu"), llava_only), (lambda: no_llava.tokenizer, llava_only),
+                              (lambda: no_clip.load_encoder("cpu"), clip_only),
+                              (lambda: no_clip.image_processor, clip_only)):
+        with pytest.raises(MomaError) as error:
+            attempt()
+        assert str(error.value).startswith(expected), str(error.value)
+    # What each half does need still works: LLaVA's tokenizer without CLIP, CLIP's preprocessing without LLaVA.
+    assert no_clip.tokenizer.prompt_ids(SUBJECT, PROMPT)
+    assert no_llava.image_processor is not None
+
+
+def test_context_encoder_node_with_none_fails_with_the_message(placed) -> None:
+    graph = _graph()
+    graph["1"]["inputs"].update(llava_name="none", clip_vision_name="none")
+    with pytest.raises(comfy_exec.WorkflowError) as error:
+        comfy_exec.run_api_workflow(graph)
+    failure = error.value.execution_error
+    assert failure["node_type"] == "MomaContextEncoder" and failure["exception_type"].endswith("MomaError")
+    assert failure["exception_message"].startswith(NONE_MESSAGE)
+
+
+@pytest.mark.slow
+def test_saved_context_applies_the_same_with_a_none_loader(placed, comfy_host, sd15_checkpoint, moma_context,
+                                                           test_images) -> None:
+    """One graph, two MoMA chains from the same saved context (Load MoMA Context -> Feature Grab -> Apply ->
+    KSampler): one from a loader set to none/none, one from a loader with LLaVA and CLIP vision. Same pictures,
+    and not the picture of the plain model."""
+    import folder_paths
+
+    from comfyui_moma.moma.context import save_context
+
+    checkpoint = comfy_exec.place_model("checkpoints", sd15_checkpoint, comfy_host.models_dir)
+    save_context(moma_context, Path(folder_paths.get_input_directory()) / "contexts" / "for_none_loader.safetensors")
+    reference, reference_mask = test_images["rgb"]
+    shutil.copy(reference, Path(folder_paths.get_input_directory()) / "none_loader_ref.png")
+    shutil.copy(reference_mask, Path(folder_paths.get_input_directory()) / "none_loader_ref_mask.png")
+
+    graph: dict[str, dict] = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "ctx": {"class_type": "MomaLoadContext", "inputs": {
+            "context_file": "contexts/for_none_loader.safetensors [input]", "path": ""}},
+        "img": {"class_type": "LoadImage", "inputs": {"image": "none_loader_ref.png"}},
+        "mask": {"class_type": "LoadImageMask", "inputs": {"image": "none_loader_ref_mask.png", "channel": "red"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": ["ctx", 1], "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+
+    def sample(tag: str, model: list) -> None:
+        graph[f"sample_{tag}"] = {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": 3, "steps": 2, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+        graph[f"decode_{tag}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"sample_{tag}", 0],
+                                                                          "vae": ["ckpt", 2]}}
+        graph[f"save_{tag}"] = {"class_type": "SaveImage", "inputs": {"images": [f"decode_{tag}", 0],
+                                                                        "filename_prefix": f"moma_none_{tag}"}}
+
+    for tag, llava_name, clip_name in (("none", "none", "none"), ("full", LLAVA_NAME, CLIP_NAME)):
+        graph[f"loader_{tag}"] = {"class_type": "MomaLoader", "inputs": {
+            "adapter_name": ADAPTER_NAME, "llava_name": llava_name, "clip_vision_name": clip_name,
+            "precision": "fp32", "quantization": "none", "keep_llava_loaded": False}}
+        graph[f"grab_{tag}"] = {"class_type": "MomaFeatureGrab", "inputs": {
+            "model": ["ckpt", 0], "moma_model": [f"loader_{tag}", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
+            "image": ["img", 0], "mask": ["mask", 0], "subject": moma_context.subject, "seed": 2, "resolution": 128}}
+        graph[f"apply_{tag}"] = {"class_type": "MomaApply", "inputs": {
+            "model": ["ckpt", 0], "moma_model": [f"loader_{tag}", 0], "context": ["ctx", 0],
+            "reference": [f"grab_{tag}", 0], "preset": "context", "strength": 1.0, "start_percent": 0.0,
+            "end_percent": 1.0}}
+        sample(tag, [f"apply_{tag}", 0])
+    sample("plain", ["ckpt", 0])
+
+    outputs = comfy_exec.run_api_workflow(graph)
+
+    def picture(tag: str) -> np.ndarray:
+        (entry,) = outputs[f"save_{tag}"]["images"]
+        path = Path(folder_paths.get_directory_by_type(entry["type"])) / entry["subfolder"] / entry["filename"]
+        return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+    with_none, with_full, plain = picture("none"), picture("full"), picture("plain")
+    assert with_none.shape == (64, 64, 3)
+    assert np.array_equal(with_none, with_full)
+    assert np.abs(with_none - plain).max() > 0, "MoMA changed nothing: the comparison would prove nothing"

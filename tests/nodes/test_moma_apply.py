@@ -107,7 +107,7 @@ def test_two_apply_nodes_keep_separate_subject_masks(sd15_models, moma_model, mo
 
     def evaluate(patched, t, latent):
         out = _unet(patched, latent, t, cfg_context)
-        run_of(patched).post_cfg({"denoised": out})
+        run_of(patched).tracker.finish_evaluation()
         return out
 
     other = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(9))
@@ -270,7 +270,7 @@ def test_separate_cond_and_uncond_calls_equal_one_batched_call(sd15_models, moma
             out = torch.cat([_unet(patched, LATENT, t, uncond_ctx, rows=(1,)), _unet(patched, LATENT, t, cond_ctx, rows=(0,))])
         else:
             out = _unet(patched, LATENT, t, cfg_context)
-        run.post_cfg({"denoised": out})
+        run.tracker.finish_evaluation()
         return out, run.tracker.mask.clone()
 
     run.tracker.reset()
@@ -305,7 +305,7 @@ def test_batch_rows_are_routed_per_item_and_per_chunk(sd15_models, moma_model, m
         context = torch.cat([cond_ctx.expand(n, -1, -1), uncond_ctx.expand(n, -1, -1)])
         with torch.no_grad():
             out = patched.model.apply_model(x, sigma.expand(2 * n), c_crossattn=context, transformer_options=options)
-        run.post_cfg({"denoised": out})
+        run.tracker.finish_evaluation()
         return out
 
     run.tracker.reset()
@@ -328,8 +328,73 @@ def test_each_sampling_run_starts_with_a_fresh_subject_mask(sd15_models, moma_mo
     positive = nodes.CLIPTextEncode().encode(clip, moma_context.sd_prompt)[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
+    masks = []
+    finish = run.tracker.finish_evaluation
+
+    def recording_finish():
+        finish()
+        masks.append(run.tracker.mask)
+
+    run.tracker.finish_evaluation = recording_finish
     first = nodes.common_ksampler(patched, 3, 3, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+    assert len(masks) == 3 and all(mask is not None for mask in masks)  # one new mask per model evaluation
     second = nodes.common_ksampler(patched, 3, 3, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
     assert torch.equal(first, second)
-    run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
     assert run.tracker.mask is None  # nothing left over after a run
+
+
+def test_cond_only_extra_evaluations_do_not_touch_the_mask(sd15_models, moma_model, moma_context, reference_bank):
+    """PAG/SAG-style add-ons evaluate the model again with cond only inside a CFG step: those maps are
+    dropped; a guider without uncond (BasicGuider) still gets masks."""
+    from comfyui_moma.moma.subject_mask import layer_subject_map
+
+    patched = apply_moma(sd15_models[0], moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
+    g = torch.Generator().manual_seed(2)
+
+    def evaluation(kinds):
+        def unet_calls(*_args):  # what ComfyUI's _calc_cond_batch does through our attn2 patches
+            for _ in range(16):
+                run.tracker.add(layer_subject_map(torch.rand(len(kinds), 64, generator=g), (8, 8), (8, 8)), kinds)
+        return unet_calls
+
+    run.tracker.reset()
+    run._cfg_seen = False
+    run.calc_cond_batch(evaluation([1, 0]), None, [["cond"], ["uncond"]], None, None, {})
+    cfg_mask = run.tracker.mask.clone()
+    run.calc_cond_batch(evaluation([0]), None, [["cond"]], None, None, {})  # PAG's extra call
+    assert torch.equal(run.tracker.mask, cfg_mask)
+    run.tracker.reset()
+    run._cfg_seen = False
+    run.calc_cond_batch(evaluation([0]), None, [["cond"], None], None, None, {})  # no-uncond guider
+    assert run.tracker.mask is not None
+
+
+class AddablePackPatch(PackStyleAttn2Replace):
+    """Like IPAdapter's Attn2Replace: later nodes of the same pack .add() callbacks to it."""
+
+    def __init__(self, block):
+        super().__init__(block)
+        self.callbacks = []
+
+    def add(self, callback, **kwargs):
+        self.callbacks.append(callback)
+
+
+def test_pack_added_after_moma_goes_to_the_chained_patch_of_that_clone_only(sd15_models, moma_model, moma_context,
+                                                                            reference_bank):
+    model = sd15_models[0].clone()
+    for layer in LAYERS:
+        model.set_model_attn2_replace(AddablePackPatch(layer.block), *layer.block)
+    patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    later = patched.clone()  # what the other pack's node does before patching
+    block = LAYERS[0].block
+    later.model_options["transformer_options"]["patches_replace"]["attn2"][block].add(lambda *a: None)
+    assert len(later.model_options["transformer_options"]["patches_replace"]["attn2"][block].previous.callbacks) == 1
+    assert patched.model_options["transformer_options"]["patches_replace"]["attn2"][block].previous.callbacks == []
+    assert model.model_options["transformer_options"]["patches_replace"]["attn2"][block].callbacks == []
+
+    alone = apply_moma(sd15_models[0], moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    with pytest.raises(MomaError, match="before 'Apply MoMA Attention'"):
+        alone.clone().model_options["transformer_options"]["patches_replace"]["attn2"][block].add(lambda *a: None)

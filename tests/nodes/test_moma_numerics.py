@@ -230,7 +230,7 @@ def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context,
         err = rel_err(ours, expected)
         assert err <= 1e-4, f"step {step} (t={t}): max relative error {err:.2e}"
         assert explicit.calls["attn1"] == {l.block for l in LAYERS} and explicit.calls["attn2"] == {l.block for l in LAYERS}
-        run.post_cfg({"denoised": None})
+        run.tracker.finish_evaluation()
         explicit.finish_evaluation(rows)
         assert run.tracker.mask is not None
         # the pack's latent-grid mask = the pixel-resolution recipe sampled at the latent grid
