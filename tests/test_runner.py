@@ -205,6 +205,24 @@ def test_missing_saved_context_is_explained(tmp_path):
             "there") in result.stderr
     assert "workflows/api/moma_context.json first" in result.stderr and "--context PATH" in result.stderr
     assert "DreamShaper" not in result.stderr  # only the files this graph uses
+    # MoMA Loader's llava_name / clip_vision_name are 'none' here: neither is asked for
+    uses = runner.model_uses(runner.load_workflow(API_DIR / "moma_saved_context.json"), TABLE["loader_inputs"])
+    assert {use.folder for use in uses} == {"checkpoints", "vae", "moma", "rembg"}
+    assert f"needs {len(uses)} model file(s)" in result.stderr
+    for folder in ("LLM", "clip_vision"):
+        entry = next(e for e in TABLE["models"] if e["folder"] == folder)
+        assert entry["what"] not in result.stderr and f"models/{folder}/" not in result.stderr
+
+
+def test_none_names_no_file():
+    prompt = runner.load_workflow(API_DIR / "moma_saved_context.json")
+    (loader,) = runner.ids_of(prompt, "MomaLoader")
+    assert (prompt[loader]["inputs"]["llava_name"], prompt[loader]["inputs"]["clip_vision_name"]) == ("none", "none")
+    folders = {use.folder for use in runner.model_uses(prompt, TABLE["loader_inputs"])}
+    assert "moma" in folders and not folders & {"LLM", "clip_vision"}
+    prompt[loader]["inputs"].update(llava_name="MoMA_llava_7b", clip_vision_name="clip-vit-large-patch14-336")
+    named = {(use.folder, use.name) for use in runner.model_uses(prompt, TABLE["loader_inputs"])}
+    assert {("LLM", "MoMA_llava_7b"), ("clip_vision", "clip-vit-large-patch14-336")} <= named
 
 
 # --------------------------------------------------------------------------------------------------
