@@ -11,7 +11,8 @@ synthetic 512x512 reference and patches the model with the pack's ``apply_moma``
 with ComfyUI's ``sample_custom`` (sampler euler, CFG 7.5, same seed and noise) the plain model, MoMA with a
 ~30%-coverage object bank and MoMA with a full-frame bank, interleaved and repeated, and reports:
 
-- per-step time (steady state: the first step of every run is left out) and the ratio MoMA / plain;
+- per-step time (the fastest steady step: the first step of every run is left out, and interference from
+  other processes only adds time) as wall clock and as process CPU time, and the ratio MoMA / plain;
 - the Feature Grab (reference pass) time in units of one plain CFG step;
 - peak RSS of the process while sampling (a thread polls RSS every few ms; and peak CUDA memory on a GPU);
 - the re-run check: the same workflow executed twice through ComfyUI's executor does not run the LLaVA
@@ -20,6 +21,8 @@ with ComfyUI's ``sample_custom`` (sampler euler, CFG 7.5, same seed and noise) t
 The measured steps are taken from the middle of a 50-step "normal" schedule (steps 10..), where MoMA's
 object path is on (it is off for t >= 950, i.e. the first ~2 of 50 steps), so the ratio is that of a
 typical step. ``--profile`` adds a torch.profiler table and the pack's Python hot spots for one step.
+On a machine shared with other jobs use ``--threads 1 --metric cpu``: torch's OpenMP threads otherwise spin
+against the other processes and the timings mean little.
 """
 from __future__ import annotations
 
@@ -513,15 +516,17 @@ def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) 
                 print(f"  {size} {name:10s} run {repeat + 1}: wall " + " ".join(f"{t:.2f}" for t in wall_times)
                       + " s, cpu " + " ".join(f"{t:.2f}" for t in cpu_times) + " s", flush=True)
         entry: dict[str, Any] = {"timesteps": [round(t, 1) for t in sampling.timesteps], "variants": {}}
-        plain_wall, plain_cpu = statistics.median(steady(wall["plain"])), statistics.median(steady(cpu["plain"]))
+        # The fastest steady step: interference from other processes only ever adds time.
+        plain_wall, plain_cpu = min(steady(wall["plain"])), min(steady(cpu["plain"]))
         for name in names:
-            per_wall, per_cpu = statistics.median(steady(wall[name])), statistics.median(steady(cpu[name]))
+            per_wall, per_cpu = min(steady(wall[name])), min(steady(cpu[name]))
             entry["variants"][name] = {
                 "per_step_s": round(per_wall, 4),
                 "per_step_cpu_s": round(per_cpu, 4),
                 "ratio": round(per_wall / plain_wall, 3),
                 "ratio_cpu": round(per_cpu / plain_cpu, 3),
-                "ratio_per_repeat": [round(statistics.median(steady([m])) / statistics.median(steady([p])), 3)
+                "median_step_s": round(statistics.median(steady(wall[name])), 4),
+                "ratio_per_repeat": [round(min(steady([m])) / min(steady([p])), 3)
                                      for m, p in zip(wall[name], wall["plain"])],
                 "step_times_s": [[round(t, 4) for t in run] for run in wall[name]],
                 "step_cpu_s": [[round(t, 4) for t in run] for run in cpu[name]],
@@ -648,10 +653,10 @@ def format_table(report: dict) -> str:
                 f"| {size} | {name} | {info['per_step_s']:.2f} | {info['per_step_cpu_s']:.2f} | {info['ratio']:.3f} | "
                 f"{info['ratio_cpu']:.3f} | {'<= %.2f' % target if target else '-'} | {info['peak_rss_mb']:.0f}"
                 f"{' (CUDA %.0f)' % info['peak_cuda_mb'] if on_gpu else ''} | "
-                f"{'-' if label is None else '%+.0f' % extra} | {_verdict(met)} |")
+                f"{'-' if label is None else '%+d' % round(extra)} | {_verdict(met)} |")
     unit = next(iter(report["reference_pass"].values()))["unit"]
     lines += ["", f"| reference pass (Feature Grab, 512x512 reference) | s (wall) | CPU s | of which VAE encode s | "
-              f"in {unit}s (wall / CPU) | bank tokens at 64x64 |",
+              f"x {unit} (wall / CPU) | bank tokens at 64x64 |",
               "|---|---|---|---|---|---|"]
     for label, info in report["reference_pass"].items():
         lines.append(f"| {label} mask | {info['total_s']:.2f} | {info['total_cpu_s']:.2f} | {info['vae_encode_s']:.2f} | "
