@@ -7,7 +7,7 @@ The upstream file is a ``torch.save`` pickle holding three state dicts::
      "llm_mapping":           {"mapping.gate_proj.weight": [1024,4096], "mapping.up_proj.weight": [1024,4096],
                                "mapping.down_proj.weight": [1024,1024]}}
 
-Upstream loads two of the three groups with ``strict=False``, so a wrongly named key silently loads as
+Upstream loads two of the three groups non-strictly, so a wrongly named key silently loads as
 nothing (and a missing ``scale_learnable`` switches the object path off). Here every key and shape is
 checked and the file is read without running code (``torch.load(weights_only=True)`` or safetensors).
 
