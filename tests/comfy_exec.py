@@ -22,7 +22,7 @@ class WorkflowError(RuntimeError):
         self.execution_error = execution_error or {}
 
 
-class _NullServer:
+class NullServer:
     """The parts of ComfyUI's PromptServer the executor touches, discarding every message."""
 
     client_id = None
@@ -75,7 +75,7 @@ def run_api_workflow(prompt: dict, prompt_id: str | None = None) -> dict:
     if not valid:
         raise WorkflowError(f"workflow invalid: {error}; node errors: {node_errors}", node_errors=node_errors)
     executor = execution.PromptExecutor(
-        _NullServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+        NullServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
     )
     try:
         executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)

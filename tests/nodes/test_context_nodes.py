@@ -11,7 +11,6 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psutil
@@ -69,18 +68,6 @@ def _graph(prompt: str = PROMPT, keep: bool = False, prefix: str = "moma/test", 
     }
 
 
-class _Recorder:
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
-        pass
-
-    def queue_updated(self) -> None:
-        pass
-
-
 def _run(executor, graph: dict) -> tuple[dict, list]:
     """One prompt through a persistent executor (as ComfyUI's queue does); returns (ui outputs, status messages)."""
     import execution
@@ -132,7 +119,7 @@ def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(placed, ad
     import transformers.models.clip.modeling_clip  # noqa: F401  (module imports are not LLaVA's memory)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    executor = execution.PromptExecutor(_Recorder(), cache_type=execution.CacheType.CLASSIC,
+    executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
                                         cache_args={"lru": 0, "ram": 0})
     rss_before = _rss()
     outputs, _ = _run(executor, _graph())
@@ -175,7 +162,7 @@ def test_keep_llava_loaded_hands_it_to_comfy_model_management(placed) -> None:
         return [loaded.model for loaded in comfy.model_management.current_loaded_models
                 if isinstance(loaded.model.model, LlavaContextEncoder)]
 
-    executor = execution.PromptExecutor(_Recorder(), cache_type=execution.CacheType.CLASSIC,
+    executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
                                         cache_args={"lru": 0, "ram": 0})
     try:
         first, _ = _run(executor, _graph(keep=True, prefix="moma/keep"))
