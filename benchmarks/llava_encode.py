@@ -174,6 +174,9 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
     result["import_s"] = time.perf_counter() - start
     rss_start = rss()
     moma_model = MomaModel.load(adapter, llava_dir, clip, precision=precision)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with PeakRss() as peak:
         start = time.perf_counter()
         encoder = moma_model.load_encoder(device)
@@ -181,6 +184,8 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
             torch.cuda.synchronize()
         result["load_s"] = time.perf_counter() - start
     result["load_peak_rss_mb"] = peak.peak / MB
+    if cuda:
+        result["load_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / MB
     result["params_m"] = sum(p.numel() for p in encoder.parameters()) / 1e6
     result["layers"] = encoder.num_layers
     times = []
@@ -194,10 +199,13 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
     result["encode_first_s"] = times[0]
     result["encode_warm_s"] = statistics.median(times[1:]) if len(times) > 1 else None
     result["encode_peak_rss_mb"] = peak.peak / MB
+    if cuda:
+        result["encode_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / MB
     result["rss_with_encoder_mb"] = rss() / MB
     del encoder
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.empty_cache()
+        result["cuda_after_free_mb"] = torch.cuda.memory_allocated() / MB
     result["rss_after_free_mb"] = rss() / MB
     result["rss_before_load_mb"] = rss_start / MB
     return result
@@ -242,6 +250,9 @@ def main() -> None:
     print(f"  load:   {result['load_s']:.2f} s   peak RSS {result['load_peak_rss_mb']:.0f} MB")
     warm = f", warm {result['encode_warm_s']:.2f} s" if result["encode_warm_s"] is not None else ""
     print(f"  encode: first {result['encode_first_s']:.2f} s{warm}   peak RSS {result['encode_peak_rss_mb']:.0f} MB")
+    if "load_peak_cuda_mb" in result:
+        print(f"  peak CUDA memory: load {result['load_peak_cuda_mb']:.0f} MB, encode {result['encode_peak_cuda_mb']:.0f} MB, "
+              f"after freeing the encoder {result['cuda_after_free_mb']:.0f} MB")
     print(f"  RSS: before load {result['rss_before_load_mb']:.0f} MB, with encoder {result['rss_with_encoder_mb']:.0f} MB, "
           f"after freeing it {result['rss_after_free_mb']:.0f} MB")
     if args.full_width and result["layers"] < FULL["layers"]:

@@ -2,7 +2,8 @@
 through ComfyUI's own custom-node loader. Imported by tests/conftest.py before any test module.
 
 After ``boot()``:
-- ComfyUI's root is on sys.path (never the pack's root), args are ``--cpu``, base directory is a fresh
+- ComfyUI's root is on sys.path (never the pack's root), args are ``--cpu`` (``MOMA_TEST_DEVICE=cuda`` keeps
+  ComfyUI's GPU instead, and ``MOMA_TEST_FP32=1`` adds ``--force-fp32``: the GPU checks), base directory is a fresh
   temporary folder whose ``custom_nodes/comfyui_moma`` links to this checkout;
 - the pack module ComfyUI loaded is also importable as ``comfyui_moma`` (same module objects), so tests
   write ``from comfyui_moma.moma.attention import ...``.
@@ -39,6 +40,11 @@ def host_dir() -> Path:
     return Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host"))
 
 
+def test_device() -> str:
+    """The device the tests run ComfyUI on: ``cpu`` (default, CI) or ``cuda`` (``MOMA_TEST_DEVICE=cuda``)."""
+    return os.environ.get("MOMA_TEST_DEVICE", "cpu")
+
+
 def boot() -> Host:
     """Start ComfyUI in-process once per test session and load the pack as a user's install would."""
     global _HOST
@@ -59,7 +65,14 @@ def boot() -> Host:
         (base_dir / sub).mkdir()
     (base_dir / "custom_nodes" / PACK_ALIAS).symlink_to(REPO, target_is_directory=True)
     args = comfy.cli_args.args
-    args.cpu = True
+    args.cpu = test_device() == "cpu"
+    args.force_fp32 = os.environ.get("MOMA_TEST_FP32", "") == "1"
+    if args.force_fp32:
+        import torch
+
+        # exact fp32 on a GPU: no TF32 in matmuls or cuDNN convolutions (PyTorch allows it in convolutions)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     args.base_directory = str(base_dir)
     args.disable_api_nodes = True
     args.output_directory = str(base_dir / "output")

@@ -33,13 +33,16 @@ def _unet(model, latent, t, context, rows=(1, 0)):
     import comfy.model_management
 
     comfy.model_management.load_models_gpu([model])
+    device = comfy.model_management.get_torch_device()
     ms = model.get_model_object("model_sampling")
-    sigma = ms.sigma(torch.tensor([float(t)]))
+    sigma = ms.sigma(torch.tensor([float(t)])).to(device)
     options = copy.copy(model.model_options["transformer_options"])
     options.update(cond_or_uncond=list(rows), sigmas=sigma)
-    x = torch.cat([latent] * len(rows)) * math.sqrt(1 + float(sigma) ** 2)
+    x = torch.cat([latent] * len(rows)).to(device) * math.sqrt(1 + float(sigma) ** 2)
     with torch.no_grad():
-        return model.model.apply_model(x, sigma.expand(x.shape[0]), c_crossattn=context, transformer_options=options)
+        out = model.model.apply_model(x, sigma.expand(x.shape[0]), c_crossattn=context.to(device),
+                                      transformer_options=options)
+    return out.float().cpu()
 
 
 @pytest.fixture(scope="module")
@@ -296,17 +299,18 @@ def test_batch_rows_are_routed_per_item_and_per_chunk(sd15_models, moma_model, m
         import comfy.model_management
 
         comfy.model_management.load_models_gpu([patched])
+        device = comfy.model_management.get_torch_device()
         ms = patched.get_model_object("model_sampling")
-        sigma = ms.sigma(torch.tensor([float(t)]))
+        sigma = ms.sigma(torch.tensor([float(t)])).to(device)
         n = latent_batch.shape[0]
         options = copy.copy(patched.model_options["transformer_options"])
         options.update(cond_or_uncond=[0, 1], sigmas=sigma)
-        x = torch.cat([latent_batch, latent_batch]) * math.sqrt(1 + float(sigma) ** 2)
-        context = torch.cat([cond_ctx.expand(n, -1, -1), uncond_ctx.expand(n, -1, -1)])
+        x = torch.cat([latent_batch, latent_batch]).to(device) * math.sqrt(1 + float(sigma) ** 2)
+        context = torch.cat([cond_ctx.expand(n, -1, -1), uncond_ctx.expand(n, -1, -1)]).to(device)
         with torch.no_grad():
             out = patched.model.apply_model(x, sigma.expand(2 * n), c_crossattn=context, transformer_options=options)
         run.tracker.finish_evaluation()
-        return out
+        return out.float().cpu()
 
     run.tracker.reset()
     batched = [evaluate(latents, t) for t in (800, 500)][-1]  # rows: cond 0, cond 1, uncond 0, uncond 1
