@@ -4,6 +4,7 @@
     .host/venv/bin/python benchmarks/llava_encode.py [--precision auto|fp16|bf16|fp32] [--device cpu|cuda]
                                                      [--repeats 2] [--json out.json]
     .host/venv/bin/python benchmarks/llava_encode.py --full-width [--layers N] [--keep-files DIR]
+    .host/venv/bin/python benchmarks/llava_encode.py --device cuda --quantization 8bit|4bit   (bitsandbytes)
 
 Default: the test fixtures (tests/fixtures: the original-format LLaVA folder with hidden 4096 and 2 layers, a
 3-layer CLIP ViT-L/14-336-shaped vision tower, the adapter file), built once into the tests' fixture cache.
@@ -164,7 +165,8 @@ def reference_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return picture.contiguous(), mask
 
 
-def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: str, repeats: int) -> dict:
+def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: str, repeats: int,
+            quantization: str = "none") -> dict:
     picture, mask = reference_inputs()
     result: dict = {}
     start = time.perf_counter()
@@ -173,7 +175,7 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
 
     result["import_s"] = time.perf_counter() - start
     rss_start = rss()
-    moma_model = MomaModel.load(adapter, llava_dir, clip, precision=precision)
+    moma_model = MomaModel.load(adapter, llava_dir, clip, precision=precision, quantization=quantization)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -192,13 +194,14 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
     with PeakRss() as peak:
         for _ in range(repeats):
             start = time.perf_counter()
-            encode_context(encoder, moma_model, picture, mask, SUBJECT, PROMPT)
+            context = encode_context(encoder, moma_model, picture, mask, SUBJECT, PROMPT)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     result["encode_first_s"] = times[0]
     result["encode_warm_s"] = statistics.median(times[1:]) if len(times) > 1 else None
     result["encode_peak_rss_mb"] = peak.peak / MB
+    result["_cond_tokens"] = context.cond_tokens.float().cpu()
     if cuda:
         result["encode_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / MB
     result["rss_with_encoder_mb"] = rss() / MB
@@ -219,6 +222,8 @@ def main() -> None:
     parser.add_argument("--full-width", action="store_true", help="random full-width LLaVA (hidden 4096, MLP 11008)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers for --full-width (default: fit memory)")
     parser.add_argument("--keep-files", type=Path, default=None, help="write the --full-width files here and keep them")
+    parser.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
+                        help="bitsandbytes LLaVA (CUDA); the tokens are compared with an unquantised run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -236,14 +241,23 @@ def main() -> None:
             adapter = fixture_files()[0]
         else:
             adapter, llava_dir, clip = fixture_files()
-        result = measure(adapter, llava_dir, clip, args.precision, args.device, args.repeats)
+        result = measure(adapter, llava_dir, clip, args.precision, args.device, args.repeats, args.quantization)
+        if args.quantization != "none":
+            exact = measure(adapter, llava_dir, clip, args.precision, args.device, 1)
+            quantised, reference = result["_cond_tokens"].flatten(), exact["_cond_tokens"].flatten()
+            result["cond_tokens_cosine_vs_unquantised"] = float(torch.nn.functional.cosine_similarity(quantised, reference, dim=0))
+            result["cond_tokens_max_abs_diff_vs_unquantised"] = float((quantised - reference).abs().max())
+            result["unquantised_load_peak_cuda_mb"] = exact.get("load_peak_cuda_mb")
+        result.pop("_cond_tokens")
         if args.full_width and args.keep_files is None:
             shutil.rmtree(root, ignore_errors=True)
 
     result.update(kind="full-width random" if args.full_width else "test fixtures", precision=args.precision,
+                  quantization=args.quantization,
                   device=args.device, torch=torch.__version__, cpu_count=psutil.cpu_count(),
                   machine=platform.machine())
     print(f"LLaVA context encoder benchmark ({result['kind']}, {args.precision} on {args.device}, "
+          f"quantization {args.quantization}, "
           f"torch {torch.__version__}, {psutil.cpu_count()} CPUs)")
     print(f"  model: {result['layers']} decoder layers, {result['params_m']:.0f} M parameters (with CLIP, mapping, projector)")
     print(f"  import transformers' Llama/CLIP modules (once per process): {result['import_s']:.2f} s")
@@ -255,6 +269,10 @@ def main() -> None:
               f"after freeing the encoder {result['cuda_after_free_mb']:.0f} MB")
     print(f"  RSS: before load {result['rss_before_load_mb']:.0f} MB, with encoder {result['rss_with_encoder_mb']:.0f} MB, "
           f"after freeing it {result['rss_after_free_mb']:.0f} MB")
+    if "cond_tokens_cosine_vs_unquantised" in result:
+        print(f"  {args.quantization} vs unquantised: cond tokens cosine {result['cond_tokens_cosine_vs_unquantised']:.5f}, "
+              f"max |diff| {result['cond_tokens_max_abs_diff_vs_unquantised']:.4f}; peak CUDA memory loading "
+              f"{result.get('load_peak_cuda_mb', 0):.0f} MB vs {result['unquantised_load_peak_cuda_mb'] or 0:.0f} MB")
     if args.full_width and result["layers"] < FULL["layers"]:
         per_layer_params = (4 * FULL["hidden"] ** 2 + 3 * FULL["hidden"] * FULL["intermediate"]) / 1e6
         missing = FULL["layers"] - result["layers"]

@@ -124,7 +124,9 @@ class MomaLoader(io.ComfyNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="auto: bf16 on CUDA (the reference's), fp32 on CPU."),
                 io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",
-                               tooltip="8bit/4bit LLaVA via bitsandbytes (CUDA only)."),
+                               tooltip="8bit/4bit LLaVA via bitsandbytes (CUDA only): 8bit about halves LLaVA's "
+                                       "memory with nearly the same context tokens; 4bit saves more but changes them "
+                                       "noticeably."),
                 io.Boolean.Input("keep_llava_loaded", default=False,
                                  tooltip="Keep LLaVA in memory between encodes (handed to ComfyUI's model management, "
                                          "so it is offloaded to RAM when sampling needs the VRAM; 8bit/4bit models stay "
