@@ -340,3 +340,21 @@ def test_server_mode_runs_and_reports_missing_models(demo_run, test_images, tmp_
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_readme_models_tables_match_models_json_and_the_workflows():
+    """The README's 'Models' tables list exactly models.json's files, each with its folder and size, and
+    every model file an example workflow names is among them."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Models", 1)[1].split("\n### ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            name = re.match(r"`([^`]+?)/?`", cells[0]).group(1)
+            rows[name] = (cells[1].strip("`").rstrip("/"), cells[2])
+    expected = {entry["name"]: (entry["folder"], entry["size"]) for entry in TABLE["models"]}
+    assert rows == expected
+    for workflow in sorted(API_DIR.glob("*.json")):
+        for use in runner.model_uses(runner.load_workflow(workflow), TABLE["loader_inputs"]):
+            assert (use.name, use.folder) in {(name, folder) for name, (folder, _) in rows.items()}, (workflow.name, use)
