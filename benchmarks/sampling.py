@@ -9,7 +9,8 @@ Boots the ComfyUI the tests use (tests/host.py), loads an SD1.5 checkpoint throu
 same shapes as a real SD1.5 file; ``--checkpoint`` for a real one), runs the pack's Feature Grab on a
 synthetic 512x512 reference and patches the model with the pack's ``apply_moma``. Then, per size, it samples
 with ComfyUI's ``sample_custom`` (sampler euler, CFG 7.5, same seed and noise) the plain model, MoMA with a
-~30%-coverage object bank and MoMA with a full-frame bank, interleaved and repeated, and reports:
+~30%-coverage object bank and MoMA with a full-frame bank (plus, at sizes other than 512, MoMA with a 30% bank
+from a Feature Grab at the generation size, "ref@SIZE"), interleaved and repeated, and reports:
 
 - per-step time (the fastest steady step: the first step of every run is left out, and interference from
   other processes only adds time) as wall clock and as process CPU time, and the ratio MoMA / plain;
@@ -264,18 +265,19 @@ def steady(step_times: list[list[float]]) -> list[float]:
     return [t for run in step_times for t in (run[1:] if len(run) > 1 else run)]
 
 
-def time_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image: Any, mask: Any) -> tuple[Any, dict]:
-    """The pack's Feature Grab, timed as a whole and its VAE-encode part alone."""
+def time_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image: Any, mask: Any,
+                        resolution: int = 512) -> tuple[Any, dict]:
+    """The pack's Feature Grab (at ``resolution``), timed as a whole and its VAE-encode part alone."""
     import torch
     from comfyui_moma.moma.reference import reference_pixel_size, resize_reference_image
     from comfyui_moma.nodes.feature_grab import encode_reference_latent, grab_reference_features
 
     synchronize(model.load_device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    bank = grab_reference_features(model, moma_model, vae, clip, image, mask, SUBJECT, 0)
+    bank = grab_reference_features(model, moma_model, vae, clip, image, mask, SUBJECT, 0, resolution=resolution)
     synchronize(model.load_device)
     total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    pixels = resize_reference_image(image, reference_pixel_size(image.shape[1], image.shape[2]))
+    pixels = resize_reference_image(image, reference_pixel_size(image.shape[1], image.shape[2], resolution))
     start, start_cpu = time.perf_counter(), time.process_time()
     encode_reference_latent(vae, pixels, torch.Generator().manual_seed(0))
     synchronize(model.load_device)
@@ -494,22 +496,34 @@ def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) 
     variants: dict[str, Any] = {"plain": model}
     for label, bank in banks.items():
         variants[f"moma {label}"] = apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)
+    # Feature Grab's resolution set to the generation size (the reference pipeline's reference and image are
+    # both 512x512): at other sizes the bank then holds as many object keys as the image has object queries.
+    matched: dict[int, Any] = {}
+    for size in opts.sizes:
+        if size != 512:
+            bank, info = time_reference_pass(model, moma_model, vae, clip, image, masks["30%"], resolution=size)
+            reference_matched = reference.setdefault("_matched", {})
+            reference_matched[f"30% ref@{size}"] = {**info, "bank_tokens_top": bank.layer_token_counts()[("input", 1)]}
+            matched[size] = apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)
 
     results: dict[str, Any] = {}
     for size, sampling in samplings.items():
         print(f"{size}x{size}: warm-up", flush=True)
         sampling.run(model, steps=1)  # first use of this size's shapes; every run's own first step is left out too
-        wall: dict[str, list[list[float]]] = {name: [] for name in variants}
-        cpu: dict[str, list[list[float]]] = {name: [] for name in variants}
-        memory: dict[str, list[dict]] = {name: [] for name in variants}
-        names = list(variants)
+        size_variants = dict(variants)
+        if size in matched:
+            size_variants[f"moma 30% ref@{size}"] = matched[size]
+        wall: dict[str, list[list[float]]] = {name: [] for name in size_variants}
+        cpu: dict[str, list[list[float]]] = {name: [] for name in size_variants}
+        memory: dict[str, list[dict]] = {name: [] for name in size_variants}
+        names = list(size_variants)
         for repeat in range(opts.repeats):
             order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotate: drift hits all alike
             for name in order:
                 if on_cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                 with monitor.window() as window:
-                    wall_times, cpu_times = sampling.run(variants[name])
+                    wall_times, cpu_times = sampling.run(size_variants[name])
                 if on_cuda:
                     window["cuda_peak"] = torch.cuda.max_memory_allocated(device)
                 wall[name].append(wall_times)
@@ -540,6 +554,7 @@ def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) 
 
     unit_size = 512 if 512 in results else max(results)
     plain_unit = results[unit_size]["variants"]["plain"]
+    matched_reference = reference.pop("_matched", {})
     for label, info in reference.items():
         info["plain_cfg_steps"] = round(info["total_s"] / plain_unit["per_step_s"], 2)
         info["plain_cfg_steps_cpu"] = round(info["total_cpu_s"] / plain_unit["per_step_cpu_s"], 2)
@@ -571,6 +586,7 @@ def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) 
                      "strength": 1.0, "prompt": SD_PROMPT},
         "sampling": results,
         "reference_pass": reference,
+        "reference_pass_at_generation_size": matched_reference,
         "targets": {"ratio": TARGETS, "memory_over_plain_mb": MEMORY_TARGET_MB},
     }
     return report, profile_text
@@ -647,7 +663,7 @@ def format_table(report: dict) -> str:
         plain = entry["variants"]["plain"]
         for name, info in entry["variants"].items():
             label = name.split(" ", 1)[1] if name != "plain" else None
-            target = TARGETS.get(label, {}).get(int(size)) if label else None
+            target = TARGETS.get(label.split(" ref@")[0], {}).get(int(size)) if label else None
             on_gpu = info.get("peak_cuda_mb") is not None
             extra = (info["peak_cuda_mb"] - plain["peak_cuda_mb"]) if on_gpu else (info["peak_rss_mb"] - plain["peak_rss_mb"])
             met = None if label is None else ((target is None or info[ratio_key] <= target) and extra <= MEMORY_TARGET_MB)
@@ -664,6 +680,9 @@ def format_table(report: dict) -> str:
         lines.append(f"| {label} mask | {info['total_s']:.2f} | {info['total_cpu_s']:.2f} | {info['vae_encode_s']:.2f} | "
                      f"{info['plain_cfg_steps']:.2f} / {info['plain_cfg_steps_cpu']:.2f} | "
                      f"{info['bank_tokens_64x64']} ({info['coverage']:.0%}) |")
+    for label, info in report.get("reference_pass_at_generation_size", {}).items():
+        lines.append(f"| {label} (reference at the generation size) | {info['total_s']:.2f} | {info['total_cpu_s']:.2f} | "
+                     f"{info['vae_encode_s']:.2f} | - | {info['bank_tokens_top']} at its top grid |")
     rerun = report["rerun_check"]
     note = rerun.get("reason") or rerun.get("detail")
     lines += ["", f"re-run check (same workflow twice through ComfyUI's executor): {rerun['status']}"

@@ -122,7 +122,8 @@ class MomaFeatureGrab(io.ComfyNode):
                              tooltip="Seeds the VAE posterior sample and the t=0 noise of the reference pass."),
                 io.Int.Input("resolution", default=REFERENCE_RESOLUTION, min=64, max=1024, step=64,
                              tooltip="Side of the (square-equivalent) size the reference is encoded at, aspect kept. "
-                                     "512 is what MoMA was trained and evaluated with; lower is faster."),
+                                     "512 is what MoMA was trained and evaluated with (reference and image both 512). "
+                                     "Generating much smaller images? Set it to their size: sampling is then faster."),
             ],
             outputs=[MomaRef.Output(display_name="reference")],
         )
