@@ -40,7 +40,7 @@ def host_dir() -> Path:
     return Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host"))
 
 
-def test_device() -> str:
+def device_under_test() -> str:
     """The device the tests run ComfyUI on: ``cpu`` (default, CI) or ``cuda`` (``MOMA_TEST_DEVICE=cuda``)."""
     return os.environ.get("MOMA_TEST_DEVICE", "cpu")
 
@@ -65,7 +65,7 @@ def boot() -> Host:
         (base_dir / sub).mkdir()
     (base_dir / "custom_nodes" / PACK_ALIAS).symlink_to(REPO, target_is_directory=True)
     args = comfy.cli_args.args
-    args.cpu = test_device() == "cpu"
+    args.cpu = device_under_test() == "cpu"
     args.force_fp32 = os.environ.get("MOMA_TEST_FP32", "") == "1"
     if args.force_fp32:
         import torch
