@@ -29,13 +29,15 @@ def _min_max(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def layer_subject_map(subject_probs: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> torch.Tensor:
     """One layer's subject map: per-sample min-max, reshape to its grid, nearest-resize, clamp to [0, 1].
 
-    subject_probs: [B, h*w] (subject-column attention mass, head-averaged). Returns [B, H, W] at out_grid.
+    subject_probs: [..., B, h*w] (subject-column attention mass, head-averaged; leading dims, e.g. several
+    layers of the same grid, are maps of their own). Returns [..., B, H, W] at out_grid.
     """
     h, w = grid
-    maps = _min_max(subject_probs.float(), (1,)).view(-1, 1, h, w)
+    leading = subject_probs.shape[:-1]
+    maps = _min_max(subject_probs.float(), (-1,)).view(-1, 1, h, w)
     if (h, w) != tuple(out_grid):
         maps = F.interpolate(maps, size=tuple(out_grid), mode="nearest")
-    return maps.clamp_(0.0, 1.0)[:, 0]
+    return maps.clamp_(0.0, 1.0).view(*leading, *out_grid)
 
 
 def combine_subject_maps(
@@ -77,43 +79,64 @@ COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values
 class SubjectMaskTracker:
     """The subject mask across one sampling run.
 
-    Each attn2 layer ``add``s its map for every row of the model batch; after a whole model evaluation
-    (cond and uncond, whether they came in one UNet call or several) ``finish_evaluation`` turns the
-    layer means into the mask that the *next* evaluation uses. One tracker per Apply node; ``reset`` at
-    the start of every sampling run.
+    Each attn2 layer queues its subject probabilities (``add_probs``) or adds a finished map (``add``)
+    for every row of the model batch; after a whole model evaluation (cond and uncond, whether they came
+    in one UNet call or several) ``finish_evaluation`` turns the layer means into the mask that the *next*
+    evaluation uses. One tracker per Apply node; ``reset`` at the start of every sampling run.
     """
 
     def __init__(self) -> None:
         self.mask: Optional[torch.Tensor] = None  # [B, H, W] at the latent grid, or None (unmasked)
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
+        self._pending: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int], tuple[int, ...]]] = []
         self._rows_cache: dict[tuple, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.mask = None
         self._sums.clear()
         self._counts.clear()
+        self._pending.clear()
         self._rows_cache.clear()
 
-    def add(self, layer_maps: torch.Tensor, chunk_kinds: list[int]) -> None:
-        """layer_maps: [len(chunk_kinds) * B, H, W], rows chunk-major as ComfyUI batches them."""
+    def add(self, layer_maps: torch.Tensor, chunk_kinds: list[int], layers: int = 1) -> None:
+        """layer_maps: [len(chunk_kinds) * B, H, W], rows chunk-major as ComfyUI batches them (the sum of
+        ``layers`` layers' maps)."""
         batch = layer_maps.shape[0] // len(chunk_kinds)
         for chunk, kind in enumerate(chunk_kinds):
             part = layer_maps[chunk * batch:(chunk + 1) * batch]
             if kind in self._sums and self._sums[kind].shape == part.shape:
                 self._sums[kind] += part
-                self._counts[kind] += 1
+                self._counts[kind] += layers
             else:
                 self._sums[kind] = part.clone()
-                self._counts[kind] = 1
+                self._counts[kind] = layers
+
+    def add_probs(self, subject_probs: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int],
+                  chunk_kinds: list[int]) -> None:
+        """Queue one layer's subject probabilities [len(chunk_kinds) * B, h*w]. They become maps at
+        ``finish_evaluation``, the layers of one grid together: a few kernels per grid instead of per layer
+        (on a GPU, sampling SD1.5 at common sizes is bound by kernel launches)."""
+        self._pending.append((subject_probs, tuple(grid), tuple(out_grid), tuple(chunk_kinds)))
+
+    def _add_pending(self) -> None:
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for probs, grid, out_grid, kinds in self._pending:
+            groups.setdefault((grid, out_grid, kinds, tuple(probs.shape), probs.device), []).append(probs)
+        self._pending.clear()
+        for (grid, out_grid, kinds, _, _), layers in groups.items():
+            maps = layer_subject_map(torch.stack(layers), grid, out_grid)  # [L, rows, H, W]
+            self.add(maps.sum(0), list(kinds), layers=len(layers))
 
     def discard_partial(self) -> None:
         """Drop maps of an evaluation that will not be finished (or not count)."""
+        self._pending.clear()
         self._sums.clear()
         self._counts.clear()
 
     def finish_evaluation(self) -> None:
         """Close one model evaluation: new mask from its layer maps (kept as is if no cond map arrived)."""
+        self._add_pending()
         if COND in self._sums:
             cond = self._sums[COND] / self._counts[COND]
             uncond = self._sums[UNCOND] / self._counts[UNCOND] if UNCOND in self._sums else None

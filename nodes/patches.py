@@ -26,7 +26,7 @@ from ..moma import attention as moma_attention
 from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank, capture_reference_layer, object_token_index
 from ..moma.sd15 import LAYER_BY_BLOCK, LAYERS, AttentionLayer
-from ..moma.subject_mask import COND, SubjectMaskTracker, layer_subject_map
+from ..moma.subject_mask import COND, SubjectMaskTracker
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class MomaRun:
         columns = self.subject_columns(k.shape[1], q.device)
         if columns is not None:
             _, subject_probs = moma_attention.text_attention_with_subject_probs(q, k, v, heads, columns, compute_output=False)
-            self.tracker.add(layer_subject_map(subject_probs, grid, _latent_grid(extra_options)), chunk_kinds)
+            self.tracker.add_probs(subject_probs, grid, _latent_grid(extra_options), chunk_kinds)
         if self.gates(extra_options)[1]:
             token_k, token_v = self.context_kv(layer.block, chunk_kinds, batch, q.device, q.dtype)
             context_out = moma_attention.decoupled_token_attention(

@@ -85,14 +85,18 @@ def test_tracker_matches_reference_recipe_batched_or_split(latent):
 
     batched = subject_mask.SubjectMaskTracker()
     split = subject_mask.SubjectMaskTracker()
+    queued = subject_mask.SubjectMaskTracker()  # what the patches do: probabilities queued, maps per grid at the end
+    queued_split = subject_mask.SubjectMaskTracker()
     for probs, grid in zip(layer_probs, grids):
         batched.add(subject_mask.layer_subject_map(probs, grid, (h, w)), [1, 0])
         split.add(subject_mask.layer_subject_map(probs[1:], grid, (h, w)), [0])
         split.add(subject_mask.layer_subject_map(probs[:1], grid, (h, w)), [1])
-    batched.finish_evaluation()
-    split.finish_evaluation()
-    torch.testing.assert_close(batched.mask, expected_latent, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(split.mask, expected_latent, rtol=1e-5, atol=1e-6)
+        queued.add_probs(probs, grid, (h, w), [1, 0])
+        queued_split.add_probs(probs[1:], grid, (h, w), [0])
+        queued_split.add_probs(probs[:1], grid, (h, w), [1])
+    for tracker in (batched, split, queued, queued_split):
+        tracker.finish_evaluation()
+        torch.testing.assert_close(tracker.mask, expected_latent, rtol=1e-5, atol=1e-6)
     rows = batched.rows((h // 2, w // 2), 2, torch.device("cpu"), torch.float32)
     assert rows.shape == (2, (h // 2) * (w // 2), 1)
 
@@ -109,6 +113,19 @@ def test_tracker_batch_items_are_independent_and_reset():
     torch.testing.assert_close(tracker.mask[1], solo.mask[0])
     tracker.reset()
     assert tracker.mask is None
+
+
+def test_discarded_evaluation_leaves_the_mask_as_it_was():
+    """Maps queued by an evaluation that is not closed (a PAG-style extra call) never reach the mask."""
+    g = torch.Generator().manual_seed(5)
+    tracker = subject_mask.SubjectMaskTracker()
+    tracker.add_probs(torch.rand(2, 16, generator=g), (4, 4), (4, 4), [1, 0])
+    tracker.finish_evaluation()
+    mask = tracker.mask.clone()
+    tracker.add_probs(torch.rand(1, 16, generator=g), (4, 4), (4, 4), [0])
+    tracker.discard_partial()
+    tracker.finish_evaluation()
+    assert torch.equal(tracker.mask, mask)
 
 
 def test_missing_subject_gives_no_mask_instead_of_nan():
