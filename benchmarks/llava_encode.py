@@ -182,7 +182,7 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
     with PeakRss() as peak:
         start = time.perf_counter()
         encoder = moma_model.load_encoder(device)
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
         result["load_s"] = time.perf_counter() - start
     result["load_peak_rss_mb"] = peak.peak / MB
@@ -195,7 +195,7 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
         for _ in range(repeats):
             start = time.perf_counter()
             context = encode_context(encoder, moma_model, picture, mask, SUBJECT, PROMPT)
-            if device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     result["encode_first_s"] = times[0]

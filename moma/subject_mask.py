@@ -22,7 +22,7 @@ def _min_max(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     else:
         lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     # a zero span has x - lo == 0 everywhere, so dividing by the smallest normal float gives the zeros
-    # without a second masked pass (fewer kernels per layer: this runs in all 16 attn2 layers every step)
+    # without a second masked pass (fewer kernels: this runs for every layer grid at every evaluation)
     return (x - lo).div_((hi - lo).clamp_min_(torch.finfo(x.dtype).tiny))
 
 

@@ -355,6 +355,7 @@ def test_readme_models_tables_match_models_json_and_the_workflows():
             rows[name] = (cells[1].strip("`").rstrip("/"), cells[2])
     expected = {entry["name"]: (entry["folder"], entry["size"]) for entry in TABLE["models"]}
     assert rows == expected
+    listed = {(name, folder) for name, (folder, _) in rows.items()}
     for workflow in sorted(API_DIR.glob("*.json")):
         for use in runner.model_uses(runner.load_workflow(workflow), TABLE["loader_inputs"]):
-            assert (use.name, use.folder) in {(name, folder) for name, (folder, _) in rows.items()}, (workflow.name, use)
+            assert (use.name, use.folder) in listed, (workflow.name, use)
