@@ -388,7 +388,7 @@ def run_rerun_graph(hostinfo: host.Host, checkpoint_name: str) -> dict:
     }
     sink = _MessageSink()
     executor = execution.PromptExecutor(sink, cache_type=execution.CacheType.CLASSIC,  # ComfyUI's default
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     runs = []
     for attempt in range(2):
         sink.messages.clear()

@@ -14,7 +14,7 @@
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${1:-$REPO/gpu-check}
-PY=${MOMA_PYTHON:-$REPO/.host/venv/bin/python}
+PY=${MOMA_PYTHON:-${MOMA_HOST_DIR:-$REPO/.host/comfyui-${MOMA_COMFYUI:-0.30}}/venv/bin/python}
 LLAVA_LAYERS=${MOMA_GPU_LLAVA_LAYERS:-4}
 mkdir -p "$OUT_DIR"
 cd "$REPO"

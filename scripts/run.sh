@@ -4,12 +4,15 @@
 #
 #   bash scripts/run.sh --demo                # tiny generated models, no downloads: see the graph execute
 #   bash scripts/run.sh [runner options]      # real models; lists any missing file, its folder and source
+#   bash scripts/run.sh --comfyui 0.3.75 ...  # the oldest supported host instead of ComfyUI 0.30 (default)
 #
 # Runner options (scripts/run_workflow.py --help): [WORKFLOW.json] --image --mask --subject --prompt --seed
-# --steps --width --height --output --base-dir --comfyui --server --cpu --verbose
+# --steps --width --height --output --base-dir --comfyui DIR --server --cpu --verbose
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-HOST=${MOMA_HOST_DIR:-$REPO/.host}
-bash "$REPO/scripts/setup_host.sh" "$HOST"
-export MOMA_HOST_DIR="$HOST"
-exec "$HOST/venv/bin/python" "$REPO/scripts/run_workflow.py" "$@"
+source "$REPO/scripts/host_choice.sh" "$@"   # sets HOST, COMFYUI_VERSION and PASSTHROUGH (the other args)
+# (pip's notes about this machine's missing local index folders are filtered out; a failed install still fails)
+bash "$REPO/scripts/setup_host.sh" --comfyui "$COMFYUI_VERSION" "$HOST" 2>&1 \
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+export MOMA_HOST_DIR="$HOST" MOMA_COMFYUI="$COMFYUI_VERSION"
+exec "$HOST/venv/bin/python" "$REPO/scripts/run_workflow.py" "${PASSTHROUGH[@]}"

@@ -93,9 +93,13 @@ class RunnerError(Exception):
         self.code = code
 
 
+DEFAULT_COMFYUI = "0.30"  # the host version scripts/setup_host.sh installs by default
+
+
 def host_dir() -> Path:
-    """The host scripts/setup_host.sh installs (MOMA_HOST_DIR, default <repo>/.host)."""
-    return Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host"))
+    """The host scripts/setup_host.sh installs (MOMA_HOST_DIR, default <repo>/.host/comfyui-<MOMA_COMFYUI|0.30>)."""
+    version = os.environ.get("MOMA_COMFYUI", DEFAULT_COMFYUI)
+    return Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host" / f"comfyui-{version}"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -678,7 +682,7 @@ class InProcessBackend:
         server = _RunnerServer(progress)
         comfy.utils.set_progress_bar_enabled(False)  # no tqdm bars on stderr; our hook prints steps
         comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: progress.step(value, total))
-        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         executor.execute(prompt, prompt_id, extra_data={"client_id": "moma-runner"}, execute_outputs=outputs)
         if not executor.success:
             raise RunnerError(format_execution_error(executor.status_messages, self.verbose), EXIT_FAILED)

@@ -75,7 +75,7 @@ def run_api_workflow(prompt: dict, prompt_id: str | None = None) -> dict:
     if not valid:
         raise WorkflowError(f"workflow invalid: {error}; node errors: {node_errors}", node_errors=node_errors)
     executor = execution.PromptExecutor(
-        NullServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+        NullServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0}
     )
     try:
         executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)

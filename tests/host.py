@@ -36,8 +36,13 @@ class Host:
 _HOST: Host | None = None
 
 
+DEFAULT_COMFYUI = "0.30"  # the host version scripts/setup_host.sh installs by default
+
+
 def host_dir() -> Path:
-    return Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host"))
+    """The installed host (MOMA_HOST_DIR, default <repo>/.host/comfyui-<MOMA_COMFYUI|0.30>)."""
+    version = os.environ.get("MOMA_COMFYUI", DEFAULT_COMFYUI)
+    return Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host" / f"comfyui-{version}"))
 
 
 def device_under_test() -> str:

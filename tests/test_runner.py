@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import host
 import pytest
 from PIL import Image
 
@@ -294,7 +295,7 @@ def test_server_mode_runs_and_reports_missing_models(demo_run, test_images, tmp_
     """The same graph posted to a real ComfyUI server (main.py) on the demo base directory."""
     root, demo = demo_run
     assert demo.returncode == 0, demo.stdout + demo.stderr
-    comfy_root = Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host")) / "ComfyUI"
+    comfy_root = host.host_dir() / "ComfyUI"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
