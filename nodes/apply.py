@@ -113,7 +113,7 @@ class MomaApply(io.ComfyNode):
                 io.Mask.Input("attn_mask", optional=True,
                               tooltip="Optional: restricts MoMA to this region of the generated image (multiplies the subject mask)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(display_name="MODEL")],
         )
 
     @classmethod

@@ -95,7 +95,7 @@ class MomaObjectMasker(io.ComfyNode):
             outputs=[
                 # V3 ids must differ from the input ids ("mask" is the optional input); the socket reads "mask".
                 io.Mask.Output("object_mask", display_name="mask", tooltip="The object mask [B, H, W], 1 = object."),
-                io.Image.Output("white_background", tooltip="The image with the background painted white: "
+                io.Image.Output("white_background", display_name="white_background", tooltip="The image with the background painted white: "
                                 "image·mask + (1 − mask), RGB."),
             ],
         )

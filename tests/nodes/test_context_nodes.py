@@ -120,7 +120,7 @@ def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(placed, ad
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     rss_before = _rss()
     outputs, _ = _run(executor, _graph())
     rss_after = _rss()
@@ -163,7 +163,7 @@ def test_keep_llava_loaded_hands_it_to_comfy_model_management(placed) -> None:
                 if isinstance(loaded.model.model, LlavaContextEncoder)]
 
     executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     try:
         first, _ = _run(executor, _graph(keep=True, prefix="moma/keep"))
         held = resident()

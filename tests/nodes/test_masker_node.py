@@ -139,7 +139,8 @@ def test_graph_masks_object_and_whitens_background(comfy_host, rembg_models, mod
     background = ~expected_box(height, width)
     assert (white_png[background] == 255).all()
     source = np.asarray(box_picture(height, width, mode).convert("RGB"))
-    assert np.array_equal(white_png[~background], source[~background])
+    # the object keeps its pixels; LoadImage decodes through PyAV on ComfyUI 0.30 (an L-mode 100 arrives as 99)
+    assert np.abs(white_png[~background].astype(int) - source[~background]).max() <= 1
 
 
 @pytest.mark.parametrize("name", ["rgb", "grey", "wide"])
