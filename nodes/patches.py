@@ -267,33 +267,99 @@ class MomaRun:
 
 
 class _ChainedPatch:
-    """Base for our replace patches: keeps the patch that was there before (e.g. an IPAdapter's) and
-    calls it instead of plain attention, so packs stack rather than overwrite each other."""
+    """Base for our replace patches. Packs stack rather than overwrite each other, in either order:
+
+    - a patch that was at this block before MoMA (e.g. an IPAdapter's) is kept as ``previous`` and called
+      instead of plain attention;
+    - a pack applied after MoMA finds this patch at its key and ``.add(callback, **kwargs)``s onto it, the
+      protocol IPAdapter_plus, PuLID and InstantID share: each added callback runs inside its own sigma
+      window (``kwargs["sigma_start"] >= sigma >= kwargs["sigma_end"]``) and its output is added on top of
+      MoMA's.
+
+    Every clone of a patched model gets its own copy (``copy_patches_on_clone``), so what a later node adds
+    never reaches an earlier model. Our own state lives in ``_moma_*`` attributes: the protocol sets every
+    added kwarg as an attribute, which must not clobber them.
+    """
 
     def __init__(self, run: MomaRun, layer: AttentionLayer, previous: Optional[ReplacePatch]) -> None:
-        self.run = run
-        self.layer = layer
-        self.previous = previous
+        self._moma_run = run
+        self._moma_layer = layer
+        self._moma_previous = previous
+        self.callback: list[Callable[..., torch.Tensor]] = []
+        self.kwargs: list[dict] = []
+        self.multigpu_kwargs: dict[torch.device, list[dict]] = {}
+
+    @property
+    def run(self) -> MomaRun:
+        return self._moma_run
+
+    @property
+    def layer(self) -> AttentionLayer:
+        return self._moma_layer
+
+    @property
+    def previous(self) -> Optional[ReplacePatch]:
+        return self._moma_previous
+
+    def copy(self) -> "_ChainedPatch":
+        """A copy for a model clone: its own lists of added callbacks; the shared run and previous patch."""
+        twin = copy.copy(self)
+        twin.callback = list(self.callback)
+        twin.kwargs = list(self.kwargs)
+        twin.multigpu_kwargs = dict(self.multigpu_kwargs)
+        return twin
 
     def __deepcopy__(self, memo: dict) -> "_ChainedPatch":
-        # ComfyUI deep-copies model_options on clone: the chained patch is copied (another pack may .add()
-        # to the clone's copy), the shared run state is not.
-        return type(self)(self.run, self.layer, copy.deepcopy(self.previous, memo))
+        # ComfyUI 0.3.75 deep-copies model_options on clone; 0.30 copies only dicts and lists. Either way the
+        # clone's patch is made separate by copy_patches_on_clone; here, just never copy the run or its tensors.
+        return self.copy()
 
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        """IPAdapter-style packs add their callback to the replace patch already at their key."""
-        if self.previous is None or not hasattr(self.previous, "add"):
-            raise MomaError(
-                f"Another node tried to add its attention patch onto MoMA's at block {self.layer.block}. "
-                "Apply that node (e.g. IPAdapter) before 'Apply MoMA Attention' in the graph: MoMA chains onto "
-                "patches that are already on the model."
-            )
-        self.previous.add(*args, **kwargs)
+    def add(self, callback: Callable[..., torch.Tensor], **kwargs: Any) -> None:
+        """Another pack's term, run after MoMA's inside its sigma window (IPAdapter's ``Attn2Replace.add``)."""
+        for name in ("sigma_start", "sigma_end"):
+            if name not in kwargs:
+                raise MomaError(
+                    f"Another node added an attention callback onto MoMA's patch at block {self.layer.block} "
+                    f"without '{name}'; MoMA runs added callbacks the way IPAdapter does, in their sigma window."
+                )
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
+        for key, value in kwargs.items():
+            if not key.startswith("_moma_"):
+                setattr(self, key, value)
 
-    def to(self, device_or_dtype: Any) -> "_ChainedPatch":
-        """ComfyUI calls .to(device) and .to(dtype) on patches when it loads the model; pass it on."""
+    def _with_added(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    extra_options: dict) -> torch.Tensor:
+        if not self.callback:
+            return out
+        sigmas = extra_options.get("sigmas")
+        # the protocol's own reading of sigma (one host read per call, only when a pack added callbacks)
+        sigma = float(sigmas.detach().cpu().reshape(-1)[0]) if sigmas is not None else 999999999.9
+        device_kwargs = self.multigpu_kwargs.get(q.device, self.kwargs)
+        dtype = out.dtype
+        for callback, window, kwargs in zip(self.callback, self.kwargs, device_kwargs):
+            if window["sigma_start"] >= sigma >= window["sigma_end"]:
+                out = out + callback(out, q, k, v, extra_options, **kwargs)
+        return out.to(dtype)
+
+    def to(self, device_or_dtype: Any, *args: Any, **kwargs: Any) -> "_ChainedPatch":
+        """ComfyUI calls .to(device) / .to(dtype) on patches when it loads the model: passed on to the previous
+        patch; for multi-GPU, per-device copies of the added callbacks' tensor kwargs, as the protocol does."""
         if self.previous is not None and hasattr(self.previous, "to"):
-            self.previous = self.previous.to(device_or_dtype)
+            self._moma_previous = self.previous.to(device_or_dtype)
+        if (isinstance(device_or_dtype, torch.device) and device_or_dtype.type != "cpu" and self.kwargs
+                and device_or_dtype not in self.multigpu_kwargs):
+            per_device = []
+            for added in self.kwargs:
+                moved = {}
+                for key, value in added.items():
+                    if torch.is_tensor(value):
+                        value = value.to(device_or_dtype)
+                    elif hasattr(value, "create_multigpu_clone"):
+                        value.create_multigpu_clone(device_or_dtype)
+                    moved[key] = value
+                per_device.append(moved)
+            self.multigpu_kwargs[device_or_dtype] = per_device
         return self
 
     def models(self) -> list:
@@ -308,7 +374,8 @@ class MomaSelfAttentionPatch(_ChainedPatch):
             out = self.previous(q, k, v, extra_options)
         else:
             out = _attention(q, k, v, extra_options["n_heads"], extra_options)
-        return self.run.object_term(self.layer, out, q, extra_options)
+        out = self.run.object_term(self.layer, out, q, extra_options)
+        return self._with_added(out, q, k, v, extra_options)
 
 
 class MomaCrossAttentionPatch(_ChainedPatch):
@@ -316,7 +383,8 @@ class MomaCrossAttentionPatch(_ChainedPatch):
     the subject-token attention map for the next evaluation's subject mask."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        return self.run.cross_attention(self.layer, self.previous, q, k, v, extra_options)
+        out = self.run.cross_attention(self.layer, self.previous, q, k, v, extra_options)
+        return self._with_added(out, q, k, v, extra_options)
 
 
 def _existing_replace(model_options: dict, kind: str, block: tuple[str, int]) -> tuple[Optional[ReplacePatch], tuple]:
@@ -328,6 +396,23 @@ def _existing_replace(model_options: dict, kind: str, block: tuple[str, int]) ->
     return None, block
 
 
+CLONE_CALLBACK_KEY = "moma"
+
+
+def copy_patches_on_clone(source: Any, clone: Any) -> None:
+    """ON_CLONE callback: the clone gets its own copy of every MoMA patch, so callbacks another pack ``.add()``s
+    to the clone never reach ``source``. Needed on ComfyUI 0.30, whose clone copies only the dicts and lists of
+    model_options (0.3.75 deep-copied them)."""
+    replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
+    for kind in ("attn1", "attn2"):
+        table = replaces.get(kind)
+        if not table:
+            continue
+        for key, patch in list(table.items()):
+            if isinstance(patch, _ChainedPatch):
+                table[key] = patch.copy()
+
+
 def install_moma_patches(model: Any, run: MomaRun) -> None:
     """Install MoMA on a *cloned* ModelPatcher: 16 attn1 + 16 attn2 replaces (chained onto existing ones),
     the post-CFG hook that closes each evaluation, and the wrapper that scopes state to one run."""
@@ -337,6 +422,9 @@ def install_moma_patches(model: Any, run: MomaRun) -> None:
             patch = patch_cls(run, layer, previous)
             model.set_model_patch_replace(patch, kind, *key)
     model.model_options["disable_cfg1_optimization"] = True  # the mask recipe needs the uncond half at cfg 1 too
+    on_clone = comfy.patcher_extension.CallbacksMP.ON_CLONE
+    if copy_patches_on_clone not in model.get_callbacks(on_clone, CLONE_CALLBACK_KEY):
+        model.add_callback_with_key(on_clone, CLONE_CALLBACK_KEY, copy_patches_on_clone)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run.key, run.outer_sample)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, run.key, run.calc_cond_batch)
 

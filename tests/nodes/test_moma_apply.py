@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import peer_packs
 from comfy_exec import run_api_workflow
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.sd15 import LAYERS
@@ -141,40 +142,6 @@ def test_non_sd15_model_is_refused(moma_model, moma_context, reference_bank):
 
 # --- the whole graph through ComfyUI's executor ------------------------------------------------------
 
-ATTN2_CALLS: list[tuple] = []
-
-
-class PackStyleAttn2Replace:
-    """What other packs (IPAdapter, PuLID) install: an attn2 replace object per block."""
-
-    def __init__(self, block):
-        self.block = block
-
-    def __call__(self, q, k, v, extra_options):
-        from comfy.ldm.modules.attention import optimized_attention
-
-        ATTN2_CALLS.append(self.block)
-        return optimized_attention(q, k, v, extra_options["n_heads"])
-
-
-class TestPackAttn2Node:
-    """A classic (V1) node that installs PackStyleAttn2Replace on all 16 blocks, as a peer pack would."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-    CATEGORY = "testing"
-
-    def patch(self, model):
-        patched = model.clone()
-        for layer in LAYERS:
-            patched.set_model_attn2_replace(PackStyleAttn2Replace(layer.block), *layer.block)
-        return (patched,)
-
-
 @pytest.fixture(scope="module")
 def graph_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision_dir, test_images):
     import folder_paths
@@ -191,12 +158,15 @@ def graph_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_visio
     image_path, mask_path = test_images["wide"]
     shutil.copy(image_path, input_dir / "moma_graph_ref.png")
     Image.open(mask_path).convert("L").save(input_dir / "moma_graph_mask.png")
-    nodes.NODE_CLASS_MAPPINGS["MomaTestPackAttn2"] = TestPackAttn2Node
+    nodes.NODE_CLASS_MAPPINGS["MomaTestIPAdapterStyle"] = peer_packs.IPAdapterStyleNode
     yield
-    nodes.NODE_CLASS_MAPPINGS.pop("MomaTestPackAttn2", None)
+    nodes.NODE_CLASS_MAPPINGS.pop("MomaTestIPAdapterStyle", None)
 
 
-def moma_graph(sd15_name, sampler, width, height, batch, seed=5, steps=2, preset="context", with_peer_pack=True):
+def moma_graph(sd15_name, sampler, width, height, batch, seed=5, steps=2, preset="context", with_peer_pack=True,
+               with_moma=True):
+    """The whole MoMA graph; with_peer_pack: the IPAdapter-protocol stand-in both before (node 20) and after
+    (node 21) Apply MoMA; with_moma=False: the sampler gets the model without MoMA (same everything else)."""
     model_source = ["20", 0] if with_peer_pack else ["1", 0]
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_name}},
@@ -220,12 +190,17 @@ def moma_graph(sd15_name, sampler, width, height, batch, seed=5, steps=2, preset
         "10": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
         "11": {"class_type": "KSampler", "inputs": {
             "seed": seed, "steps": steps, "cfg": 7.5, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0,
-            "model": ["7", 0], "positive": ["8", 0], "negative": ["9", 0], "latent_image": ["10", 0]}},
+            "model": ["21", 0] if with_peer_pack else ["7", 0], "positive": ["8", 0], "negative": ["9", 0],
+            "latent_image": ["10", 0]}},
         "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
         "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": f"moma_graph_{sampler}", "images": ["12", 0]}},
     }
     if with_peer_pack:
-        graph["20"] = {"class_type": "MomaTestPackAttn2", "inputs": {"model": ["1", 0]}}
+        graph["20"] = {"class_type": "MomaTestIPAdapterStyle", "inputs": {"model": ["1", 0], "tag": "before", "weight": 1.0}}
+        graph["21"] = {"class_type": "MomaTestIPAdapterStyle", "inputs": {"model": ["7", 0], "tag": "after", "weight": 1.0}}
+    if not with_moma:
+        sampler_input = graph["21"]["inputs"] if with_peer_pack else graph["11"]["inputs"]
+        sampler_input["model"] = model_source
     return graph
 
 
@@ -243,14 +218,19 @@ def _saved_images(outputs):
     ("dpmpp_2m", 64, 64, 2),
 ])
 def test_whole_graph_runs_through_the_executor(graph_setup, sd15_checkpoint, sampler, width, height, batch):
-    ATTN2_CALLS.clear()
+    peer_packs.CALLS.clear()
     outputs = run_api_workflow(moma_graph(sd15_checkpoint.name, sampler, width, height, batch))
     images = _saved_images(outputs)
     assert len(images) == batch
     assert all(image.shape == (height, width, 3) for image in images)
-    # the peer pack's attn2 replace still runs under MoMA's (chained, not overwritten): 16 layers per UNet call
-    assert ATTN2_CALLS and len(ATTN2_CALLS) % 16 == 0
-    assert set(ATTN2_CALLS) == {layer.block for layer in LAYERS}
+    # the peer pack before MoMA (chained) and after it (.add()ed onto MoMA's patch) both run, on 16 layers per call
+    tags = [tag for tag, _ in peer_packs.CALLS]
+    assert tags.count("before") == tags.count("after") > 0 and tags.count("before") % 16 == 0
+    assert {block for _, block in peer_packs.CALLS} == {layer.block for layer in LAYERS}
+    if sampler == "euler":  # MoMA changed the picture: the same graph without it gives another one
+        without = _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, sampler, width, height, batch,
+                                                            with_moma=False)))
+        assert any(np.abs(a.astype(int) - b).mean() > 1.0 for a, b in zip(images, without))
 
 
 def test_same_seed_twice_gives_identical_images(graph_setup, sd15_checkpoint):
@@ -375,30 +355,68 @@ def test_cond_only_extra_evaluations_do_not_touch_the_mask(sd15_models, moma_mod
     assert run.tracker.mask is not None
 
 
-class AddablePackPatch(PackStyleAttn2Replace):
-    """Like IPAdapter's Attn2Replace: later nodes of the same pack .add() callbacks to it."""
-
-    def __init__(self, block):
-        super().__init__(block)
-        self.callbacks = []
-
-    def add(self, callback, **kwargs):
-        self.callbacks.append(callback)
+# --- other adapter packs, in any order (IPAdapter_plus / PuLID / InstantID attn2 protocol) --------------------
 
 
-def test_pack_added_after_moma_goes_to_the_chained_patch_of_that_clone_only(sd15_models, moma_model, moma_context,
-                                                                            reference_bank):
-    model = sd15_models[0].clone()
+def _attn2(model, block):
+    return model.model_options["transformer_options"]["patches_replace"]["attn2"][block]
+
+
+def test_a_later_add_onto_a_clone_never_changes_an_earlier_model(sd15_models, moma_model, moma_context,
+                                                                  reference_bank):
+    """Whatever ComfyUI's clone copies (0.3.75: everything; 0.30: only dicts and lists), a pack that .add()s
+    onto MoMA's patch of a later clone changes that clone only."""
+    patched = apply_moma(sd15_models[0], moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    later = peer_packs.apply_ipadapter_style(patched, "later")  # clones, then .add()s on all 16 blocks
+    again = peer_packs.apply_ipadapter_style(later, "again")
     for layer in LAYERS:
-        model.set_model_attn2_replace(AddablePackPatch(layer.block), *layer.block)
-    patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
-    later = patched.clone()  # what the other pack's node does before patching
+        assert _attn2(patched, layer.block).callback == []
+        assert [kw["tag"] for kw in _attn2(later, layer.block).kwargs] == ["later"]
+        assert [kw["tag"] for kw in _attn2(again, layer.block).kwargs] == ["later", "again"]
+        assert _attn2(patched, layer.block) is not _attn2(later, layer.block)
+        assert _attn2(patched, layer.block).run is _attn2(later, layer.block).run  # weights are not copied
+    # a pack before MoMA: its patch is chained, and a second application after MoMA leaves the first alone
+    first = peer_packs.apply_ipadapter_style(sd15_models[0], "first")
+    sandwich = peer_packs.apply_ipadapter_style(
+        apply_moma(first, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0), "after")
     block = LAYERS[0].block
-    later.model_options["transformer_options"]["patches_replace"]["attn2"][block].add(lambda *a: None)
-    assert len(later.model_options["transformer_options"]["patches_replace"]["attn2"][block].previous.callbacks) == 1
-    assert patched.model_options["transformer_options"]["patches_replace"]["attn2"][block].previous.callbacks == []
-    assert model.model_options["transformer_options"]["patches_replace"]["attn2"][block].callbacks == []
+    assert [kw["tag"] for kw in _attn2(first, block).kwargs] == ["first"]
+    assert [kw["tag"] for kw in _attn2(sandwich, block).previous.kwargs] == ["first"]  # chained (0.3.75: a copy)
+    assert [kw["tag"] for kw in _attn2(sandwich, block).kwargs] == ["after"]
+    assert "patches_replace" not in sd15_models[0].model_options["transformer_options"]
 
-    alone = apply_moma(sd15_models[0], moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
-    with pytest.raises(MomaError, match="before 'Apply MoMA Attention'"):
-        alone.clone().model_options["transformer_options"]["patches_replace"]["attn2"][block].add(lambda *a: None)
+
+def test_peer_pack_terms_act_in_either_order_and_in_their_sigma_window(sd15_models, moma_model, moma_context,
+                                                                       reference_bank, cfg_context):
+    """IPAdapter -> MoMA and MoMA -> IPAdapter give the same UNet output (both terms are added to the same
+    attention output), which differs from either adapter alone; the pack's callback runs on all 16 blocks
+    per call, and not at all outside its sigma window."""
+    model = sd15_models[0]
+    moma_only = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    ipa_only = peer_packs.apply_ipadapter_style(model, "ipa")
+    ipa_then_moma = apply_moma(ipa_only, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    moma_then_ipa = peer_packs.apply_ipadapter_style(moma_only, "ipa")
+    sandwich = peer_packs.apply_ipadapter_style(ipa_then_moma, "ipa2", seed=1)
+
+    def evaluate(patched):
+        peer_packs.CALLS.clear()
+        return _unet(patched, LATENT, 500, cfg_context), list(peer_packs.CALLS)
+
+    out_moma, calls = evaluate(moma_only)
+    assert calls == []
+    out_ipa, calls = evaluate(ipa_only)
+    assert sorted(block for _, block in calls) == sorted(layer.block for layer in LAYERS)
+    out_a, calls_a = evaluate(ipa_then_moma)
+    out_b, calls_b = evaluate(moma_then_ipa)
+    assert len(calls_a) == len(calls_b) == 16
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-4)
+    assert _rel(out_a, out_moma) > 1e-3 and _rel(out_a, out_ipa) > 1e-3
+    out_sandwich, calls = evaluate(sandwich)
+    assert sorted(tag for tag, _ in calls) == ["ipa"] * 16 + ["ipa2"] * 16
+    assert _rel(out_sandwich, out_a) > 1e-3
+    # a window that excludes t=500: the added callback is skipped, the output is MoMA's alone
+    sigma_500 = float(model.get_model_object("model_sampling").sigma(torch.tensor([500.0])))
+    outside = peer_packs.apply_ipadapter_style(moma_only, "late", sigma_start=sigma_500 / 2)
+    out_outside, calls = evaluate(outside)
+    assert calls == []
+    torch.testing.assert_close(out_outside, out_moma, rtol=0, atol=0)
