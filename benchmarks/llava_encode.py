@@ -244,6 +244,8 @@ def main() -> None:
     parser.add_argument("--memory-cap-gb", type=float, default=None,
                         help="CUDA: cap this process's CUDA memory (set_per_process_memory_fraction)")
     parser.add_argument("--matrix", action="store_true", help="resident vs stream vs cpu per precision, one process each")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PRECISION:PLACEMENT",
+                        help="--matrix: run only these rows, e.g. fp32:cpu bf16:cpu")
     parser.add_argument("--files", type=Path, nargs=3, default=None, metavar=("ADAPTER", "LLAVA_DIR", "CLIP"),
                         help="benchmark these files (used by --matrix for its rows)")
     parser.add_argument("--tokens", type=Path, default=None, help="also save the cond tokens here (torch.save)")
@@ -303,7 +305,8 @@ def main() -> None:
         if args.full_width and args.keep_files is None:
             shutil.rmtree(root, ignore_errors=True)
 
-    result.update(kind="full-width random" if args.full_width else "test fixtures", precision=args.precision,
+    result.update(kind="given files" if args.files else "full-width random" if args.full_width else "test fixtures",
+                  precision=args.precision,
                   quantization=args.quantization, memory_cap_gb=args.memory_cap_gb,
                   device=args.device, torch=torch.__version__, cpu_count=psutil.cpu_count(),
                   machine=platform.machine())
@@ -352,7 +355,8 @@ def run_matrix(args: argparse.Namespace, adapter: Path, llava_dir: Path, clip: P
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="moma-bench-rows-") as tmp:
-        for number, (precision, placement, cap) in enumerate(matrix_rows(args.device)):
+        chosen = [row for row in matrix_rows(args.device) if not args.only or f"{row[0]}:{row[1]}" in args.only]
+        for number, (precision, placement, cap) in enumerate(chosen):
             out, tokens = Path(tmp) / f"{number}.json", Path(tmp) / f"{number}.pt"
             command = [sys.executable, str(Path(__file__).resolve()), "--files", str(adapter), str(llava_dir), str(clip),
                        "--precision", precision, "--placement", placement, "--device", args.device,

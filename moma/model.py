@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .context import MomaContext
+from .convert import preferred_adapter_file
 from .images import llava_pixel_values, load_clip_image_processor
 from .clip_vision import CLIP_WHERE_TO_GET
 from .errors import MomaError
@@ -63,6 +64,7 @@ class MomaModel:
             raise MomaError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
         if placement not in PLACEMENTS:
             raise MomaError(f"llava_placement must be one of {PLACEMENTS}, got {placement!r}.")
+        adapter_path = preferred_adapter_file(adapter_path)  # a converted .safetensors next to the pickle wins
         adapter = load_adapter(adapter_path)
         if llava_dir is not None:
             llava_dir = Path(llava_dir)
