@@ -3,6 +3,7 @@ tokens exactly, and really moves each layer's weights in before it runs and out 
 the same code copies to CUDA on a GPU)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from comfyui_moma.moma.model import MomaModel, encode_context
 from comfyui_moma.moma.streaming import resolve_placement, streamed_layers
 
 SUBJECT, PROMPT = "duck toy", "A duck toy in the rain."
+DEVICE = os.environ.get("MOMA_TEST_DEVICE", "cpu")  # cpu (CI: cpu -> cpu copies), or cuda with MOMA_TEST_DEVICE=cuda (pinned, side stream)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +46,8 @@ def _storages(module: torch.nn.Module) -> dict[str, int]:
 def test_streamed_tokens_equal_the_resident_encoders(adapter_file: Path, llava_dir: Path, clip_vision_dir: Path,
                                                      precision: str) -> None:
     moma_model = MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision=precision)
-    resident = _encode(moma_model, moma_model.load_encoder("cpu", placement="gpu"))
-    encoder = moma_model.load_encoder("cpu", placement="stream")
+    resident = _encode(moma_model, moma_model.load_encoder(DEVICE, placement="gpu"))
+    encoder = moma_model.load_encoder(DEVICE, placement="stream", pin=DEVICE == "cuda")
     streamer = encoder.streamer
     assert streamer is not None and encoder.language_model.embed_tokens.weight.device.type == "cpu"
     layers = streamed_layers(encoder.vision_tower) + list(encoder.language_model.layers)
@@ -85,7 +87,7 @@ def test_streamed_tokens_equal_the_resident_encoders(adapter_file: Path, llava_d
 def test_interrupted_streaming_puts_every_weight_back(adapter_file: Path, llava_dir: Path,
                                                      clip_vision_dir: Path) -> None:
     moma_model = MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision="fp32", placement="stream")
-    encoder = moma_model.load_encoder("cpu")
+    encoder = moma_model.load_encoder(DEVICE)
     assert encoder.streamer is not None
     before = _storages(encoder)
 
