@@ -105,8 +105,10 @@ def _loaded_encoder(moma_model: MomaModelObject, device: torch.device, placement
     pin = False
     if placement == "stream" and device.type == "cuda":
         # Page-locked RAM makes the copies asynchronous; only where the host has room for a pinned copy.
-        ram = comfy.model_management.get_free_memory(torch.device("cpu"))
-        pin = ram > 2 * _estimated_bytes(moma_model, device)
+        from ..moma.llava import LlavaFolder
+
+        host = sum(file.stat().st_size for file in LlavaFolder.open(moma_model.llava_dir).weight_files)  # ~fp16
+        pin = comfy.model_management.get_free_memory(torch.device("cpu")) > 2 * host
     return moma_model.load_encoder(device, progress=progress, interrupt=interrupt, placement=placement, pin=pin)
 
 
