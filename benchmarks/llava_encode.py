@@ -1,10 +1,20 @@
 #!/usr/bin/env python3
-"""LLaVA context encoder benchmark (issue 4): load time, encode time and peak RSS.
+"""LLaVA context encoder benchmark (issues 4, 12): load time, encode time, peak RSS and peak CUDA memory.
 
     .host/venv/bin/python benchmarks/llava_encode.py [--precision auto|fp16|bf16|fp32] [--device cpu|cuda]
+                                                     [--placement gpu|stream|cpu] [--memory-cap-gb 6]
                                                      [--repeats 2] [--json out.json]
     .host/venv/bin/python benchmarks/llava_encode.py --full-width [--layers N] [--keep-files DIR]
     .host/venv/bin/python benchmarks/llava_encode.py --device cuda --quantization 8bit|4bit   (bitsandbytes)
+    .host/venv/bin/python benchmarks/llava_encode.py --matrix [--device cuda] [--full-width ...]
+
+``--placement``: ``gpu`` = the whole encoder resident on ``--device`` (the default), ``stream`` = weights in
+RAM, each layer copied to ``--device`` just before it runs (on the CPU: cpu -> cpu copies, the streaming
+overhead alone), ``cpu`` = resident on the CPU. ``--memory-cap-gb`` caps this process's CUDA memory with
+``torch.cuda.set_per_process_memory_fraction`` to emulate a smaller card; a row that runs out reports "OOM".
+``--matrix`` runs, each in a fresh process on the same files: resident vs streaming vs cpu per precision (on
+CUDA also streaming and resident under 6 and 8 GB caps), checks every row's tokens against the resident row of
+its precision, and prints a Markdown table.
 
 Default: the test fixtures (tests/fixtures: the original-format LLaVA folder with hidden 4096 and 2 layers, a
 3-layer CLIP ViT-L/14-336-shaped vision tower, the adapter file), built once into the tests' fixture cache.
@@ -166,9 +176,9 @@ def reference_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: str, repeats: int,
-            quantization: str = "none") -> dict:
+            quantization: str = "none", placement: str = "gpu") -> dict:
     picture, mask = reference_inputs()
-    result: dict = {}
+    result: dict = {"placement": placement}
     start = time.perf_counter()
     import transformers.models.clip.modeling_clip  # noqa: F401  (one-off import cost, reported apart)
     import transformers.models.llama.modeling_llama  # noqa: F401
@@ -181,7 +191,7 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
         torch.cuda.reset_peak_memory_stats()
     with PeakRss() as peak:
         start = time.perf_counter()
-        encoder = moma_model.load_encoder(device)
+        encoder = moma_model.load_encoder(device, placement=placement, pin=cuda)
         if cuda:
             torch.cuda.synchronize()
         result["load_s"] = time.perf_counter() - start
@@ -191,6 +201,8 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
     result["params_m"] = sum(p.numel() for p in encoder.parameters()) / 1e6
     result["layers"] = encoder.num_layers
     times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the encode's own peak (a resident encoder's weights stay in it)
     with PeakRss() as peak:
         for _ in range(repeats):
             start = time.perf_counter()
@@ -202,6 +214,9 @@ def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: 
     result["encode_warm_s"] = statistics.median(times[1:]) if len(times) > 1 else None
     result["encode_peak_rss_mb"] = peak.peak / MB
     result["_cond_tokens"] = context.cond_tokens.float().cpu()
+    if encoder.streamer is not None:
+        result["streamed_layers"] = encoder.streamer.layers_fetched
+        result["max_layers_on_device"] = encoder.streamer.max_layers_on_device
     if cuda:
         result["encode_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / MB
     result["rss_with_encoder_mb"] = rss() / MB
@@ -224,6 +239,16 @@ def main() -> None:
     parser.add_argument("--keep-files", type=Path, default=None, help="write the --full-width files here and keep them")
     parser.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
                         help="bitsandbytes LLaVA (CUDA); the tokens are compared with an unquantised run")
+    parser.add_argument("--placement", default="gpu", choices=["gpu", "stream", "cpu"],
+                        help="gpu: resident on --device; stream: layers streamed from RAM; cpu: resident on the CPU")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="CUDA: cap this process's CUDA memory (set_per_process_memory_fraction)")
+    parser.add_argument("--matrix", action="store_true", help="resident vs stream vs cpu per precision, one process each")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PRECISION:PLACEMENT",
+                        help="--matrix: run only these rows, e.g. fp32:cpu bf16:cpu")
+    parser.add_argument("--files", type=Path, nargs=3, default=None, metavar=("ADAPTER", "LLAVA_DIR", "CLIP"),
+                        help="benchmark these files (used by --matrix for its rows)")
+    parser.add_argument("--tokens", type=Path, default=None, help="also save the cond tokens here (torch.save)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -231,17 +256,45 @@ def main() -> None:
 
     dtype_bytes = torch.empty((), dtype=resolve_dtype(args.precision, args.device)).element_size()
     with contextlib.ExitStack() as stack:
-        if args.full_width:
+        if args.files:
+            adapter, llava_dir, clip = args.files
+        elif args.full_width:
             root = args.keep_files or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moma-bench-")))
-            layers = full_width_layers(args.layers, dtype_bytes)
-            print(f"writing a full-width random LLaVA with {layers} of {FULL['layers']} layers to {root} ...", flush=True)
-            start = time.perf_counter()
-            llava_dir, clip = write_full_width(root, layers)
-            print(f"  written in {time.perf_counter() - start:.1f} s", flush=True)
+            if (root / "MoMA_llava_7b_full_width" / "config.json").is_file():
+                llava_dir, clip = root / "MoMA_llava_7b_full_width", root / "clip-vit-large-patch14-336"
+                print(f"using the full-width random LLaVA already in {root}", flush=True)
+            else:
+                layers = full_width_layers(args.layers, dtype_bytes)
+                print(f"writing a full-width random LLaVA with {layers} of {FULL['layers']} layers to {root} ...",
+                      flush=True)
+                start = time.perf_counter()
+                llava_dir, clip = write_full_width(root, layers)
+                print(f"  written in {time.perf_counter() - start:.1f} s", flush=True)
             adapter = fixture_files()[0]
         else:
             adapter, llava_dir, clip = fixture_files()
-        result = measure(adapter, llava_dir, clip, args.precision, args.device, args.repeats, args.quantization)
+        if args.matrix:
+            run_matrix(args, adapter, llava_dir, clip)
+            if args.full_width and args.keep_files is None:
+                shutil.rmtree(root, ignore_errors=True)
+            return
+        if args.memory_cap_gb:
+            if not args.device.startswith("cuda"):
+                parser.error("--memory-cap-gb needs --device cuda")
+            total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total),
+                                                       torch.device(args.device))
+        try:
+            result = measure(adapter, llava_dir, clip, args.precision, args.device, args.repeats, args.quantization,
+                             args.placement)
+        except torch.cuda.OutOfMemoryError as error:
+            result = {"placement": args.placement, "oom": str(error).splitlines()[0]}
+            print(f"out of CUDA memory ({args.placement}, cap {args.memory_cap_gb} GB): {result['oom']}")
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2))
+            return
+        if args.tokens:
+            torch.save(result["_cond_tokens"], args.tokens)
         if args.quantization != "none":
             exact = measure(adapter, llava_dir, clip, args.precision, args.device, 1)
             quantised, reference = result["_cond_tokens"].flatten(), exact["_cond_tokens"].flatten()
@@ -252,12 +305,13 @@ def main() -> None:
         if args.full_width and args.keep_files is None:
             shutil.rmtree(root, ignore_errors=True)
 
-    result.update(kind="full-width random" if args.full_width else "test fixtures", precision=args.precision,
-                  quantization=args.quantization,
+    result.update(kind="given files" if args.files else "full-width random" if args.full_width else "test fixtures",
+                  precision=args.precision,
+                  quantization=args.quantization, memory_cap_gb=args.memory_cap_gb,
                   device=args.device, torch=torch.__version__, cpu_count=psutil.cpu_count(),
                   machine=platform.machine())
     print(f"LLaVA context encoder benchmark ({result['kind']}, {args.precision} on {args.device}, "
-          f"quantization {args.quantization}, "
+          f"placement {args.placement}, quantization {args.quantization}, "
           f"torch {torch.__version__}, {psutil.cpu_count()} CPUs)")
     print(f"  model: {result['layers']} decoder layers, {result['params_m']:.0f} M parameters (with CLIP, mapping, projector)")
     print(f"  import transformers' Llama/CLIP modules (once per process): {result['import_s']:.2f} s")
@@ -278,8 +332,70 @@ def main() -> None:
         missing = FULL["layers"] - result["layers"]
         print(f"  (the real model has {FULL['layers']} layers: {missing} more x {per_layer_params:.0f} M parameters; "
               f"decoder time and memory grow about linearly with the layer count)")
+    if "streamed_layers" in result:
+        print(f"  streamed: {result['streamed_layers']} layers per encode, at most {result['max_layers_on_device']} "
+              f"on {args.device} at a time")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+
+
+def matrix_rows(device: str) -> list[tuple[str, str, float | None]]:
+    """(precision, placement, CUDA cap in GB) per row: resident vs streaming vs cpu, per precision."""
+    if device.startswith("cuda"):
+        rows = []
+        for precision in ("fp16", "bf16"):
+            rows += [(precision, "gpu", None), (precision, "stream", None), (precision, "stream", 8.0),
+                     (precision, "stream", 6.0), (precision, "gpu", 8.0)]
+        return rows + [("bf16", "cpu", None)]
+    return [(precision, placement, None) for precision in ("fp32", "bf16") for placement in ("cpu", "stream")]
+
+
+def run_matrix(args: argparse.Namespace, adapter: Path, llava_dir: Path, clip: Path) -> None:
+    import subprocess
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moma-bench-rows-") as tmp:
+        chosen = [row for row in matrix_rows(args.device) if not args.only or f"{row[0]}:{row[1]}" in args.only]
+        for number, (precision, placement, cap) in enumerate(chosen):
+            out, tokens = Path(tmp) / f"{number}.json", Path(tmp) / f"{number}.pt"
+            command = [sys.executable, str(Path(__file__).resolve()), "--files", str(adapter), str(llava_dir), str(clip),
+                       "--precision", precision, "--placement", placement, "--device", args.device,
+                       "--repeats", str(args.repeats), "--json", str(out), "--tokens", str(tokens)]
+            if cap:
+                command += ["--memory-cap-gb", str(cap)]
+            print(f"--- {precision} {placement}" + (f" (cap {cap:g} GB)" if cap else ""), flush=True)
+            subprocess.run(command, check=True)
+            result = json.loads(out.read_text())
+            result.update(precision=precision, cap=cap)
+            if tokens.is_file():
+                result["_tokens"] = torch.load(tokens)
+            rows.append(result)
+    reference = {row["precision"]: row["_tokens"] for row in rows
+                 if row["placement"] == "gpu" and not row["cap"] and "_tokens" in row}
+    if not args.device.startswith("cuda"):  # on the CPU the resident rows are 'cpu'
+        reference = {row["precision"]: row["_tokens"] for row in rows if row["placement"] == "cpu" and "_tokens" in row}
+
+    def mb(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    print(f"\n| precision | placement | CUDA cap | load s | encode s (first / warm) | peak RSS MB (load / encode) "
+          f"| peak CUDA MB (load / encode) | tokens vs resident |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        cap = f"{row['cap']:g} GB" if row["cap"] else "-"
+        if "oom" in row:
+            print(f"| {row['precision']} | {row['placement']} | {cap} | OOM | | | | |")
+            continue
+        base = reference.get(row["precision"])
+        same = "-" if base is None else ("equal" if torch.equal(row["_tokens"], base)
+                                         else f"max diff {float((row['_tokens'] - base).abs().max()):.2e}")
+        warm = "-" if row.get("encode_warm_s") is None else f"{row['encode_warm_s']:.2f}"
+        print(f"| {row['precision']} | {row['placement']} | {cap} | {row['load_s']:.2f} | "
+              f"{row['encode_first_s']:.2f} / {warm} | {mb(row['load_peak_rss_mb'])} / {mb(row['encode_peak_rss_mb'])} | "
+              f"{mb(row.get('load_peak_cuda_mb'))} / {mb(row.get('encode_peak_cuda_mb'))} | {same} |")
+    if args.json:
+        args.json.write_text(json.dumps([{k: v for k, v in row.items() if not k.startswith("_")} for row in rows],
+                                        indent=2))
 
 
 if __name__ == "__main__":

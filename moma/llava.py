@@ -24,6 +24,7 @@ features are cast ``.half()``, and everything runs under ``autocast(bfloat16)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from .checkpoint import (
 from .clip_vision import CLIP_WHERE_TO_GET, load_clip_vision
 from .errors import MomaError
 from .projection import ImageProjModel, SwiGLUMapping, build_mapping, build_projector
+from .streaming import LayerStreamer, streamed_layers
 from .prompt import (  # noqa: F401  (re-exported: the prompt helpers belong to the LLaVA encoder's API)
     IMAGE_TOKEN_INDEX,
     LLAVA_WHERE_TO_GET,
@@ -67,7 +69,8 @@ _IGNORED_KEYS = re.compile(r"^(lm_head\.|model\.vision_tower\.|.*rotary_emb\.inv
 
 
 def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
-    """``auto``: bf16 on CUDA with bf16 support (the reference's dtype), else fp16 on CUDA/MPS, fp32 on CPU."""
+    """``auto``: bf16 on CUDA with bf16 support (the reference's dtype), else fp16 on CUDA; fp16 on MPS;
+    bf16 on a CPU where torch computes in bf16 (half fp32's memory), else fp32."""
     if precision not in PRECISIONS:
         raise MomaError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if precision != "auto":
@@ -77,7 +80,19 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this torch build computes the encoder's ops (linear, SDPA, GELU) in bf16 on this CPU."""
+    try:
+        x = torch.ones(1, 2, 4, 8, dtype=torch.bfloat16)
+        y = torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+        y = torch.nn.functional.gelu(torch.nn.functional.linear(y, torch.ones(8, 8, dtype=torch.bfloat16)))
+        return bool(torch.isfinite(y.float()).all())
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 @dataclass
@@ -186,12 +201,15 @@ class LlavaContextEncoder(nn.Module):
         self.projector = projector
         self.compute_dtype = compute_dtype
         self.max_length = max_length
+        self.streamer: LayerStreamer | None = None  # set by ``stream_encoder``: weights on the host, layers streamed
 
     @property
     def num_layers(self) -> int:
         return len(self.language_model.layers)
 
     def _device(self) -> torch.device:
+        if self.streamer is not None:
+            return self.streamer.device
         return self.language_model.embed_tokens.weight.device
 
     def _autocast(self, device: torch.device):
@@ -238,11 +256,12 @@ class LlavaContextEncoder(nn.Module):
         step = _Steps(total, progress, interrupt)
         device = self._device()
         hooks = []
+        streaming = self.streamer.session() if self.streamer is not None else contextlib.nullcontext()
         try:
             for layer in self.language_model.layers:
                 hooks.append(layer.register_forward_pre_hook(lambda *_: step.check()))
                 hooks.append(layer.register_forward_hook(lambda *_: step.advance()))
-            with self._autocast(device):
+            with streaming, self._autocast(device):
                 step.check()
                 features = self.picture_features(pixel_values)
                 step.advance()
@@ -332,28 +351,31 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
     return language_model.requires_grad_(False).eval(), mm_projector.requires_grad_(False).eval()
 
 
-def _quantize_linears(root: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
-    """Swap every nn.Linear under ``root`` for bitsandbytes int8 / nf4 (double quant), quantised on ``device``."""
+def _quantized_linear(child: nn.Linear, mode: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A bitsandbytes int8 / nf4 (double quant) copy of a CPU ``nn.Linear``, quantised on ``device``."""
     import bitsandbytes as bnb
 
+    weight = child.weight.data.to(torch.float16)
+    has_bias = child.bias is not None
+    if mode == "8bit":
+        layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
+                                    has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    if has_bias:
+        layer.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+    return layer.to(device)  # bitsandbytes quantises when moved from the CPU to CUDA
+
+
+def _quantize_linears(root: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Swap every nn.Linear under ``root`` for its bitsandbytes copy, quantised on ``device``."""
     for parent in list(root.modules()):
         for child_name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            weight = child.weight.data.to(torch.float16)
-            has_bias = child.bias is not None
-            if mode == "8bit":
-                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
-                                            has_fp16_weights=False, threshold=6.0)
-                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-            else:
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
-                                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
-                                                 quant_type="nf4")
-            if has_bias:
-                layer.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-            setattr(parent, child_name, layer.to(device))  # bitsandbytes quantises when moved to CUDA
+            if isinstance(child, nn.Linear):
+                setattr(parent, child_name, _quantized_linear(child, mode, compute_dtype, device))
 
 
 def _check_quantization(quantization: str, device: torch.device) -> None:
@@ -374,18 +396,22 @@ def _check_quantization(quantization: str, device: torch.device) -> None:
 def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, adapter: MomaAdapterWeights, *,
                          precision: str = "auto", quantization: str = "none",
                          device: torch.device | str = "cpu", progress: ProgressFn | None = None,
-                         interrupt: InterruptFn | None = None) -> LlavaContextEncoder:
+                         interrupt: InterruptFn | None = None, stream: bool = False,
+                         pin: bool = False) -> LlavaContextEncoder:
     """Build the whole context encoder on ``device`` from the LLaVA folder, the CLIP vision tower and the adapter.
 
+    ``stream``: the weights stay on the CPU (``pin``: page-locked) and the encoder computes on ``device``, moving
+    the CLIP and decoder layers there one at a time (``streaming.py``); the tokens equal the resident encoder's.
     ``progress(done, total)`` is called after each weight file; ``interrupt()`` before each (it should raise).
     """
     device = torch.device(device)
     dtype = resolve_dtype(precision, device)
     _check_quantization(quantization, device)
+    compute_device, device = device, (torch.device("cpu") if stream else device)
     folder = LlavaFolder.open(llava_dir)
-    log.info("MoMA: loading LLaVA from %s (%d weight files) and CLIP vision from %s, %s on %s%s.", folder.path,
-             len(folder.weight_files), clip_vision_path, str(dtype).removeprefix("torch."), device,
-             "" if quantization == "none" else f", {quantization} quantised")
+    log.info("MoMA: loading LLaVA from %s (%d weight files) and CLIP vision from %s, %s on %s%s%s.", folder.path,
+             len(folder.weight_files), clip_vision_path, str(dtype).removeprefix("torch."), compute_device,
+             " (streamed from RAM)" if stream else "", "" if quantization == "none" else f", {quantization} quantised")
     step = _Steps(len(folder.weight_files) + 1, progress, interrupt)
     quantized = quantization != "none"
     # Quantised layers are built from the fp16 CPU tensors (memory-mapped from the shards, no copy, as
@@ -399,8 +425,9 @@ def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, ad
                         f"projector needs CLIP ViT-L/14-336 (1024). {CLIP_WHERE_TO_GET}")
     step.advance()
     if quantized:
-        for module in (language_model.layers, mm_projector):
-            _quantize_linears(module, quantization, dtype, device)
+        if not stream:  # streamed: quantised as each layer arrives on the GPU (the same fp16 weights, the same code)
+            for module in (language_model.layers, mm_projector):
+                _quantize_linears(module, quantization, dtype, device)
         for module in language_model.modules():  # embeddings and RMSNorms: plain parameters, in ``dtype``
             if isinstance(module, nn.Embedding) or type(module).__name__.endswith("RMSNorm"):
                 module.to(dtype=dtype)
@@ -410,4 +437,14 @@ def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, ad
                                   max_length=folder.max_length)
     # Parameters were placed on ``device`` one by one; buffers built at construction (RoPE frequencies, CLIP
     # position ids) and anything still on the CPU follow here.
-    return encoder.to(device).eval()
+    encoder = encoder.to(device).eval()
+    if stream:
+        quantize = None
+        if quantized:
+            def quantize(linear: nn.Linear, target: torch.device) -> nn.Module:
+                return _quantized_linear(linear, quantization, dtype, target)
+        encoder.streamer = LayerStreamer(
+            encoder, streamed_layers(vision_tower) + list(language_model.layers), compute_device, pin=pin,
+            quantize=quantize, quantize_modules=[*language_model.layers, mm_projector],
+        )
+    return encoder

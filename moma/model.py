@@ -10,11 +10,13 @@ from typing import Any
 import torch
 
 from .context import MomaContext
+from .convert import preferred_adapter_file
 from .images import llava_pixel_values, load_clip_image_processor
 from .clip_vision import CLIP_WHERE_TO_GET
 from .errors import MomaError
 from .llava import PRECISIONS, QUANTIZATIONS, InterruptFn, LlavaContextEncoder, LlavaFolder, ProgressFn, load_context_encoder
 from .prompt import LlavaTokenizer, llava_prompt, sd_prompt
+from .streaming import PLACEMENTS, resolve_placement
 from .weights import MomaAdapterWeights, load_adapter
 
 CONTEXT_CACHE_SIZE = 16  # contexts remembered per MomaModel (tiny: 2x4x768 + 1024 floats each)
@@ -41,6 +43,7 @@ class MomaModel:
     precision: str = "auto"
     quantization: str = "none"
     keep_llava_loaded: bool = False
+    placement: str = "auto"  # where LLaVA lives while encoding: auto, gpu (resident), stream, cpu
     # Runtime state, not part of the model's identity:
     resident_encoder: Any = field(default=None, repr=False)  # kept encoder (or its ComfyUI patcher) if keep_llava_loaded
     _contexts: OrderedDict = field(default_factory=OrderedDict, repr=False)
@@ -49,7 +52,8 @@ class MomaModel:
 
     @classmethod
     def load(cls, adapter_path: str | Path, llava_dir: str | Path | None, clip_vision_path: str | Path | None,
-             precision: str = "auto", quantization: str = "none", keep_llava_loaded: bool = False) -> MomaModel:
+             precision: str = "auto", quantization: str = "none", keep_llava_loaded: bool = False,
+             placement: str = "auto") -> MomaModel:
         """Read the adapter now; check the LLaVA folder's config and files and the CLIP path exist (cheap).
 
         ``llava_dir`` / ``clip_vision_path`` may be None (the loader's 'none'): nothing is checked for them and
@@ -58,6 +62,9 @@ class MomaModel:
             raise MomaError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
         if quantization not in QUANTIZATIONS:
             raise MomaError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
+        if placement not in PLACEMENTS:
+            raise MomaError(f"llava_placement must be one of {PLACEMENTS}, got {placement!r}.")
+        adapter_path = preferred_adapter_file(adapter_path)  # a converted .safetensors next to the pickle wins
         adapter = load_adapter(adapter_path)
         if llava_dir is not None:
             llava_dir = Path(llava_dir)
@@ -68,7 +75,7 @@ class MomaModel:
                 raise MomaError(f"CLIP vision model not found: {clip_vision_path}. {CLIP_WHERE_TO_GET}")
         return cls(adapter=adapter, adapter_path=Path(adapter_path), llava_dir=llava_dir,
                    clip_vision_path=clip_vision_path, precision=precision, quantization=quantization,
-                   keep_llava_loaded=keep_llava_loaded)
+                   keep_llava_loaded=keep_llava_loaded, placement=placement)
 
     def require_encoder(self, *fields: str) -> None:
         """Raise a MomaError naming the loader inputs set to 'none' among ``fields`` (default: all the encoder's)."""
@@ -97,12 +104,20 @@ class MomaModel:
         return self._processor
 
     def load_encoder(self, device: torch.device | str, progress: ProgressFn | None = None,
-                     interrupt: InterruptFn | None = None) -> LlavaContextEncoder:
-        """Load LLaVA + CLIP vision + mapping/projector on ``device`` (the expensive step)."""
+                     interrupt: InterruptFn | None = None, *, placement: str | None = None,
+                     pin: bool = False) -> LlavaContextEncoder:
+        """Load LLaVA + CLIP vision + mapping/projector for computing on ``device`` (the expensive step).
+
+        ``placement`` (default: the model's; ``auto`` without memory figures means resident): ``gpu`` loads it
+        all on ``device``, ``cpu`` on the CPU, ``stream`` keeps it in RAM (``pin``: page-locked) and streams
+        the layers to ``device`` during each encode."""
         self.require_encoder()
+        placement = resolve_placement(placement or self.placement, device)
+        if placement == "cpu":
+            device = "cpu"
         return load_context_encoder(self.llava_dir, self.clip_vision_path, self.adapter, precision=self.precision,
                                     quantization=self.quantization, device=device, progress=progress,
-                                    interrupt=interrupt)
+                                    interrupt=interrupt, stream=placement == "stream", pin=pin)
 
     # --- remembered contexts: re-encoding identical inputs would give identical tokens
 

@@ -21,6 +21,7 @@ from ..moma.context import CONTEXT_FORMAT, MomaContext as MomaContextObject, loa
 from ..moma.errors import MomaError
 from ..moma.llava import LlavaContextEncoder
 from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context
+from ..moma.streaming import resolve_placement, stream_device_bytes
 from .types import MomaContext, MomaModel
 
 log = logging.getLogger(__name__)
@@ -62,26 +63,73 @@ def _estimated_bytes(moma_model: MomaModelObject, device: torch.device) -> int:
     return int(llava * scale + clip * itemsize / 4)
 
 
-def _loaded_encoder(moma_model: MomaModelObject, device: torch.device, progress: Any,
+def _stream_bytes(moma_model: MomaModelObject, device: torch.device) -> int:
+    """GPU memory a streamed encode holds at its peak: embeddings, projectors and two layers per tower."""
+    from ..moma.llava import LlavaFolder, resolve_dtype
+
+    itemsize = torch.empty((), dtype=resolve_dtype(moma_model.precision, device)).element_size()
+    if moma_model.quantization != "none":
+        itemsize = 2  # layers arrive in fp16 and are quantised on the GPU
+    return stream_device_bytes(LlavaFolder.open(moma_model.llava_dir).config, itemsize)
+
+
+def choose_placement(moma_model: MomaModelObject, device: torch.device) -> str:
+    """``gpu``, ``stream`` or ``cpu`` for the loader's llava_placement; ``auto`` asks ComfyUI's model management
+    whether the whole encoder fits in what is free on ``device`` plus what it could unload there."""
+    if moma_model.placement != "auto" or device.type != "cuda":
+        return resolve_placement(moma_model.placement, device)
+    needed = _estimated_bytes(moma_model, device) + comfy.model_management.minimum_inference_memory()
+    available = comfy.model_management.get_free_memory(device) + sum(
+        loaded.model_loaded_memory() for loaded in comfy.model_management.current_loaded_models
+        if loaded.device == device and loaded.model is not None
+        and not isinstance(getattr(loaded.model, "model", None), LlavaContextEncoder)
+    )
+    placement = resolve_placement("auto", device, needed, available)
+    log.info("LLaVA Context Encoder: llava_placement auto -> %s (needs %.1f GB, %.1f GB free or freeable on %s).",
+             placement, needed / 2**30, available / 2**30, device)
+    return placement
+
+
+def _make_room(moma_model: MomaModelObject, device: torch.device, placement: str) -> None:
+    """Ask ComfyUI to free what ``placement`` needs on ``device``: all of LLaVA, its streaming peak, or nothing."""
+    if device.type == "cpu" or placement == "cpu":
+        return
+    needed = _estimated_bytes(moma_model, device) if placement == "gpu" else _stream_bytes(moma_model, device)
+    comfy.model_management.free_memory(needed + comfy.model_management.minimum_inference_memory(), device)
+
+
+def _loaded_encoder(moma_model: MomaModelObject, device: torch.device, placement: str, progress: Any,
                     interrupt: Any) -> LlavaContextEncoder:
-    """Load LLaVA on ``device`` after asking ComfyUI to make room for it."""
-    if device.type != "cpu":
-        comfy.model_management.free_memory(_estimated_bytes(moma_model, device), device)
-    return moma_model.load_encoder(device, progress=progress, interrupt=interrupt)
+    """Load LLaVA for ``placement`` after asking ComfyUI to make room for it."""
+    _make_room(moma_model, device, placement)
+    pin = False
+    if placement == "stream" and device.type == "cuda":
+        # Page-locked RAM makes the copies asynchronous; only where the host has room for a pinned copy.
+        from ..moma.llava import LlavaFolder
+
+        host = sum(file.stat().st_size for file in LlavaFolder.open(moma_model.llava_dir).weight_files)  # ~fp16
+        pin = comfy.model_management.get_free_memory(torch.device("cpu")) > 2 * host
+    return moma_model.load_encoder(device, progress=progress, interrupt=interrupt, placement=placement, pin=pin)
 
 
-def _resident_encoder(moma_model: MomaModelObject, device: torch.device, progress: Any,
+def _resident_encoder(moma_model: MomaModelObject, device: torch.device, placement: str, progress: Any,
                       interrupt: Any) -> LlavaContextEncoder:
-    """The kept encoder, registered with ComfyUI's model management so sampling can offload it to RAM."""
+    """The kept encoder: registered with ComfyUI's model management so sampling can offload it to RAM, or, when
+    streamed, held in RAM by the MOMA_MODEL (each encode streams it through the GPU)."""
     held = moma_model.resident_encoder
+    if isinstance(held, LlavaContextEncoder) and held.streamer is not None:
+        _make_room(moma_model, device, "stream")
+        return held
     if held is None:
-        encoder = _loaded_encoder(moma_model, device, progress, interrupt)
-        if moma_model.quantization != "none":
-            held = encoder  # bitsandbytes layers stay where they were quantised
+        encoder = _loaded_encoder(moma_model, device, placement, progress, interrupt)
+        if moma_model.quantization != "none" or encoder.streamer is not None:
+            held = encoder  # bitsandbytes layers stay where they were quantised; a streamed one lives in RAM
         else:
-            encoder.device = device  # ModelPatcher reads and writes .device (a plain attribute on our wrapper)
+            load_device = encoder._device()  # the CPU for llava_placement 'cpu'
+            encoder.device = load_device  # ModelPatcher reads and writes .device (a plain attribute on our wrapper)
             held = comfy.model_patcher.ModelPatcher(
-                encoder, load_device=device, offload_device=comfy.model_management.text_encoder_offload_device()
+                encoder, load_device=load_device,
+                offload_device=comfy.model_management.text_encoder_offload_device(),
             )
         moma_model.resident_encoder = held
     if isinstance(held, comfy.model_patcher.ModelPatcher):
@@ -102,16 +150,17 @@ def run_context_encoder(moma_model: MomaModelObject, picture: torch.Tensor, obje
     device = comfy.model_management.get_torch_device()
     encoder = None
     try:
+        placement = choose_placement(moma_model, device)
         if moma_model.keep_llava_loaded:
-            encoder = _resident_encoder(moma_model, device, progress, interrupt)
+            encoder = _resident_encoder(moma_model, device, placement, progress, interrupt)
         else:
-            encoder = _loaded_encoder(moma_model, device, progress, interrupt)
+            encoder = _loaded_encoder(moma_model, device, placement, progress, interrupt)
         return encode_context(encoder, moma_model, picture, object_mask, subject, prompt, progress, interrupt)
     except torch.cuda.OutOfMemoryError:
         raise MomaError(
-            f"LLaVA ({moma_model.precision}, quantization {moma_model.quantization}) does not fit in the GPU's "
-            f"memory. In MoMA Loader choose quantization '8bit' (about half the memory of fp16) or '4bit' "
-            f"(about a quarter), or free VRAM by running the encoder before loading other models."
+            f"LLaVA ({moma_model.precision}, quantization {moma_model.quantization}, llava_placement "
+            f"{moma_model.placement}) does not fit in the GPU's memory. In MoMA Loader choose llava_placement "
+            f"'stream' (about 2 GB of VRAM, the same tokens) or 'cpu', or quantization '8bit' / '4bit'."
         ) from None
     finally:
         encoder = None  # drops this frame's reference even if a traceback keeps the frame alive

@@ -13,6 +13,7 @@ from ..moma.clip_vision import CLIP_WHERE_TO_GET
 from ..moma.llava import PRECISIONS, QUANTIZATIONS
 from ..moma.prompt import LLAVA_WHERE_TO_GET
 from ..moma.model import MomaModel as MomaModelObject
+from ..moma.streaming import PLACEMENTS
 from ..moma.weights import WHERE_TO_GET as ADAPTER_WHERE_TO_GET
 from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER
 from .types import MomaModel
@@ -122,7 +123,9 @@ class MomaLoader(io.ComfyNode):
                                tooltip="openai/clip-vit-large-patch14-336: a folder or a .safetensors file in "
                                        "models/clip_vision. 'none': for saved contexts (Load MoMA Context) only."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
-                               tooltip="auto: bf16 on CUDA (the reference's), fp32 on CPU."),
+                               tooltip="auto: bf16 on CUDA (the reference's; fp16 on GPUs without bf16), fp16 on "
+                                       "Apple MPS, bf16 on a CPU where torch supports it (half the memory of fp32; "
+                                       "fp32 there otherwise). fp32: exact, twice the memory."),
                 io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",
                                tooltip="8bit/4bit LLaVA via bitsandbytes (CUDA only): 8bit about halves LLaVA's "
                                        "memory with nearly the same context tokens; 4bit saves more but changes them "
@@ -131,6 +134,12 @@ class MomaLoader(io.ComfyNode):
                                  tooltip="Keep LLaVA in memory between encodes (handed to ComfyUI's model management, "
                                          "so it is offloaded to RAM when sampling needs the VRAM; 8bit/4bit models stay "
                                          "on the GPU). Off: loaded for each encode and freed afterwards."),
+                io.Combo.Input("llava_placement", options=list(PLACEMENTS), default="auto", optional=True,
+                               tooltip="Where LLaVA lives while encoding. gpu: all on the GPU (fp16: ~14 GB). "
+                                       "stream: weights stay in RAM and each layer visits the GPU just before it "
+                                       "runs (~2 GB of VRAM, same tokens, a few seconds slower). cpu: encode on "
+                                       "the CPU. auto: gpu when ComfyUI says it fits, else stream (on a CPU-only "
+                                       "install: cpu). A kept stream encoder stays in RAM."),
             ],
             outputs=[MomaModel.Output(display_name="moma_model")],
         )
@@ -148,9 +157,10 @@ class MomaLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str, quantization: str,
-                keep_llava_loaded: bool) -> io.NodeOutput:
+                keep_llava_loaded: bool, llava_placement: str = "auto") -> io.NodeOutput:
         moma_model = MomaModelObject.load(
             resolve_adapter(adapter_name), resolve_llava(llava_name), resolve_clip_vision(clip_vision_name),
             precision=precision, quantization=quantization, keep_llava_loaded=keep_llava_loaded,
+            placement=llava_placement,
         )
         return io.NodeOutput(moma_model)

@@ -186,7 +186,12 @@ def test_shard_that_would_run_code_is_refused(tmp_path: Path, llava_dir: Path) -
 
 
 def test_precision_names() -> None:
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    from comfyui_moma.moma.llava import cpu_supports_bf16
+
+    # auto on a CPU: bf16 (half fp32's memory) where this torch computes the encoder's ops in bf16.
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    assert resolve_dtype("auto", "mps") == torch.float16
+    assert resolve_dtype("fp32", "cpu") == torch.float32
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(MomaError, match="precision must be one of"):
         resolve_dtype("fp64", "cpu")
