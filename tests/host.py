@@ -72,6 +72,10 @@ def boot() -> Host:
     args = comfy.cli_args.args
     args.cpu = device_under_test() == "cpu"
     args.force_fp32 = os.environ.get("MOMA_TEST_FP32", "") == "1"
+    # On CPU the UNet keeps the fixture's fp16 weights (ComfyUI's --fp16-unet) and ComfyUI's manual cast computes
+    # in fp32: the same numbers as an fp32 copy (fp16 -> fp32 is exact), at half the RAM (1.6 GB, not 3.2).
+    # MOMA_TEST_UNET_FP32=1 loads the fp32 copy ComfyUI makes by default on CPU instead.
+    args.fp16_unet = args.cpu and not args.force_fp32 and os.environ.get("MOMA_TEST_UNET_FP32", "") != "1"
     if args.force_fp32:
         import torch
 
