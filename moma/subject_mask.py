@@ -40,25 +40,34 @@ def layer_subject_map(subject_probs: torch.Tensor, grid: tuple[int, int], out_gr
     return maps.clamp_(0.0, 1.0).view(*leading, *out_grid)
 
 
-def combine_subject_maps(
+def subject_mask_and_validity(
     cond_mean: torch.Tensor, uncond_mean: Optional[torch.Tensor], threshold: float = MASK_THRESHOLD
-) -> Optional[torch.Tensor]:
-    """Layer-averaged maps -> the subject mask used at the next model evaluation.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-averaged maps -> the subject mask used at the next model evaluation, without host reads.
 
     cond_mean / uncond_mean: [B, H, W], each the mean of the 16 layer maps of one half of the CFG batch.
     Per batch item, min-max jointly over both halves, zero values <= threshold, min-max again, keep the
-    cond half. Returns [B, H, W], or None when a map carries no information (e.g. the subject word is not
-    in the prompt: the reference would divide by zero there).
+    cond half. Returns (mask [B, H, W], valid: a 0-dim bool tensor, False when a map carries no information,
+    e.g. the subject word is not in the prompt: the reference would divide by zero there).
     """
     stacked = cond_mean.unsqueeze(0) if uncond_mean is None else torch.stack([uncond_mean, cond_mean])
     stacked = stacked.float()
     dims = (0, 2, 3)  # jointly over the halves and space, separately per batch item
-    if bool((stacked.amax(dim=dims) - stacked.amin(dim=dims)).le(0).any()):
-        return None
-    mask = _min_max(stacked, dims)
-    mask = torch.where(mask > threshold, mask, torch.zeros_like(mask))
+    lo, hi = stacked.amin(dim=dims, keepdim=True), stacked.amax(dim=dims, keepdim=True)
+    span = hi - lo
+    valid = span.gt(0).all()
+    mask = (stacked - lo).div_(span.clamp_min_(torch.finfo(stacked.dtype).tiny))  # _min_max with lo/hi reused
+    mask = torch.where(mask > threshold, mask, 0.0)
     mask = _min_max(mask, dims)
-    return mask[-1]
+    return mask[-1], valid
+
+
+def combine_subject_maps(
+    cond_mean: torch.Tensor, uncond_mean: Optional[torch.Tensor], threshold: float = MASK_THRESHOLD
+) -> Optional[torch.Tensor]:
+    """:func:`subject_mask_and_validity` as a mask or None (reads the validity on the host)."""
+    mask, valid = subject_mask_and_validity(cond_mean, uncond_mean, threshold)
+    return mask if bool(valid) else None
 
 
 def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -86,14 +95,26 @@ class SubjectMaskTracker:
     """
 
     def __init__(self) -> None:
-        self.mask: Optional[torch.Tensor] = None  # [B, H, W] at the latent grid, or None (unmasked)
+        # [B, H, W] at the latent grid, or None (unmasked); a mask without information is all ones, so the
+        # sampling path never reads a device value on the host (``mask`` says None for it, reading it).
+        self._mask: Optional[torch.Tensor] = None
+        self._valid: Optional[torch.Tensor] = None
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
         self._pending: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int], tuple[int, ...]]] = []
         self._rows_cache: dict[tuple, torch.Tensor] = {}
 
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        """The current subject mask, or None when there is none or it carries no information (a host read:
+        for callers outside the sampling path)."""
+        if self._mask is None or not bool(self._valid):
+            return None
+        return self._mask
+
     def reset(self) -> None:
-        self.mask = None
+        self._mask = None
+        self._valid = None
         self._sums.clear()
         self._counts.clear()
         self._pending.clear()
@@ -142,18 +163,19 @@ class SubjectMaskTracker:
             uncond = self._sums[UNCOND] / self._counts[UNCOND] if UNCOND in self._sums else None
             if uncond is not None and uncond.shape != cond.shape:
                 uncond = None
-            self.mask = combine_subject_maps(cond, uncond)
+            mask, self._valid = subject_mask_and_validity(cond, uncond)
+            self._mask = torch.where(self._valid, mask, 1.0)
             self._rows_cache.clear()
         self._sums.clear()
         self._counts.clear()
 
     def rows(self, grid: tuple[int, int], chunks: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The current mask for a layer: [chunks * B, h*w, 1] (same mask for cond and uncond rows), or None."""
-        if self.mask is None:
+        if self._mask is None:
             return None
         key = (tuple(grid), chunks, str(device), dtype)
         rows = self._rows_cache.get(key)
         if rows is None:
-            rows = mask_to_grid(self.mask, grid).to(device=device, dtype=dtype).repeat(chunks, 1, 1)
+            rows = mask_to_grid(self._mask, grid).to(device=device, dtype=dtype).repeat(chunks, 1, 1)
             self._rows_cache[key] = rows
         return rows

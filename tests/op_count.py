@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HOST_READS = frozenset({
     "_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "nonzero_static",
     "masked_select", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "argwhere",
-    "repeat_interleave_tensor",
+    "repeat_interleave_tensor", "device_to_host_copy",
 })
 
 
