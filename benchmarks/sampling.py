@@ -10,10 +10,12 @@ same shapes as a real SD1.5 file; ``--checkpoint`` for a real one), runs the pac
 synthetic 512x512 reference and patches the model with the pack's ``apply_moma``. Then, per size, it samples
 with ComfyUI's ``sample_custom`` (sampler euler, CFG 7.5, same seed and noise) the plain model, MoMA with a
 ~30%-coverage object bank and MoMA with a full-frame bank (plus, at sizes other than 512, MoMA with a 30% bank
-from a Feature Grab at the generation size, "ref@SIZE"), interleaved and repeated, and reports:
+from a Feature Grab with the generation's LATENT connected, "ref@SIZE"), interleaved and repeated, and reports:
 
 - per-step time (the fastest steady step: the first step of every run is left out, and interference from
   other processes only adds time) as wall clock and as process CPU time, and the ratio MoMA / plain;
+- aten ops and host reads (host-device syncs on CUDA) per UNet call and per model evaluation, counted at
+  64x64 with a dispatch-mode counter (tests/op_count.py); ``--count-only`` prints only these;
 - the Feature Grab (reference pass) time in units of one plain CFG step;
 - peak RSS of the process while sampling (a thread polls RSS every few ms; and peak CUDA memory on a GPU);
 - the re-run check: the same workflow executed twice through ComfyUI's executor does not run the LLaVA
@@ -266,15 +268,20 @@ def steady(step_times: list[list[float]]) -> list[float]:
 
 
 def time_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image: Any, mask: Any,
-                        resolution: int = 512) -> tuple[Any, dict]:
-    """The pack's Feature Grab (at ``resolution``), timed as a whole and its VAE-encode part alone."""
+                        resolution: int = 512, latent_size: Optional[int] = None) -> tuple[Any, dict]:
+    """The pack's Feature Grab node (at ``resolution``, or with a ``latent_size`` square LATENT connected, which
+    sets the resolution), timed as a whole and its VAE-encode part alone."""
     import torch
     from comfyui_moma.moma.reference import reference_pixel_size, resize_reference_image
-    from comfyui_moma.nodes.feature_grab import encode_reference_latent, grab_reference_features
+    from comfyui_moma.nodes.feature_grab import MomaFeatureGrab, encode_reference_latent, resolution_of_latent
 
+    latent = None if latent_size is None else {"samples": torch.zeros(1, 4, latent_size // 8, latent_size // 8)}
     synchronize(model.load_device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    bank = grab_reference_features(model, moma_model, vae, clip, image, mask, SUBJECT, 0, resolution=resolution)
+    bank = MomaFeatureGrab.execute(model, moma_model, vae, clip, image, mask, SUBJECT, 0, resolution=resolution,
+                                   latent=latent).result[0]
+    if latent is not None:
+        resolution = resolution_of_latent(latent)
     synchronize(model.load_device)
     total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     pixels = resize_reference_image(image, reference_pixel_size(image.shape[1], image.shape[2], resolution))
@@ -589,13 +596,14 @@ def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) 
     if opts.count_only:
         return {"date": started.isoformat(timespec="seconds"), "machine": machine_info(device, load_before),
                 "op_counts": op_counts}, ""
-    # Feature Grab's resolution set to the generation size (the reference pipeline's reference and image are
-    # both 512x512): at other sizes the bank then holds as many object keys as the image has object queries.
+    # Feature Grab with the generation's LATENT connected (its resolution widget left at the default): the
+    # reference is encoded at the generation size, as the reference pipeline's reference and image are both
+    # 512x512, and the bank holds about as many object keys as the image has object queries.
     matched: dict[int, Any] = {}
     matched_reference: dict[str, dict] = {}
     for size in opts.sizes:
         if size != 512:
-            bank, info = time_reference_pass(model, moma_model, vae, clip, image, masks["30%"], resolution=size)
+            bank, info = time_reference_pass(model, moma_model, vae, clip, image, masks["30%"], latent_size=size)
             matched_reference[f"30% ref@{size}"] = {**info, "bank_tokens_top": bank.layer_token_counts()[("input", 1)]}
             matched[size] = apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)
 
@@ -772,7 +780,7 @@ def format_table(report: dict) -> str:
                      f"{info['plain_cfg_steps']:.2f} / {info['plain_cfg_steps_cpu']:.2f} | "
                      f"{info['bank_tokens_64x64']} ({info['coverage']:.0%}) |")
     for label, info in report.get("reference_pass_at_generation_size", {}).items():
-        lines.append(f"| {label} (reference at the generation size) | {info['total_s']:.2f} | {info['total_cpu_s']:.2f} | "
+        lines.append(f"| {label} (LATENT connected: reference at the generation size) | {info['total_s']:.2f} | {info['total_cpu_s']:.2f} | "
                      f"{info['vae_encode_s']:.2f} | - | {info['bank_tokens_top']} at its top grid |")
     rerun = report["rerun_check"]
     note = rerun.get("reason") or rerun.get("detail")
