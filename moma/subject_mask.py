@@ -27,17 +27,19 @@ def _min_max(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 
 def layer_subject_map(subject_probs: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> torch.Tensor:
-    """One layer's subject map: per-sample min-max, reshape to its grid, nearest-resize, clamp to [0, 1].
+    """One layer's subject map: per-sample min-max, reshape to its grid, nearest-resize (in [0, 1]).
 
     subject_probs: [..., B, h*w] (subject-column attention mass, head-averaged; leading dims, e.g. several
     layers of the same grid, are maps of their own). Returns [..., B, H, W] at out_grid.
     """
     h, w = grid
     leading = subject_probs.shape[:-1]
+    # (x - lo) <= (hi - lo) holds after rounding too, so the min-max is already in [0, 1]: the reference's
+    # clamp to [0, 1] would change nothing and is one kernel less per grid
     maps = _min_max(subject_probs.float(), (-1,)).view(-1, 1, h, w)
     if (h, w) != tuple(out_grid):
         maps = F.interpolate(maps, size=tuple(out_grid), mode="nearest")
-    return maps.clamp_(0.0, 1.0).view(*leading, *out_grid)
+    return maps.view(*leading, *out_grid)
 
 
 def subject_mask_and_validity(
@@ -145,9 +147,15 @@ class SubjectMaskTracker:
         for probs, grid, out_grid, kinds in self._pending:
             groups.setdefault((grid, out_grid, kinds, tuple(probs.shape), probs.device), []).append(probs)
         self._pending.clear()
-        for (grid, out_grid, kinds, _, _), layers in groups.items():
-            maps = layer_subject_map(torch.stack(layers), grid, out_grid)  # [L, rows, H, W]
-            self.add(maps.sum(0), list(kinds), layers=len(layers))
+        # the grids' sums are added up before they are split by chunk (the same additions in the same order)
+        totals: dict[tuple, tuple[torch.Tensor, int]] = {}
+        for (grid, out_grid, kinds, _, device), layers in groups.items():
+            summed = layer_subject_map(torch.stack(layers), grid, out_grid).sum(0)  # [rows, H, W]
+            key = (kinds, tuple(summed.shape), device)
+            total = totals.get(key)
+            totals[key] = (summed, len(layers)) if total is None else (total[0] + summed, total[1] + len(layers))
+        for (kinds, _, _), (summed, count) in totals.items():
+            self.add(summed, list(kinds), layers=count)
 
     def discard_partial(self) -> None:
         """Drop maps of an evaluation that will not be finished (or not count)."""
