@@ -10,10 +10,12 @@ same shapes as a real SD1.5 file; ``--checkpoint`` for a real one), runs the pac
 synthetic 512x512 reference and patches the model with the pack's ``apply_moma``. Then, per size, it samples
 with ComfyUI's ``sample_custom`` (sampler euler, CFG 7.5, same seed and noise) the plain model, MoMA with a
 ~30%-coverage object bank and MoMA with a full-frame bank (plus, at sizes other than 512, MoMA with a 30% bank
-from a Feature Grab at the generation size, "ref@SIZE"), interleaved and repeated, and reports:
+from a Feature Grab with the generation's LATENT connected, "ref@SIZE"), interleaved and repeated, and reports:
 
 - per-step time (the fastest steady step: the first step of every run is left out, and interference from
   other processes only adds time) as wall clock and as process CPU time, and the ratio MoMA / plain;
+- aten ops and host reads (host-device syncs on CUDA) per UNet call and per model evaluation, counted at
+  64x64 with a dispatch-mode counter (tests/op_count.py); ``--count-only`` prints only these;
 - the Feature Grab (reference pass) time in units of one plain CFG step;
 - peak RSS of the process while sampling (a thread polls RSS every few ms; and peak CUDA memory on a GPU);
 - the re-run check: the same workflow executed twice through ComfyUI's executor does not run the LLaVA
@@ -266,15 +268,20 @@ def steady(step_times: list[list[float]]) -> list[float]:
 
 
 def time_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image: Any, mask: Any,
-                        resolution: int = 512) -> tuple[Any, dict]:
-    """The pack's Feature Grab (at ``resolution``), timed as a whole and its VAE-encode part alone."""
+                        resolution: int = 512, latent_size: Optional[int] = None) -> tuple[Any, dict]:
+    """The pack's Feature Grab node (at ``resolution``, or with a ``latent_size`` square LATENT connected, which
+    sets the resolution), timed as a whole and its VAE-encode part alone."""
     import torch
     from comfyui_moma.moma.reference import reference_pixel_size, resize_reference_image
-    from comfyui_moma.nodes.feature_grab import encode_reference_latent, grab_reference_features
+    from comfyui_moma.nodes.feature_grab import MomaFeatureGrab, encode_reference_latent, resolution_of_latent
 
+    latent = None if latent_size is None else {"samples": torch.zeros(1, 4, latent_size // 8, latent_size // 8)}
     synchronize(model.load_device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    bank = grab_reference_features(model, moma_model, vae, clip, image, mask, SUBJECT, 0, resolution=resolution)
+    bank = MomaFeatureGrab.execute(model, moma_model, vae, clip, image, mask, SUBJECT, 0, resolution=resolution,
+                                   latent=latent).result[0]
+    if latent is not None:
+        resolution = resolution_of_latent(latent)
     synchronize(model.load_device)
     total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     pixels = resize_reference_image(image, reference_pixel_size(image.shape[1], image.shape[2], resolution))
@@ -304,6 +311,67 @@ def profile_step(label: str, model: Any, sampling: Sampling) -> str:
     stats = pstats.Stats(profiler, stream=stream).sort_stats("cumulative")
     stats.print_stats(r"(comfyui_moma|" + REPO.name + r")/(nodes|moma)/", 25)
     return f"=== {label} @ {sampling.size}: torch ops (2 steps) ===\n{ops}\n=== {label}: pack functions ===\n{stream.getvalue()}"
+
+
+COUNT_SIZE = 64  # image side for the op counts (latent 8x8): the counts do not depend on the size
+
+
+def count_ops(variants: dict[str, Any], sampling: "Sampling", steps: int = 3) -> dict:
+    """aten ops and host reads per UNet call and per model evaluation for each variant (tests/op_count.py).
+
+    A ``steps``-step run per variant (euler, one UNet call per step with cond and uncond batched); the first
+    call builds each run's device caches and has no subject mask yet, so the figures are the median of the
+    later calls: what every step costs. ``added`` is the difference to plain.
+    """
+    from op_count import ModelCallCounts, count_model_calls, host_reads
+
+    def median(values: list[int]) -> int:
+        return int(statistics.median(values))
+
+    counts: dict[str, dict] = {}
+    for name, model in variants.items():
+        sampling.run(model, steps=1)  # first use of these shapes (and of this model) is not counted
+        with count_model_calls() as calls:
+            sampling.run(model, steps=steps)
+        later_calls, later_evals = calls.per_call[1:] or calls.per_call, calls.per_eval[1:] or calls.per_eval
+        top = sum(later_calls, start=type(later_calls[0])()) if later_calls else {}
+        counts[name] = {
+            "unet_calls": len(calls.per_call),
+            "evaluations": len(calls.per_eval),
+            "ops_per_call": median([ModelCallCounts.ops(c) for c in later_calls]),
+            "host_reads_per_call": median([host_reads(c) for c in later_calls]),
+            "ops_per_evaluation": median([ModelCallCounts.ops(c) for c in later_evals]),
+            "host_reads_per_evaluation": median([host_reads(c) for c in later_evals]),
+            "host_reads_per_run": host_reads(calls.total),
+            "top_ops_per_call": {op: round(n / len(later_calls), 1) for op, n in
+                                 sorted(top.items(), key=lambda item: -item[1])[:12]} if later_calls else {},
+        }
+    plain = counts.get("plain")
+    if plain is not None:
+        for name, entry in counts.items():
+            if name != "plain":
+                for key in ("ops_per_call", "host_reads_per_call", "ops_per_evaluation", "host_reads_per_evaluation",
+                            "host_reads_per_run"):
+                    entry["added_" + key] = entry[key] - plain[key]
+    return {"size": sampling.size, "steps": steps, "variants": counts}
+
+
+def format_counts(report: dict) -> str:
+    """The op counts as a Markdown table."""
+    lines = [f"aten ops per UNet call at {report['size']}x{report['size']} (cond and uncond in one call; "
+             f"median of calls 2..{report['steps']} of a run):", "",
+             "| variant | ops / UNet call | added by MoMA | host reads / call (added) | ops / evaluation (added) | "
+             "host reads / evaluation (added) | host reads / run (added) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, entry in report["variants"].items():
+        def added(key: str) -> str:
+            return f" ({entry['added_' + key]:+d})" if "added_" + key in entry else ""
+        lines.append(f"| {name} | {entry['ops_per_call']} | {entry.get('added_ops_per_call', '-')} | "
+                     f"{entry['host_reads_per_call']}{added('host_reads_per_call')} | "
+                     f"{entry['ops_per_evaluation']}{added('ops_per_evaluation')} | "
+                     f"{entry['host_reads_per_evaluation']}{added('host_reads_per_evaluation')} | "
+                     f"{entry['host_reads_per_run']}{added('host_reads_per_run')} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,6 +512,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also print a profile of one step per variant")
     parser.add_argument("--skip-rerun", action="store_true", help="skip the executor re-run check")
     parser.add_argument("--rerun-only", action="store_true", help="only the executor re-run check")
+    parser.add_argument("--count-only", action="store_true",
+                        help=f"only the aten op / host read counts per UNet call (at {COUNT_SIZE}x{COUNT_SIZE})")
     parser.add_argument("--min-free-gb", type=float, default=8.0, help="refuse to start with less RAM available")
     return parser.parse_args(argv)
 
@@ -456,6 +526,24 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_info(device: Any, load_before: tuple[float, ...]) -> dict:
+    import torch
+    import comfy.ldm.modules.attention as comfy_attention
+
+    on_cuda = getattr(device, "type", "") == "cuda"
+    return {
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
+        "torch": torch.__version__,
+        "comfyui_attention": comfy_attention.optimized_attention.__name__,
+        "load_average_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+    }
 
 
 def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) -> tuple[dict, str]:
@@ -475,34 +563,47 @@ def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) 
     device = model.load_device
     on_cuda = getattr(device, "type", "") == "cuda"
 
+    if opts.count_only:
+        opts.sizes = []
     samplings = {size: Sampling(model, positive, negative, size, opts.steps, opts.sampler, opts.cfg, opts.seed)
                  for size in opts.sizes}
+    count_sampling = Sampling(model, positive, negative, COUNT_SIZE, 3, opts.sampler, opts.cfg, opts.seed)
     print(f"Loading {checkpoint_name} and warming up ({device}, {torch.get_num_threads()} threads, ComfyUI attention "
           f"{comfy_attention.optimized_attention.__name__})...", flush=True)
-    samplings[opts.sizes[0]].run(model, steps=1)  # loads the model onto its device
+    (samplings[opts.sizes[0]] if opts.sizes else count_sampling).run(model, steps=1)  # loads the model
 
-    image, masks = reference_inputs(512)
+    reference_size = COUNT_SIZE if opts.count_only else 512  # the op counts do not depend on the bank's size
+    image, masks = reference_inputs(reference_size)
     if on_cuda:  # CUDA's first use of the VAE encoder and of these shapes (kernel selection) is not the pass's cost
         time_reference_pass(model, moma_model, vae, clip, image, next(iter(masks.values())))
     banks, reference = {}, {}
     for label, mask in masks.items():
-        banks[label], reference[label] = time_reference_pass(model, moma_model, vae, clip, image, mask)
+        banks[label], reference[label] = time_reference_pass(model, moma_model, vae, clip, image, mask,
+                                                             resolution=reference_size)
         counts = banks[label].layer_token_counts()
+        top_tokens = (reference_size // 8) ** 2
         reference[label]["bank_tokens_64x64"] = counts[("input", 1)]
-        reference[label]["coverage"] = round(counts[("input", 1)] / 4096, 3)
+        reference[label]["coverage"] = round(counts[("input", 1)] / top_tokens, 3)
         reference[label]["bank_mb"] = mb(sum(t.numel() * t.element_size()
                                              for d in (banks[label].keys, banks[label].values) for t in d.values()))
         print(f"Feature Grab, {label} mask: {reference[label]['total_s']:.2f} s", flush=True)
     variants: dict[str, Any] = {"plain": model}
     for label, bank in banks.items():
         variants[f"moma {label}"] = apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)
-    # Feature Grab's resolution set to the generation size (the reference pipeline's reference and image are
-    # both 512x512): at other sizes the bank then holds as many object keys as the image has object queries.
+    print(f"Counting aten ops per UNet call at {COUNT_SIZE}x{COUNT_SIZE}...", flush=True)
+    op_counts = count_ops(variants, count_sampling)
+    print(format_counts(op_counts), flush=True)
+    if opts.count_only:
+        return {"date": started.isoformat(timespec="seconds"), "machine": machine_info(device, load_before),
+                "op_counts": op_counts}, ""
+    # Feature Grab with the generation's LATENT connected (its resolution widget left at the default): the
+    # reference is encoded at the generation size, as the reference pipeline's reference and image are both
+    # 512x512, and the bank holds about as many object keys as the image has object queries.
     matched: dict[int, Any] = {}
     matched_reference: dict[str, dict] = {}
     for size in opts.sizes:
         if size != 512:
-            bank, info = time_reference_pass(model, moma_model, vae, clip, image, masks["30%"], resolution=size)
+            bank, info = time_reference_pass(model, moma_model, vae, clip, image, masks["30%"], latent_size=size)
             matched_reference[f"30% ref@{size}"] = {**info, "bank_tokens_top": bank.layer_token_counts()[("input", 1)]}
             matched[size] = apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)
 
@@ -567,23 +668,14 @@ def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) 
 
     report = {
         "date": started.isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
-            "torch": torch.__version__,
-            "comfyui_attention": comfy_attention.optimized_attention.__name__,
-            "load_average_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
+        "machine": machine_info(device, load_before),
         "settings": {"metric": opts.metric, "sampler": opts.sampler, "cfg": opts.cfg, "seed": opts.seed,
                      "steps_per_run": opts.steps, "repeats": opts.repeats,
                      "schedule": f"normal {SCHEDULE_STEPS}, steps {FIRST_STEP}..{FIRST_STEP + opts.steps - 1}",
                      "checkpoint": checkpoint_name, "dtype": str(model.model.get_dtype()),
                      "strength": 1.0, "prompt": SD_PROMPT},
         "sampling": results,
+        "op_counts": op_counts,
         "reference_pass": reference,
         "reference_pass_at_generation_size": matched_reference,
         "targets": {"ratio": TARGETS, "memory_over_plain_mb": MEMORY_TARGET_MB},
@@ -628,6 +720,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     monitor = RssMonitor()
     report, profile_text = measure(opts, hostinfo, monitor)
     monitor.close()
+    if opts.count_only:
+        if opts.json:
+            opts.json.parent.mkdir(parents=True, exist_ok=True)
+            opts.json.write_text(json.dumps(report, indent=2, default=str))
+            print(f"\nJSON written to {opts.json}")
+        return 0
     if opts.skip_rerun:
         report["rerun_check"] = {"status": "skipped"}
     else:
@@ -638,6 +736,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["rerun_check"] = rerun_check(hostinfo, report["settings"]["checkpoint"])
     print()
     print(format_table(report))
+    print()
+    print(format_counts(report["op_counts"]))
     if profile_text:
         print(profile_text)
     if opts.json:
@@ -680,7 +780,7 @@ def format_table(report: dict) -> str:
                      f"{info['plain_cfg_steps']:.2f} / {info['plain_cfg_steps_cpu']:.2f} | "
                      f"{info['bank_tokens_64x64']} ({info['coverage']:.0%}) |")
     for label, info in report.get("reference_pass_at_generation_size", {}).items():
-        lines.append(f"| {label} (reference at the generation size) | {info['total_s']:.2f} | {info['total_cpu_s']:.2f} | "
+        lines.append(f"| {label} (LATENT connected: reference at the generation size) | {info['total_s']:.2f} | {info['total_cpu_s']:.2f} | "
                      f"{info['vae_encode_s']:.2f} | - | {info['bank_tokens_top']} at its top grid |")
     rerun = report["rerun_check"]
     note = rerun.get("reason") or rerun.get("detail")

@@ -65,6 +65,53 @@ def text_attention_with_subject_probs(
     return out, subject_map
 
 
+# --- head-layout forms for the per-step path -------------------------------------------------------
+# On fast GPUs SD1.5 sampling is bound by kernel launches, so the node layer runs MoMA's terms through these:
+# keys/values that are fixed for a run are split into heads once, and one fused SDPA kernel does each term.
+
+SdpaFn = Callable[..., torch.Tensor]
+
+
+def subject_indicator_values(text_length: int, columns: torch.Tensor, heads: int, dim_head: int, rows: int,
+                             device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Values for :func:`subject_attention_mass`: 1 at the subject columns, 0 elsewhere, [rows, heads, L, D].
+
+    All D channels of a head carry the same indicator, so fused kernels (which need the value head size to be
+    the query's) can run it."""
+    indicator = torch.zeros(text_length, device=device, dtype=dtype)
+    indicator[columns.to(device)] = 1.0
+    return indicator.view(1, 1, -1, 1).expand(rows, heads, -1, dim_head).contiguous()
+
+
+def subject_attention_mass(q_heads: torch.Tensor, k_heads: torch.Tensor, indicator: torch.Tensor,
+                           sdpa: SdpaFn = F.scaled_dot_product_attention) -> torch.Tensor:
+    """``mean_h sum_{j in S} softmax(q k^T / sqrt(d))[b, h, n, j]`` -> [B, N], without forming the probabilities.
+
+    Attention over the text keys with values that are 1 at the subject columns and 0 elsewhere returns each
+    head's probability mass on those columns; its mean over heads and channels is the subject map.
+    q_heads [B, H, N, D], k_heads [B, H, L, D], indicator [B, H, L, D] from :func:`subject_indicator_values`.
+    """
+    return sdpa(q_heads, k_heads, indicator).mean(dim=(1, 3))
+
+
+def merge_head_output(out: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+    """SDPA output [B', H, N', D] -> [batch, tokens, H*D] (a view for the fused kernels' output layout)."""
+    return out.transpose(1, 2).reshape(batch, tokens, -1)
+
+
+def reference_attention_heads(q: torch.Tensor, ref_k_heads: torch.Tensor, ref_v_heads: torch.Tensor,
+                              sdpa: SdpaFn = F.scaled_dot_product_attention) -> torch.Tensor:
+    """:func:`reference_attention` with the bank already split into heads, [1, H, M, D].
+
+    The bank is the same for every row, so the rows are folded into the query axis ([1, H, B*N, D]): each
+    query's softmax is its own, the result is the same, and the bank is never expanded per row. Returns [B, N, C].
+    """
+    b, n, c = q.shape
+    heads, dim_head = ref_k_heads.shape[1], ref_k_heads.shape[-1]
+    out = sdpa(q.reshape(1, b * n, heads, dim_head).transpose(1, 2), ref_k_heads, ref_v_heads)
+    return merge_head_output(out, b, n)
+
+
 def decoupled_token_attention(
     q: torch.Tensor, token_k: torch.Tensor, token_v: torch.Tensor, heads: int, attention_fn: AttentionFn = sdpa_attention
 ) -> torch.Tensor:

@@ -40,6 +40,14 @@ def reference_pixel_size(height: int, width: int, resolution: int = REFERENCE_RE
     return side(height), side(width)
 
 
+def generation_resolution(latent_height: int, latent_width: int, latent_scale: int = 8) -> int:
+    """The ``resolution`` that matches a generation of this latent size: the side of its square-equivalent
+    pixel area (the reference pipeline encodes its reference at the size it generates, both 512x512), so
+    the bank holds about as many object keys as the image has object queries."""
+    side = math.sqrt(latent_height * latent_scale * latent_width * latent_scale)
+    return int(min(MAX_SIDE, max(SIZE_MULTIPLE, round(side))))
+
+
 def to_rgb(image: torch.Tensor) -> torch.Tensor:
     """[B, H, W, C] with C in {1, 3, 4} -> [B, H, W, 3] (grey is repeated; alpha is dropped, not composited)."""
     channels = image.shape[-1]

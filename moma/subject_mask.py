@@ -27,38 +27,49 @@ def _min_max(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 
 def layer_subject_map(subject_probs: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> torch.Tensor:
-    """One layer's subject map: per-sample min-max, reshape to its grid, nearest-resize, clamp to [0, 1].
+    """One layer's subject map: per-sample min-max, reshape to its grid, nearest-resize (in [0, 1]).
 
     subject_probs: [..., B, h*w] (subject-column attention mass, head-averaged; leading dims, e.g. several
     layers of the same grid, are maps of their own). Returns [..., B, H, W] at out_grid.
     """
     h, w = grid
     leading = subject_probs.shape[:-1]
+    # (x - lo) <= (hi - lo) holds after rounding too, so the min-max is already in [0, 1]: the reference's
+    # clamp to [0, 1] would change nothing and is one kernel less per grid
     maps = _min_max(subject_probs.float(), (-1,)).view(-1, 1, h, w)
     if (h, w) != tuple(out_grid):
         maps = F.interpolate(maps, size=tuple(out_grid), mode="nearest")
-    return maps.clamp_(0.0, 1.0).view(*leading, *out_grid)
+    return maps.view(*leading, *out_grid)
+
+
+def subject_mask_and_validity(
+    cond_mean: torch.Tensor, uncond_mean: Optional[torch.Tensor], threshold: float = MASK_THRESHOLD
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-averaged maps -> the subject mask used at the next model evaluation, without host reads.
+
+    cond_mean / uncond_mean: [B, H, W], each the mean of the 16 layer maps of one half of the CFG batch.
+    Per batch item, min-max jointly over both halves, zero values <= threshold, min-max again, keep the
+    cond half. Returns (mask [B, H, W], valid: a 0-dim bool tensor, False when a map carries no information,
+    e.g. the subject word is not in the prompt: the reference would divide by zero there).
+    """
+    stacked = cond_mean.unsqueeze(0) if uncond_mean is None else torch.stack([uncond_mean, cond_mean])
+    stacked = stacked.float()
+    dims = (0, 2, 3)  # jointly over the halves and space, separately per batch item
+    lo, hi = stacked.amin(dim=dims, keepdim=True), stacked.amax(dim=dims, keepdim=True)
+    span = hi - lo
+    valid = span.gt(0).all()
+    mask = (stacked - lo).div_(span.clamp_min_(torch.finfo(stacked.dtype).tiny))  # _min_max with lo/hi reused
+    mask = torch.where(mask > threshold, mask, 0.0)
+    mask = _min_max(mask, dims)
+    return mask[-1], valid
 
 
 def combine_subject_maps(
     cond_mean: torch.Tensor, uncond_mean: Optional[torch.Tensor], threshold: float = MASK_THRESHOLD
 ) -> Optional[torch.Tensor]:
-    """Layer-averaged maps -> the subject mask used at the next model evaluation.
-
-    cond_mean / uncond_mean: [B, H, W], each the mean of the 16 layer maps of one half of the CFG batch.
-    Per batch item, min-max jointly over both halves, zero values <= threshold, min-max again, keep the
-    cond half. Returns [B, H, W], or None when a map carries no information (e.g. the subject word is not
-    in the prompt: the reference would divide by zero there).
-    """
-    stacked = cond_mean.unsqueeze(0) if uncond_mean is None else torch.stack([uncond_mean, cond_mean])
-    stacked = stacked.float()
-    dims = (0, 2, 3)  # jointly over the halves and space, separately per batch item
-    if bool((stacked.amax(dim=dims) - stacked.amin(dim=dims)).le(0).any()):
-        return None
-    mask = _min_max(stacked, dims)
-    mask = torch.where(mask > threshold, mask, torch.zeros_like(mask))
-    mask = _min_max(mask, dims)
-    return mask[-1]
+    """:func:`subject_mask_and_validity` as a mask or None (reads the validity on the host)."""
+    mask, valid = subject_mask_and_validity(cond_mean, uncond_mean, threshold)
+    return mask if bool(valid) else None
 
 
 def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -86,14 +97,26 @@ class SubjectMaskTracker:
     """
 
     def __init__(self) -> None:
-        self.mask: Optional[torch.Tensor] = None  # [B, H, W] at the latent grid, or None (unmasked)
+        # [B, H, W] at the latent grid, or None (unmasked); a mask without information is all ones, so the
+        # sampling path never reads a device value on the host (``mask`` says None for it, reading it).
+        self._mask: Optional[torch.Tensor] = None
+        self._valid: Optional[torch.Tensor] = None
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
         self._pending: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int], tuple[int, ...]]] = []
         self._rows_cache: dict[tuple, torch.Tensor] = {}
 
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        """The current subject mask, or None when there is none or it carries no information (a host read:
+        for callers outside the sampling path)."""
+        if self._mask is None or not bool(self._valid):
+            return None
+        return self._mask
+
     def reset(self) -> None:
-        self.mask = None
+        self._mask = None
+        self._valid = None
         self._sums.clear()
         self._counts.clear()
         self._pending.clear()
@@ -124,9 +147,15 @@ class SubjectMaskTracker:
         for probs, grid, out_grid, kinds in self._pending:
             groups.setdefault((grid, out_grid, kinds, tuple(probs.shape), probs.device), []).append(probs)
         self._pending.clear()
-        for (grid, out_grid, kinds, _, _), layers in groups.items():
-            maps = layer_subject_map(torch.stack(layers), grid, out_grid)  # [L, rows, H, W]
-            self.add(maps.sum(0), list(kinds), layers=len(layers))
+        # the grids' sums are added up before they are split by chunk (the same additions in the same order)
+        totals: dict[tuple, tuple[torch.Tensor, int]] = {}
+        for (grid, out_grid, kinds, _, device), layers in groups.items():
+            summed = layer_subject_map(torch.stack(layers), grid, out_grid).sum(0)  # [rows, H, W]
+            key = (kinds, tuple(summed.shape), device)
+            total = totals.get(key)
+            totals[key] = (summed, len(layers)) if total is None else (total[0] + summed, total[1] + len(layers))
+        for (kinds, _, _), (summed, count) in totals.items():
+            self.add(summed, list(kinds), layers=count)
 
     def discard_partial(self) -> None:
         """Drop maps of an evaluation that will not be finished (or not count)."""
@@ -142,18 +171,19 @@ class SubjectMaskTracker:
             uncond = self._sums[UNCOND] / self._counts[UNCOND] if UNCOND in self._sums else None
             if uncond is not None and uncond.shape != cond.shape:
                 uncond = None
-            self.mask = combine_subject_maps(cond, uncond)
+            mask, self._valid = subject_mask_and_validity(cond, uncond)
+            self._mask = torch.where(self._valid, mask, 1.0)
             self._rows_cache.clear()
         self._sums.clear()
         self._counts.clear()
 
     def rows(self, grid: tuple[int, int], chunks: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The current mask for a layer: [chunks * B, h*w, 1] (same mask for cond and uncond rows), or None."""
-        if self.mask is None:
+        if self._mask is None:
             return None
         key = (tuple(grid), chunks, str(device), dtype)
         rows = self._rows_cache.get(key)
         if rows is None:
-            rows = mask_to_grid(self.mask, grid).to(device=device, dtype=dtype).repeat(chunks, 1, 1)
+            rows = mask_to_grid(self._mask, grid).to(device=device, dtype=dtype).repeat(chunks, 1, 1)
             self._rows_cache[key] = rows
         return rows

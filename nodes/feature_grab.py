@@ -16,6 +16,7 @@ from ..moma.reference import (
     REFERENCE_TEXT_TOKENS,
     ReferenceBank,
     binarise_object_mask,
+    generation_resolution,
     noised_reference_latent,
     reference_pixel_size,
     resize_reference_image,
@@ -123,12 +124,32 @@ class MomaFeatureGrab(io.ComfyNode):
                 io.Int.Input("resolution", default=REFERENCE_RESOLUTION, min=64, max=1024, step=64,
                              tooltip="Side of the (square-equivalent) size the reference is encoded at, aspect kept. "
                                      "512 is what MoMA was trained and evaluated with (reference and image both 512). "
-                                     "Generating much smaller images? Set it to their size: sampling is then faster."),
+                                     "Not used when a latent is connected."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Optional: the latent you sample (e.g. from Empty Latent Image). The reference "
+                                        "is then encoded at the generation's size (its area, the reference's aspect "
+                                        "kept), as MoMA's own pipeline does: the bank matches the image, and sampling "
+                                        "at sizes other than 512 is faster. Overrides 'resolution'."),
             ],
             outputs=[MomaRef.Output(display_name="reference")],
         )
 
     @classmethod
     def execute(cls, model, moma_model, vae, clip, image, mask, subject, seed,
-                resolution=REFERENCE_RESOLUTION) -> io.NodeOutput:
+                resolution=REFERENCE_RESOLUTION, latent=None) -> io.NodeOutput:
+        if latent is not None:
+            resolution = resolution_of_latent(latent)
         return io.NodeOutput(grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed, resolution))
+
+
+def resolution_of_latent(latent: Any) -> int:
+    """Feature Grab's resolution for a connected LATENT: its generation size (see generation_resolution)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.dim() < 4:
+        raise MomaError("Feature Grab: 'latent' must be a LATENT (e.g. from Empty Latent Image) with samples "
+                        f"[B, C, H, W]; got {type(samples).__name__ if samples is not None else type(latent).__name__}. "
+                        "Disconnect it to use 'resolution'.")
+    resolution = generation_resolution(int(samples.shape[-2]), int(samples.shape[-1]))
+    log.info("Feature Grab: reference encoded for a %dx%d generation (resolution %d).",
+             samples.shape[-1] * 8, samples.shape[-2] * 8, resolution)
+    return resolution

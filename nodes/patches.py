@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 import comfy.patcher_extension
-from comfy.ldm.modules.attention import (
-    attention_basic,
-    attention_pytorch,
-    attention_split,
-    attention_sub_quad,
-    optimized_attention,
-)
+from comfy.ldm.modules.attention import optimized_attention
 
 from ..moma import attention as moma_attention
 from ..moma.errors import MomaError
@@ -31,11 +26,12 @@ from ..moma.subject_mask import COND, SubjectMaskTracker
 log = logging.getLogger(__name__)
 
 SELF_PATH_MAX_TIMESTEP = 950  # the object shortcut runs only while t < 950 (spec 3.4)
+# Samplers evaluate the model at sigmas within the schedule's range; euler's churn raises one by at most
+# sqrt(2). A gate is decided for the whole run only if it holds over the range widened by this factor.
+SCHEDULE_MARGIN = math.sqrt(2.0)
 ReplacePatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
-
-
-# ComfyUI's fallbacks for devices without a fused attention; it picks sub-quadratic on every CPU.
-_FALLBACK_BACKENDS = (attention_sub_quad, attention_split, attention_basic)
+# A gate for one UNet call: True/False when known on the host, else a bool device tensor [1] (a multiplier).
+Gate = Union[bool, torch.Tensor]
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
@@ -45,14 +41,10 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, ex
                                transformer_options=extra_options)
 
 
-def _added_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
-    """MoMA's own attentions (reference bank, 4 context tokens): ComfyUI's backend, except on CPU, where its
-    sub-quadratic fallback is replaced by ComfyUI's SDPA wrapper: the same maths, ~3x less CPU time, and
-    torch's fused CPU kernel never materialises the [B*heads, N, M] scores (a full-frame bank at 256x256
-    otherwise costs ~400 MB more than plain sampling)."""
-    if q.device.type == "cpu" and optimized_attention in _FALLBACK_BACKENDS:
-        return attention_pytorch(q, k, v, heads)
-    return _attention(q, k, v, heads, extra_options)
+# MoMA's own attentions (reference bank, 4 context tokens, subject mass) call torch's fused SDPA directly on
+# head-split tensors that are built once per run: one kernel per term. (ComfyUI's CPU default, sub-quadratic,
+# would also materialise the [B*heads, N, M] scores: ~400 MB more for a full-frame bank at 256x256.)
+_sdpa = F.scaled_dot_product_attention
 
 
 def _layer_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
@@ -112,9 +104,13 @@ class MomaRun:
             k_w = to_k_ip[layer.cross_index].float()
             v_w = to_v_ip[layer.cross_index].float()
             self.context_kv_master[layer.block] = (F.linear(tokens, k_w), F.linear(tokens, v_w))
-        self._device_cache: dict[tuple, Any] = {}
+        self._device_cache: dict[tuple, Any] = {}  # per run: device tensors (heads-split bank, tokens, ...)
         self._gate_sigmas: Optional[torch.Tensor] = None
-        self._gate_value: tuple[bool, bool] = (False, False)
+        self._gate_value: tuple[Gate, Gate] = (False, False)
+        self._call_cache: dict[tuple, tuple] = {}  # per UNet call: gated masks
+        # per run: (object, context) gates decided from the sampler's schedule (None where they change
+        # during the run), or None outside a sampling run
+        self._plan: Optional[tuple[Optional[bool], Optional[bool]]] = None
         self._cfg_seen = False  # this run evaluates cond and uncond (a CFG guider)
 
     def _use_model_sampling(self, model_sampling: Any) -> None:
@@ -131,16 +127,21 @@ class MomaRun:
         """OUTER_SAMPLE wrapper: a fresh subject mask for every sampling run, device copies freed after."""
         self.tracker.reset()
         self._gate_sigmas = None
+        self._call_cache.clear()
         self._cfg_seen = False
         patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
         if patcher is not None:
             self._use_model_sampling(patcher.get_model_object("model_sampling"))
+        # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, ...): the schedule, still on the host
+        self._plan = self.schedule_plan(kwargs.get("sigmas", args[3] if len(args) > 3 else None))
         try:
             return executor(*args, **kwargs)
         finally:
             self.tracker.reset()
             self._device_cache.clear()
+            self._call_cache.clear()
             self._gate_sigmas = None
+            self._plan = None
             if self.bank is not None:
                 self.bank.release_device_copy()
 
@@ -163,18 +164,69 @@ class MomaRun:
         return out
 
     # --- per-call helpers ------------------------------------------------------------------------
-    def gates(self, extra_options: dict) -> tuple[bool, bool]:
-        """(object path on, context path on) for this UNet call; computed once per call, not per layer."""
+    def schedule_plan(self, sigmas: Any) -> Optional[tuple[Optional[bool], Optional[bool]]]:
+        """(object, context) gates for a whole sampling run over ``sigmas``: True/False where a gate holds over
+        the schedule's whole range, None where it changes during the run (then it is a device-side multiplier)."""
+        if not isinstance(sigmas, torch.Tensor):
+            return None
+        values = [s for s in sigmas.detach().float().cpu().reshape(-1).tolist() if s > 0.0]
+        if not values:
+            return None
+        low, high = min(values) / SCHEDULE_MARGIN, max(values) * SCHEDULE_MARGIN
+        # MoMA acts on a sigma interval: [sigma_end, sigma_start] (context), and t < 950 in it (object); the
+        # timestep grows with sigma
+        if high < self.sigma_end or low > self.sigma_start:
+            return False, False
+        context = True if self.sigma_end <= low and high <= self.sigma_start else None
+
+        def object_on(sigma: float) -> bool:
+            timestep = self.model_sampling.timestep(torch.tensor([sigma], dtype=torch.float32))
+            return self.sigma_end <= sigma <= self.sigma_start and int(timestep.reshape(-1)[0]) < SELF_PATH_MAX_TIMESTEP
+
+        low_on = object_on(low)
+        if low_on and object_on(high):
+            obj: Optional[bool] = True
+        elif not low_on and low >= self.sigma_end:
+            obj = False  # already off at the lowest sigma of the run
+        else:
+            obj = None
+        return obj, context
+
+    def gates(self, extra_options: dict) -> tuple[Gate, Gate]:
+        """(object path, context path) for this UNet call; computed once per call, not per layer. Inside a
+        sampling run no device value is read on the host: a gate that changes during the run is a 0/1 tensor."""
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
             return False, False
         if sigmas is not self._gate_sigmas:
-            sigma = sigmas.reshape(-1)[:1]
-            in_window = self.sigma_end <= float(sigma.item()) <= self.sigma_start
-            timestep = int(self.model_sampling.timestep(sigma).reshape(-1)[0].item())
-            self._gate_value = (in_window and timestep < SELF_PATH_MAX_TIMESTEP, in_window)
+            schedule, plan = extra_options.get("sample_sigmas"), None
+            if schedule is not None:  # inside a sampling run
+                if self._plan is None:  # outer_sample did not see the schedule: read it, once per run
+                    self._plan = self.schedule_plan(schedule)
+                plan = self._plan
+            self._gate_value = self._decide_gates(sigmas, plan)
             self._gate_sigmas = sigmas
         return self._gate_value
+
+    def _decide_gates(self, sigmas: torch.Tensor, plan: Optional[tuple[Optional[bool], Optional[bool]]]
+                      ) -> tuple[Gate, Gate]:
+        sigma = sigmas.reshape(-1)[:1]
+        if plan is None:  # a lone UNet call outside a sampling run: read the sigma
+            in_window = self.sigma_end <= float(sigma.item()) <= self.sigma_start
+            timestep = int(self.model_sampling.timestep(sigma).reshape(-1)[0].item())
+            return in_window and timestep < SELF_PATH_MAX_TIMESTEP, in_window
+        object_on, context_on = plan
+        if object_on is not None and context_on is not None:
+            return object_on, context_on
+        window: Gate = context_on if context_on is not None else (sigma >= self.sigma_end) & (sigma <= self.sigma_start)
+        if object_on is None:
+            below = self.model_sampling.timestep(sigma) < SELF_PATH_MAX_TIMESTEP
+            return (below if window is True else below & window), window
+        return object_on, window
+
+    def run_inactive(self) -> bool:
+        """MoMA is off for this whole sampling run (its window misses the schedule): no subject maps needed."""
+        return self._plan == (False, False)
 
     def _cached(self, key: tuple, build: Callable[[], Any]) -> Any:
         value = self._device_cache.get(key)
@@ -195,15 +247,34 @@ class MomaRun:
 
         return self._cached(("cols", text_length, str(device)), build)
 
-    def context_kv(self, block: tuple[str, int], chunk_kinds: list[int], batch: int, device: torch.device,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's projected MoMA tokens for every row: [len(chunks) * batch, 4, C]."""
+    def context_heads(self, block: tuple[str, int], chunk_kinds: list[int], batch: int, heads: int,
+                      device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's projected MoMA tokens for every row, split into heads: [len(chunks) * batch, H, 4, D]."""
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             k_all, v_all = self.context_kv_master[block]
             order = torch.tensor([0 if kind == COND else 1 for kind in chunk_kinds]).repeat_interleave(batch)
-            return k_all[order].to(device, dtype), v_all[order].to(device, dtype)
+            return tuple(moma_attention.split_heads(t[order].to(device, dtype), heads).contiguous() for t in (k_all, v_all))
 
-        return self._cached(("ctx", block, tuple(chunk_kinds), batch, str(device), dtype), build)
+        return self._cached(("ctx", block, tuple(chunk_kinds), batch, heads, str(device), dtype), build)
+
+    def bank_heads(self, block: tuple[str, int], heads: int, device: torch.device, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference bank of one layer on device, split into heads: [1, H, M, D] (once per run)."""
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.bank.on(device, dtype)
+            return tuple(moma_attention.split_heads(t[block].unsqueeze(0), heads).contiguous() for t in (keys, values))
+
+        return self._cached(("bank", block, heads, str(device), dtype), build)
+
+    def subject_indicator(self, text_length: int, rows: int, heads: int, dim_head: int, device: torch.device,
+                          dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Values that make an attention over the text keys return the subject mass (see moma.attention)."""
+        columns = self.subject_columns(text_length, device)
+        if columns is None:
+            return None
+        return self._cached(
+            ("subject", text_length, rows, heads, dim_head, str(device), dtype),
+            lambda: moma_attention.subject_indicator_values(text_length, columns, heads, dim_head, rows, device, dtype))
 
     def spatial_mask(self, extra_options: dict, grid: tuple[int, int], chunks: int, batch: int,
                      device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -225,20 +296,35 @@ class MomaRun:
         user_rows = self._cached(("user", tuple(grid), chunks, batch, str(device), dtype), build)
         return user_rows if mask is None else mask * user_rows
 
+    def gated_mask(self, gate: Gate, term: str, extra_options: dict, grid: tuple[int, int], chunks: int, batch: int,
+                   device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """What a MoMA term is multiplied by: the spatial mask, times the gate when that is a device tensor
+        (built once per UNet call and grid); None for 1."""
+        mask = self.spatial_mask(extra_options, grid, chunks, batch, device, dtype)
+        if gate is True:
+            return mask
+        key = (term, tuple(grid), chunks, batch, str(device), dtype)
+        cached = self._call_cache.get(key)
+        if cached is not None and cached[0] is gate and cached[1] is mask:
+            return cached[2]
+        factor = gate.to(dtype).view(1, 1, 1)
+        gated = factor if mask is None else mask * factor
+        self._call_cache[key] = (gate, mask, gated)
+        return gated
+
     # --- the two terms ---------------------------------------------------------------------------
     def object_term(self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict) -> torch.Tensor:
         gain = self.object_gains[layer.block]
-        if self.bank is None or gain == 0.0 or not self.gates(extra_options)[0]:
+        if self.bank is None or gain == 0.0:
             return out
-        keys, values = self.bank.on(q.device, q.dtype)
-        heads = extra_options["n_heads"]
-        ref_out = moma_attention.reference_attention(
-            q, keys[layer.block], values[layer.block], heads,
-            attention_fn=lambda q_, k_, v_, h_: _added_attention(q_, k_, v_, h_, extra_options),
-        )
+        gate = self.gates(extra_options)[0]
+        if gate is False:
+            return out
+        ref_k, ref_v = self.bank_heads(layer.block, extra_options["n_heads"], q.device, q.dtype)
+        ref_out = moma_attention.reference_attention_heads(q, ref_k, ref_v, sdpa=_sdpa)
         chunks = len(extra_options["cond_or_uncond"])
         grid = _layer_grid(extra_options, q.shape[1])
-        mask = self.spatial_mask(extra_options, grid, chunks, q.shape[0] // chunks, q.device, q.dtype)
+        mask = self.gated_mask(gate, "object", extra_options, grid, chunks, q.shape[0] // chunks, q.device, q.dtype)
         return moma_attention.add_object_shortcut(out, ref_out, gain, mask)
 
     def cross_attention(self, layer: AttentionLayer, previous: Optional[ReplacePatch], q: torch.Tensor,
@@ -246,22 +332,26 @@ class MomaRun:
         heads = extra_options["n_heads"]
         chunk_kinds = list(extra_options["cond_or_uncond"])
         chunks = len(chunk_kinds)
-        batch = q.shape[0] // chunks
+        rows, tokens = q.shape[0], q.shape[1]
+        batch = rows // chunks
         # The text output is what ComfyUI computes without MoMA (or the previous patch's); the subject map
-        # needs only the probabilities' subject columns, computed on the side.
+        # is one more fused attention over the same keys (see moma.attention.subject_attention_mass).
         out = previous(q, k, v, extra_options) if previous is not None else _attention(q, k, v, heads, extra_options)
-        grid = _layer_grid(extra_options, q.shape[1])
-        columns = self.subject_columns(k.shape[1], q.device)
-        if columns is not None:
-            _, subject_probs = moma_attention.text_attention_with_subject_probs(q, k, v, heads, columns, compute_output=False)
+        grid = _layer_grid(extra_options, tokens)
+        q_heads = moma_attention.split_heads(q, heads)
+        indicator = None if self.run_inactive() else self.subject_indicator(
+            k.shape[1], rows, heads, q.shape[-1] // heads, q.device, q.dtype)
+        if indicator is not None:
+            k_heads = moma_attention.split_heads(k, heads)
+            if k_heads.shape[0] != rows:  # a context shared by every row
+                k_heads = k_heads.expand(rows, -1, -1, -1)
+            subject_probs = moma_attention.subject_attention_mass(q_heads, k_heads, indicator, sdpa=_sdpa)
             self.tracker.add_probs(subject_probs, grid, _latent_grid(extra_options), chunk_kinds)
-        if self.gates(extra_options)[1]:
-            token_k, token_v = self.context_kv(layer.block, chunk_kinds, batch, q.device, q.dtype)
-            context_out = moma_attention.decoupled_token_attention(
-                q, token_k, token_v, heads,
-                attention_fn=lambda q_, k_, v_, h_: _added_attention(q_, k_, v_, h_, extra_options),
-            )
-            mask = self.spatial_mask(extra_options, grid, chunks, batch, q.device, q.dtype)
+        gate = self.gates(extra_options)[1]
+        if gate is not False:
+            token_k, token_v = self.context_heads(layer.block, chunk_kinds, batch, heads, q.device, q.dtype)
+            context_out = moma_attention.merge_head_output(_sdpa(q_heads, token_k, token_v), rows, tokens)
+            mask = self.gated_mask(gate, "context", extra_options, grid, chunks, batch, q.device, q.dtype)
             out = out + context_out if mask is None else torch.addcmul(out, context_out, mask)
         return out
 

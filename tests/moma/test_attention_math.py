@@ -193,3 +193,41 @@ def test_half_precision_paths_keep_dtype_and_stay_close(dtype):
     ref16 = attention.reference_attention(q.to(dtype), k[0].to(dtype), v[0].to(dtype), 4)
     assert ref16.dtype == dtype and torch.isfinite(ref16).all()
     torch.testing.assert_close(ref16.float(), attention.reference_attention(q, k[0], v[0], 4), rtol=0.05, atol=0.05)
+
+
+def test_head_layout_forms_equal_the_explicit_ones():
+    """The per-step path's fused forms: subject mass through an attention with indicator values, and the bank
+    attention with the rows folded into the queries, equal the explicit formulas."""
+    g = torch.Generator().manual_seed(6)
+    heads, d = 4, 8
+    q, k = torch.randn(3, 20, heads * d, generator=g), torch.randn(3, 77, heads * d, generator=g)
+    cols = torch.tensor([4, 7, 30])
+    indicator = attention.subject_indicator_values(77, cols, heads, d, 3, torch.device("cpu"), torch.float32)
+    mass = attention.subject_attention_mass(attention.split_heads(q, heads), attention.split_heads(k, heads), indicator)
+    _, probs = explicit_attention(q, k, k, heads)
+    torch.testing.assert_close(mass, probs.mean(1)[:, :, [4, 7, 30]].sum(-1), rtol=1e-5, atol=1e-7)
+
+    ref_k, ref_v = torch.randn(11, heads * d, generator=g), torch.randn(11, heads * d, generator=g)
+    folded = attention.reference_attention_heads(q, attention.split_heads(ref_k[None], heads),
+                                                 attention.split_heads(ref_v[None], heads))
+    expected, _ = explicit_attention(q, ref_k.expand(3, -1, -1), ref_v.expand(3, -1, -1), heads)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_subject_mask_validity_is_a_device_flag():
+    """The sampling path gets the mask and a validity flag without a host read; the tracker turns a mask
+    without information into no mask (all ones where it is used)."""
+    g = torch.Generator().manual_seed(8)
+    cond, uncond = torch.rand(2, 4, 4, generator=g), torch.rand(2, 4, 4, generator=g)
+    mask, valid = subject_mask.subject_mask_and_validity(cond, uncond)
+    assert valid.dim() == 0 and bool(valid)
+    torch.testing.assert_close(subject_mask.combine_subject_maps(cond, uncond), mask)
+    flat = torch.zeros(2, 4, 4)
+    flat_mask, flat_valid = subject_mask.subject_mask_and_validity(flat, flat)
+    assert not bool(flat_valid) and torch.isfinite(flat_mask).all()
+    assert subject_mask.combine_subject_maps(flat, flat) is None
+    tracker = subject_mask.SubjectMaskTracker()
+    tracker.add(flat, [1, 0])
+    tracker.finish_evaluation()
+    assert tracker.mask is None
+    assert torch.equal(tracker.rows((2, 2), 2, torch.device("cpu"), torch.float32), torch.ones(2, 4, 1))
