@@ -45,3 +45,59 @@ LAYER_BY_BLOCK: dict[tuple[str, int], AttentionLayer] = {layer.block: layer for 
 CHANNELS_BY_INDEX: dict[int, int] = {
     index: layer.channels for layer in LAYERS for index in (layer.self_index, layer.cross_index)
 }
+
+
+BLOCK_GROUPS = ("input", "middle", "output")
+
+
+def block_name(block: tuple[str, int]) -> str:
+    """The name a user writes for one block in ``block_weights``, e.g. ``input_4``."""
+    return f"{block[0]}_{block[1]}"
+
+
+def parse_block_weights(text: str) -> dict[tuple[str, int], float]:
+    """Per-layer weights from a ``block_weights`` string; every layer not named gets 1.0.
+
+    Two forms: 16 numbers in the order of ``LAYERS`` (input_1 input_2 input_4 input_5 input_7 input_8,
+    output_3 ... output_11, middle_0), separated by commas or spaces; or ``name=value`` pairs where the name is
+    a group (``input``, ``middle``, ``output``) or one block (``output_5``); a block overrides its group.
+    Raises ValueError with what is wrong.
+    """
+    weights = {layer.block: 1.0 for layer in LAYERS}
+    text = text.strip()
+    if not text:
+        return weights
+    parts = [part for part in text.replace(",", " ").split() if part]
+    if all("=" not in part for part in parts):
+        if len(parts) != len(LAYERS):
+            raise ValueError(f"{len(parts)} numbers given; write all {len(LAYERS)} (one per layer, in the order "
+                             f"{', '.join(block_name(layer.block) for layer in LAYERS)}) or name=value pairs")
+        for layer, part in zip(LAYERS, parts):
+            weights[layer.block] = _weight(part)
+        return weights
+    by_name = {block_name(layer.block): layer.block for layer in LAYERS}
+    groups, blocks = {}, {}
+    for part in parts:
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"'{part}' is not name=value (mixing plain numbers and name=value pairs is not allowed)")
+        name = name.strip().lower()
+        if name in BLOCK_GROUPS:
+            groups[name] = _weight(value)
+        elif name in by_name:
+            blocks[by_name[name]] = _weight(value)
+        else:
+            raise ValueError(f"unknown block '{name}': use input, middle, output or one of {', '.join(by_name)}")
+    for block in weights:
+        weights[block] = blocks.get(block, groups.get(block[0], 1.0))
+    return weights
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a number") from None
+    if not 0.0 <= value <= 5.0:
+        raise ValueError(f"weight {value} is outside 0..5")
+    return value

@@ -114,6 +114,11 @@ class SubjectMaskTracker:
             return None
         return self._mask
 
+    def final_mask_on_cpu(self) -> Optional[torch.Tensor]:
+        """The last mask [B, H, W] as a CPU float tensor, or None (one host copy: at the end of a run)."""
+        mask = self.mask
+        return None if mask is None else mask.detach().float().cpu()
+
     def reset(self) -> None:
         self._mask = None
         self._valid = None
@@ -129,7 +134,8 @@ class SubjectMaskTracker:
         for chunk, kind in enumerate(chunk_kinds):
             part = layer_maps[chunk * batch:(chunk + 1) * batch]
             if kind in self._sums and self._sums[kind].shape == part.shape:
-                self._sums[kind] += part
+                # (multi-GPU ComfyUI may evaluate parts of one batch on several devices)
+                self._sums[kind] += part.to(self._sums[kind].device)
                 self._counts[kind] += layers
             else:
                 self._sums[kind] = part.clone()
@@ -171,6 +177,8 @@ class SubjectMaskTracker:
             uncond = self._sums[UNCOND] / self._counts[UNCOND] if UNCOND in self._sums else None
             if uncond is not None and uncond.shape != cond.shape:
                 uncond = None
+            if uncond is not None:
+                uncond = uncond.to(cond.device)
             mask, self._valid = subject_mask_and_validity(cond, uncond)
             self._mask = torch.where(self._valid, mask, 1.0)
             self._rows_cache.clear()

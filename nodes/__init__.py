@@ -9,6 +9,7 @@ from .context import MomaContextEncoder, MomaLoadContext, MomaSaveContext
 from .feature_grab import MomaFeatureGrab
 from .loader import MomaLoader
 from .masker import MomaObjectMasker
+from .preview import MomaSubjectMaskPreview
 
 NODES: list[type[io.ComfyNode]] = [
     MomaLoader,
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     MomaObjectMasker,
     MomaFeatureGrab,
     MomaApply,
+    MomaSubjectMaskPreview,
 ]
 
 

@@ -12,13 +12,14 @@ from comfy_api.latest import io
 
 from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank
-from ..moma.sd15 import LAYERS
+from ..moma.sd15 import LAYERS, parse_block_weights
 from ..moma.subject_mask import subject_token_positions
-from .common import adapter_of, require_sd15
+from .common import adapter_of, advanced_input, require_sd15
 from .patches import MomaRun, install_moma_patches
 from .types import MomaContext, MomaModel, MomaRef
 
 log = logging.getLogger(__name__)
+ADVANCED = advanced_input()  # ComfyUI 0.30 folds these inputs away as "advanced"; 0.3.75 shows them all
 
 PRESET_STRENGTH = {"context": 1.0, "texture": 0.4}  # the reference README's recommended values
 _TOKENIZER: Optional[SDTokenizer] = None
@@ -47,22 +48,41 @@ def subject_positions_in_prompt(sd_prompt: str, subject: str) -> tuple[list[int]
 
 
 def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[ReferenceBank], strength: float,
-               start_percent: float, end_percent: float, attn_mask: Optional[torch.Tensor] = None) -> Any:
-    """A clone of ``model`` with MoMA installed; ``model`` itself is left untouched."""
+               start_percent: float, end_percent: float, attn_mask: Optional[torch.Tensor] = None, *,
+               context_strength: float = 1.0, object_window: tuple[float, float] = (0.0, 1.0),
+               context_window: tuple[float, float] = (0.0, 1.0), block_weights: str = "",
+               prompt: Optional[str] = None) -> Any:
+    """A clone of ``model`` with MoMA installed; ``model`` itself is left untouched.
+
+    ``strength``/``object_window``: the object path (reference features in self-attention); ``context_strength``/
+    ``context_window``: the context path (the 4 LLaVA tokens in cross-attention); both act only inside
+    ``start_percent``..``end_percent`` too. ``block_weights`` scales both per layer (see
+    ``moma.sd15.parse_block_weights``). ``prompt``: the positive prompt's text when it is not the context's
+    ``sd_prompt`` (e.g. one prompt naming two subjects): the subject tokens are looked up in it.
+    """
     require_sd15(model, "Apply MoMA Attention")
     adapter = adapter_of(moma_model)
-    if start_percent > end_percent:
-        raise MomaError(f"Apply MoMA Attention: start_percent ({start_percent}) is after end_percent ({end_percent}).")
+    for name, (start, end) in (("start_percent/end_percent", (start_percent, end_percent)),
+                               ("object_start_percent/object_end_percent", object_window),
+                               ("context_start_percent/context_end_percent", context_window)):
+        if start > end:
+            raise MomaError(f"Apply MoMA Attention: {name}: the start ({start}) is after the end ({end}).")
     for name in ("cond_tokens", "uncond_tokens", "sd_prompt", "subject"):
         if not hasattr(context, name):
             raise MomaError("Apply MoMA Attention: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
-    positions, prompt_length = subject_positions_in_prompt(context.sd_prompt, context.subject)
+    try:
+        layer_weights = parse_block_weights(block_weights or "")
+    except ValueError as error:
+        raise MomaError(f"Apply MoMA Attention: block_weights {block_weights!r}: {error}.") from None
+    prompt_text = prompt if prompt and prompt.strip() else context.sd_prompt
+    positions, prompt_length = subject_positions_in_prompt(prompt_text, context.subject)
     if not positions:
         log.warning("Apply MoMA Attention: subject %r not found in the prompt %r; the MoMA terms stay unmasked.",
-                    context.subject, context.sd_prompt)
+                    context.subject, prompt_text)
     model_sampling = model.get_model_object("model_sampling")
     object_gains = {layer.block: float(strength) * float(adapter.scale_learnable[layer.self_index].reshape(-1)[0])
-                    for layer in LAYERS}
+                    * layer_weights[layer.block] for layer in LAYERS}
+    context_gains = {layer.block: float(context_strength) * layer_weights[layer.block] for layer in LAYERS}
     run = MomaRun(
         to_k_ip=adapter.to_k_ip,
         to_v_ip=adapter.to_v_ip,
@@ -76,6 +96,9 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
         start_percent=start_percent,
         end_percent=end_percent,
         attn_mask=attn_mask,
+        context_gains=context_gains,
+        object_window=tuple(object_window),
+        context_window=tuple(context_window),
     )
     patched = model.clone()
     install_moma_patches(patched, run)
@@ -111,13 +134,41 @@ class MomaApply(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Sampling progress where MoMA stops acting."),
                 io.Mask.Input("attn_mask", optional=True,
-                              tooltip="Optional: restricts MoMA to this region of the generated image (multiplies the subject mask)."),
+                              tooltip="Optional: restricts MoMA to this region of the generated image (multiplies the "
+                                      "subject mask). A batch of masks applies one per latent batch item (e.g. per "
+                                      "animation frame); one mask applies to all."),
+                io.Float.Input("context_strength", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                               tooltip="Weight of the context path: the 4 LLaVA tokens added in every cross-attention "
+                                       "(1.0 = the reference implementation; 0 = object features only).", **ADVANCED),
+                io.Float.Input("object_start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Where the object path (reference features) starts, within start/end_percent.",
+                               **ADVANCED),
+                io.Float.Input("object_end_percent", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Where the object path stops, within start/end_percent.", **ADVANCED),
+                io.Float.Input("context_start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Where the context path (LLaVA tokens) starts, within start/end_percent.",
+                               **ADVANCED),
+                io.Float.Input("context_end_percent", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Where the context path stops, within start/end_percent.", **ADVANCED),
+                io.String.Input("block_weights", default="", optional=True,
+                                tooltip="Per-layer weights of both paths. Empty: all 1.0. Either 16 numbers (input_1 "
+                                        "input_2 input_4 input_5 input_7 input_8 output_3 ... output_11 middle_0) or "
+                                        "name=value pairs, e.g. 'input=0, middle=0.5' or 'output_5=0.3' (0..5).",
+                                **ADVANCED),
+                io.String.Input("prompt", optional=True, force_input=True,
+                                tooltip="Optional: the positive prompt's text, when it is not this context's sd_prompt "
+                                        "(e.g. one prompt naming two subjects, each with its own Apply node): the "
+                                        "subject's tokens are looked up in it."),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
 
     @classmethod
     def execute(cls, model, moma_model, context, reference, preset, strength, start_percent, end_percent,
-                attn_mask=None) -> io.NodeOutput:
+                attn_mask=None, context_strength=1.0, object_start_percent=0.0, object_end_percent=1.0,
+                context_start_percent=0.0, context_end_percent=1.0, block_weights="", prompt=None) -> io.NodeOutput:
         strength = PRESET_STRENGTH.get(preset, strength)
-        return io.NodeOutput(apply_moma(model, moma_model, context, reference, strength, start_percent, end_percent, attn_mask))
+        return io.NodeOutput(apply_moma(
+            model, moma_model, context, reference, strength, start_percent, end_percent, attn_mask,
+            context_strength=context_strength, object_window=(object_start_percent, object_end_percent),
+            context_window=(context_start_percent, context_end_percent), block_weights=block_weights, prompt=prompt))

@@ -1,6 +1,7 @@
 """Small helpers shared by the node files."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..moma.errors import MomaError
@@ -26,3 +27,11 @@ def adapter_of(moma_model: Any) -> Any:
     if adapter is None or not hasattr(adapter, "to_k_ip"):
         raise MomaError("moma_model: expected the output of a 'MoMA Loader' node.")
     return adapter
+
+
+def advanced_input() -> dict[str, Any]:
+    """Keyword arguments that mark a V3 input as advanced where the host supports it (ComfyUI 0.30's
+    ``Input(advanced=True)``), and nothing on older hosts (0.3.75)."""
+    from comfy_api.latest import io
+
+    return {"advanced": True} if "advanced" in inspect.signature(io.Float.Input.__init__).parameters else {}

@@ -63,12 +63,35 @@ def _latent_grid(extra_options: dict) -> tuple[int, int]:
     return int(shape[-2]), int(shape[-1])
 
 
-class MomaRun:
-    """Everything the 32 patches of one Apply node share: weights on device, gates, the subject mask.
+RUN_STATES_KEY = "moma_run_states"  # transformer_options key: run key -> MomaRunState, per sampling run
 
-    ComfyUI deep-copies model_options on every clone; ``__deepcopy__`` returns self so that the patches
-    and the sampling wrappers of every clone keep talking to this one object. Its
-    per-run part (the subject mask) is reset at the start of each sampling run by ``outer_sample``.
+
+def _rows_of(masks: torch.Tensor, batch: int, extra_options: dict) -> torch.Tensor:
+    """Per-item masks [N, ...] for the ``batch`` items of this call: one mask for all, one per item, the frames
+    of an AnimateDiff context window (``ad_params["sub_idxs"]``), or else repeated/cut to the batch as
+    IPAdapter does."""
+    count = masks.shape[0]
+    if count == batch:
+        return masks
+    if count == 1:
+        return masks.expand(batch, *masks.shape[1:])
+    ad_params = extra_options.get("ad_params") or {}
+    sub_idxs = ad_params.get("sub_idxs")
+    if sub_idxs is not None and len(sub_idxs) == batch and count >= max(sub_idxs) + 1:
+        return masks[list(sub_idxs)]
+    if count > batch:
+        return masks[:batch]
+    return torch.cat([masks, masks[-1:].expand(batch - count, *masks.shape[1:])])
+
+
+class MomaRun:
+    """One Apply node's MoMA: weights, gains, windows, the reference bank (all fixed once applied).
+
+    Shared by every clone of the patched model and never changed while sampling. What a sampling run
+    changes (the subject mask, device copies, gates) lives in a ``MomaRunState`` that ``outer_sample`` makes
+    for each run and puts in that run's own copy of the transformer_options (as ComfyUI's EasyCache does),
+    so two samplers on one patched model (hires fix, a refiner pass) never share or race on it. Calls outside
+    a sampling run (a lone ``apply_model``) use ``idle``.
     """
 
     def __init__(
@@ -86,64 +109,113 @@ class MomaRun:
         start_percent: float,
         end_percent: float,
         attn_mask: Optional[torch.Tensor] = None,
+        context_gains: Optional[dict[tuple[str, int], float]] = None,
+        object_window: tuple[float, float] = (0.0, 1.0),
+        context_window: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         self.key = f"moma-{uuid.uuid4().hex[:8]}"
         self.bank = bank
         self.object_gains = object_gains
+        self.context_gains = context_gains if context_gains is not None else {layer.block: 1.0 for layer in LAYERS}
         self.subject_positions = subject_positions
         self.prompt_length = prompt_length
-        self.start_percent = start_percent
-        self.end_percent = end_percent
-        self._use_model_sampling(model_sampling)
+        # each path acts inside the node's start/end window and its own (percent of sampling)
+        self.object_percent = (max(start_percent, object_window[0]), min(end_percent, object_window[1]))
+        self.context_percent = (max(start_percent, context_window[0]), min(end_percent, context_window[1]))
+        self.model_sampling = model_sampling
         self.attn_mask = attn_mask  # [B?, H, W] user MASK, or None
-        self.tracker = SubjectMaskTracker()
-        # The 4 context tokens through each attn2 layer's to_k_ip/to_v_ip, once: [2 (cond, uncond), 4, C].
+        # The 4 context tokens through each attn2 layer's to_k_ip/to_v_ip, once: [2 (cond, uncond), 4, C]; the
+        # context gain is folded into V (attention is linear in V).
         tokens = torch.cat([cond_tokens.reshape(1, -1, cond_tokens.shape[-1]), uncond_tokens.reshape(1, -1, uncond_tokens.shape[-1])]).float()
         self.context_kv_master: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in LAYERS:
             k_w = to_k_ip[layer.cross_index].float()
             v_w = to_v_ip[layer.cross_index].float()
-            self.context_kv_master[layer.block] = (F.linear(tokens, k_w), F.linear(tokens, v_w))
-        self._device_cache: dict[tuple, Any] = {}  # per run: device tensors (heads-split bank, tokens, ...)
-        self._gate_sigmas: Optional[torch.Tensor] = None
-        self._gate_value: tuple[Gate, Gate] = (False, False)
-        self._call_cache: dict[tuple, tuple] = {}  # per UNet call: gated masks
-        # per run: (object, context) gates decided from the sampler's schedule (None where they change
-        # during the run), or None outside a sampling run
-        self._plan: Optional[tuple[Optional[bool], Optional[bool]]] = None
-        self._cfg_seen = False  # this run evaluates cond and uncond (a CFG guider)
-
-    def _use_model_sampling(self, model_sampling: Any) -> None:
-        """sigma <-> timestep of the model being sampled (a later ModelSampling* node may replace it)."""
-        self.model_sampling = model_sampling
-        self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
-        self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
+            gain = self.context_gains[layer.block]
+            values = F.linear(tokens, v_w)
+            self.context_kv_master[layer.block] = (F.linear(tokens, k_w), values if gain == 1.0 else values * gain)
+        self.last_subject_mask: Optional[torch.Tensor] = None  # [B, H, W] on the CPU, from the last finished run
+        self.idle = MomaRunState(self, model_sampling)
 
     def __deepcopy__(self, memo: dict) -> "MomaRun":
         return self
 
-    # --- run lifecycle (ComfyUI wrappers / hooks) ----------------------------------------------
+    # test and debugging conveniences: the state of calls made outside a sampling run
+    @property
+    def tracker(self) -> SubjectMaskTracker:
+        return self.idle.tracker
+
+    def sigma_windows(self, model_sampling: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((low, high) sigma of the object path, (low, high) of the context path) for this model's schedule."""
+        def window(percent: tuple[float, float]) -> tuple[float, float]:
+            start, end = percent
+            if start > end:  # an empty window
+                return math.inf, -math.inf
+            return float(model_sampling.percent_to_sigma(end)), float(model_sampling.percent_to_sigma(start))
+
+        return window(self.object_percent), window(self.context_percent)
+
+    def schedule_plan(self, sigmas: Any, model_sampling: Any = None) -> Optional[tuple[Optional[bool], Optional[bool]]]:
+        """(object, context) gates for a whole sampling run over ``sigmas``: True/False where a gate holds over
+        the schedule's whole range, None where it changes during the run (then it is a device-side multiplier)."""
+        if not isinstance(sigmas, torch.Tensor):
+            return None
+        values = [s for s in sigmas.detach().float().cpu().reshape(-1).tolist() if s > 0.0]
+        if not values:
+            return None
+        model_sampling = model_sampling if model_sampling is not None else self.model_sampling
+        (o_low, o_high), (c_low, c_high) = self.sigma_windows(model_sampling)
+        low, high = min(values) / SCHEDULE_MARGIN, max(values) * SCHEDULE_MARGIN
+        if high < c_low or low > c_high:
+            context: Optional[bool] = False
+        else:
+            context = True if c_low <= low and high <= c_high else None
+
+        def object_on(sigma: float) -> bool:
+            timestep = model_sampling.timestep(torch.tensor([sigma], dtype=torch.float32))
+            return o_low <= sigma <= o_high and int(timestep.reshape(-1)[0]) < SELF_PATH_MAX_TIMESTEP
+
+        low_on = object_on(low)
+        if high < o_low or low > o_high:
+            obj: Optional[bool] = False
+        elif low_on and object_on(high):
+            obj = True
+        elif not low_on and low >= o_low:
+            obj = False  # already off at the lowest sigma of the run (past the window or t >= 950)
+        else:
+            obj = None
+        return obj, context
+
+    def state(self, extra_options: dict) -> "MomaRunState":
+        """The state of the sampling run this call belongs to."""
+        states = extra_options.get(RUN_STATES_KEY)
+        if states is not None:
+            found = states.get(self.key)
+            if found is not None:
+                return found
+        return self.idle
+
+    # --- run lifecycle (ComfyUI wrappers) ----------------------------------------------------------
     def outer_sample(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
-        """OUTER_SAMPLE wrapper: a fresh subject mask for every sampling run, device copies freed after."""
-        self.tracker.reset()
-        self._gate_sigmas = None
-        self._call_cache.clear()
-        self._cfg_seen = False
-        patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
-        if patcher is not None:
-            self._use_model_sampling(patcher.get_model_object("model_sampling"))
+        """OUTER_SAMPLE wrapper: a fresh state for this sampling run, in the run's own copy of the options."""
+        guider = getattr(executor, "class_obj", None)
+        patcher = getattr(guider, "model_patcher", None)
+        model_sampling = patcher.get_model_object("model_sampling") if patcher is not None else self.model_sampling
+        state = MomaRunState(self, model_sampling)
         # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, ...): the schedule, still on the host
-        self._plan = self.schedule_plan(kwargs.get("sigmas", args[3] if len(args) > 3 else None))
+        state.plan = self.schedule_plan(kwargs.get("sigmas", args[3] if len(args) > 3 else None), model_sampling)
+        original = getattr(guider, "model_options", None)
+        if original is not None:
+            options = comfy.model_patcher.create_model_options_clone(original)
+            transformer_options = options.setdefault("transformer_options", {})
+            transformer_options[RUN_STATES_KEY] = {**transformer_options.get(RUN_STATES_KEY, {}), self.key: state}
+            guider.model_options = options
         try:
             return executor(*args, **kwargs)
         finally:
-            self.tracker.reset()
-            self._device_cache.clear()
-            self._call_cache.clear()
-            self._gate_sigmas = None
-            self._plan = None
-            if self.bank is not None:
-                self.bank.release_device_copy()
+            if original is not None:
+                guider.model_options = original
+            self.last_subject_mask = state.tracker.final_mask_on_cpu()
 
     def calc_cond_batch(self, executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: Any,
                         model_options: dict) -> Any:
@@ -153,44 +225,43 @@ class MomaRun:
         inside a CFG step with only one of the two (PAG, SAG) are not evaluations of the sampler: their maps
         are dropped, so they neither skew nor replace the mask.
         """
-        self.tracker.discard_partial()
+        state = self.state(model_options.get("transformer_options", {}))
+        tracker = state.tracker
+        tracker.discard_partial()
         out = executor(model, conds, x_in, timestep, model_options)
         has_uncond = len(conds) > 1 and conds[1] is not None
-        self._cfg_seen = self._cfg_seen or has_uncond
-        if has_uncond or not self._cfg_seen:
-            self.tracker.finish_evaluation()
+        state.cfg_seen = state.cfg_seen or has_uncond
+        if has_uncond or not state.cfg_seen:
+            tracker.finish_evaluation()
         else:
-            self.tracker.discard_partial()
+            tracker.discard_partial()
         return out
 
-    # --- per-call helpers ------------------------------------------------------------------------
-    def schedule_plan(self, sigmas: Any) -> Optional[tuple[Optional[bool], Optional[bool]]]:
-        """(object, context) gates for a whole sampling run over ``sigmas``: True/False where a gate holds over
-        the schedule's whole range, None where it changes during the run (then it is a device-side multiplier)."""
-        if not isinstance(sigmas, torch.Tensor):
-            return None
-        values = [s for s in sigmas.detach().float().cpu().reshape(-1).tolist() if s > 0.0]
-        if not values:
-            return None
-        low, high = min(values) / SCHEDULE_MARGIN, max(values) * SCHEDULE_MARGIN
-        # MoMA acts on a sigma interval: [sigma_end, sigma_start] (context), and t < 950 in it (object); the
-        # timestep grows with sigma
-        if high < self.sigma_end or low > self.sigma_start:
-            return False, False
-        context = True if self.sigma_end <= low and high <= self.sigma_start else None
+    # --- the two terms (in the call's run state) ---------------------------------------------------
+    def object_term(self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        return self.state(extra_options).object_term(layer, out, q, extra_options)
 
-        def object_on(sigma: float) -> bool:
-            timestep = self.model_sampling.timestep(torch.tensor([sigma], dtype=torch.float32))
-            return self.sigma_end <= sigma <= self.sigma_start and int(timestep.reshape(-1)[0]) < SELF_PATH_MAX_TIMESTEP
+    def cross_attention(self, layer: AttentionLayer, previous: Optional[ReplacePatch], q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        return self.state(extra_options).cross_attention(layer, previous, q, k, v, extra_options)
 
-        low_on = object_on(low)
-        if low_on and object_on(high):
-            obj: Optional[bool] = True
-        elif not low_on and low >= self.sigma_end:
-            obj = False  # already off at the lowest sigma of the run
-        else:
-            obj = None
-        return obj, context
+
+class MomaRunState:
+    """What one sampling run of one Apply node changes: the subject mask, device copies, the gates."""
+
+    def __init__(self, run: MomaRun, model_sampling: Any) -> None:
+        self.run = run
+        self.model_sampling = model_sampling
+        (self.object_sigmas, self.context_sigmas) = run.sigma_windows(model_sampling)
+        self.tracker = SubjectMaskTracker()
+        self.device_cache: dict[tuple, Any] = {}  # device tensors (heads-split bank, tokens, masks)
+        self.call_cache: dict[tuple, tuple] = {}  # per UNet call: gated masks
+        self._gate_sigmas: Optional[torch.Tensor] = None
+        self._gate_value: tuple[Gate, Gate] = (False, False)
+        # (object, context) gates decided from the sampler's schedule (None where they change during the
+        # run), or None outside a sampling run
+        self.plan: Optional[tuple[Optional[bool], Optional[bool]]] = None
+        self.cfg_seen = False  # this run evaluates cond and uncond (a CFG guider)
 
     def gates(self, extra_options: dict) -> tuple[Gate, Gate]:
         """(object path, context path) for this UNet call; computed once per call, not per layer. Inside a
@@ -201,9 +272,9 @@ class MomaRun:
         if sigmas is not self._gate_sigmas:
             schedule, plan = extra_options.get("sample_sigmas"), None
             if schedule is not None:  # inside a sampling run
-                if self._plan is None:  # outer_sample did not see the schedule: read it, once per run
-                    self._plan = self.schedule_plan(schedule)
-                plan = self._plan
+                if self.plan is None:  # outer_sample did not see the schedule: read it, once per run
+                    self.plan = self.run.schedule_plan(schedule, self.model_sampling)
+                plan = self.plan
             self._gate_value = self._decide_gates(sigmas, plan)
             self._gate_sigmas = sigmas
         return self._gate_value
@@ -211,38 +282,42 @@ class MomaRun:
     def _decide_gates(self, sigmas: torch.Tensor, plan: Optional[tuple[Optional[bool], Optional[bool]]]
                       ) -> tuple[Gate, Gate]:
         sigma = sigmas.reshape(-1)[:1]
+        (o_low, o_high), (c_low, c_high) = self.object_sigmas, self.context_sigmas
         if plan is None:  # a lone UNet call outside a sampling run: read the sigma
-            in_window = self.sigma_end <= float(sigma.item()) <= self.sigma_start
+            value = float(sigma.item())
             timestep = int(self.model_sampling.timestep(sigma).reshape(-1)[0].item())
-            return in_window and timestep < SELF_PATH_MAX_TIMESTEP, in_window
+            return o_low <= value <= o_high and timestep < SELF_PATH_MAX_TIMESTEP, c_low <= value <= c_high
         object_on, context_on = plan
         if object_on is not None and context_on is not None:
             return object_on, context_on
-        window: Gate = context_on if context_on is not None else (sigma >= self.sigma_end) & (sigma <= self.sigma_start)
+        context: Gate = context_on if context_on is not None else (sigma >= c_low) & (sigma <= c_high)
         if object_on is None:
             below = self.model_sampling.timestep(sigma) < SELF_PATH_MAX_TIMESTEP
-            return (below if window is True else below & window), window
-        return object_on, window
+            if (o_low, o_high) == (c_low, c_high):  # one window for both paths (the default)
+                return (below if context is True else below & context), context
+            return below & (sigma >= o_low) & (sigma <= o_high), context
+        return object_on, context
 
     def run_inactive(self) -> bool:
-        """MoMA is off for this whole sampling run (its window misses the schedule): no subject maps needed."""
-        return self._plan == (False, False)
+        """MoMA is off for this whole sampling run (its windows miss the schedule): no subject maps needed."""
+        return self.plan == (False, False)
 
     def _cached(self, key: tuple, build: Callable[[], Any]) -> Any:
-        value = self._device_cache.get(key)
+        value = self.device_cache.get(key)
         if value is None:
             value = build()
-            self._device_cache[key] = value
+            self.device_cache[key] = value
         return value
 
     def subject_columns(self, text_length: int, device: torch.device) -> Optional[torch.Tensor]:
         """Subject-token columns in a context of ``text_length`` tokens (every repeat of the prompt)."""
-        if not self.subject_positions:
+        positions, prompt_length = self.run.subject_positions, self.run.prompt_length
+        if not positions:
             return None
 
         def build() -> Optional[torch.Tensor]:
-            period = self.prompt_length if text_length % self.prompt_length == 0 else text_length
-            cols = [p + r * period for r in range(text_length // period) for p in self.subject_positions if p < period]
+            period = prompt_length if text_length % prompt_length == 0 else text_length
+            cols = [p + r * period for r in range(text_length // period) for p in positions if p < period]
             return torch.tensor(cols, dtype=torch.long, device=device) if cols else None
 
         return self._cached(("cols", text_length, str(device)), build)
@@ -251,7 +326,7 @@ class MomaRun:
                       device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's projected MoMA tokens for every row, split into heads: [len(chunks) * batch, H, 4, D]."""
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            k_all, v_all = self.context_kv_master[block]
+            k_all, v_all = self.run.context_kv_master[block]
             order = torch.tensor([0 if kind == COND else 1 for kind in chunk_kinds]).repeat_interleave(batch)
             return tuple(moma_attention.split_heads(t[order].to(device, dtype), heads).contiguous() for t in (k_all, v_all))
 
@@ -261,8 +336,9 @@ class MomaRun:
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference bank of one layer on device, split into heads: [1, H, M, D] (once per run)."""
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            keys, values = self.bank.on(device, dtype)
-            return tuple(moma_attention.split_heads(t[block].unsqueeze(0), heads).contiguous() for t in (keys, values))
+            bank = self.run.bank
+            return tuple(moma_attention.split_heads(t[block].to(device, dtype).unsqueeze(0), heads).contiguous()
+                         for t in (bank.keys, bank.values))
 
         return self._cached(("bank", block, heads, str(device), dtype), build)
 
@@ -280,20 +356,20 @@ class MomaRun:
                      device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """Subject mask (from the previous evaluation) times the optional user mask: [rows, h*w, 1] or None."""
         mask = self.tracker.rows(grid, chunks, device, dtype)
-        if self.attn_mask is None:
+        if self.run.attn_mask is None:
             return mask
 
+        sub_idxs = (extra_options.get("ad_params") or {}).get("sub_idxs")
+
         def build() -> torch.Tensor:
-            user = self.attn_mask.float()
+            user = self.run.attn_mask.float()
             user = user.reshape(-1, 1, user.shape[-2], user.shape[-1])
             user = F.interpolate(user, size=grid, mode="bilinear", align_corners=False)
-            user = user.reshape(user.shape[0], -1, 1)
-            if user.shape[0] not in (1, batch):
-                user = user[:1]
-            user = user.expand(batch, -1, -1).repeat(chunks, 1, 1)
-            return user.to(device, dtype)
+            user = _rows_of(user.reshape(user.shape[0], -1, 1), batch, extra_options)  # one mask per item
+            return user.repeat(chunks, 1, 1).to(device, dtype)
 
-        user_rows = self._cached(("user", tuple(grid), chunks, batch, str(device), dtype), build)
+        key = ("user", tuple(grid), chunks, batch, str(device), dtype, tuple(sub_idxs) if sub_idxs else None)
+        user_rows = self._cached(key, build)
         return user_rows if mask is None else mask * user_rows
 
     def gated_mask(self, gate: Gate, term: str, extra_options: dict, grid: tuple[int, int], chunks: int, batch: int,
@@ -304,18 +380,18 @@ class MomaRun:
         if gate is True:
             return mask
         key = (term, tuple(grid), chunks, batch, str(device), dtype)
-        cached = self._call_cache.get(key)
+        cached = self.call_cache.get(key)
         if cached is not None and cached[0] is gate and cached[1] is mask:
             return cached[2]
         factor = gate.to(dtype).view(1, 1, 1)
         gated = factor if mask is None else mask * factor
-        self._call_cache[key] = (gate, mask, gated)
+        self.call_cache[key] = (gate, mask, gated)
         return gated
 
     # --- the two terms ---------------------------------------------------------------------------
     def object_term(self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        gain = self.object_gains[layer.block]
-        if self.bank is None or gain == 0.0:
+        gain = self.run.object_gains[layer.block]
+        if self.run.bank is None or gain == 0.0:
             return out
         gate = self.gates(extra_options)[0]
         if gate is False:
@@ -348,7 +424,7 @@ class MomaRun:
             subject_probs = moma_attention.subject_attention_mass(q_heads, k_heads, indicator, sdpa=_sdpa)
             self.tracker.add_probs(subject_probs, grid, _latent_grid(extra_options), chunk_kinds)
         gate = self.gates(extra_options)[1]
-        if gate is not False:
+        if gate is not False and self.run.context_gains[layer.block] != 0.0:
             token_k, token_v = self.context_heads(layer.block, chunk_kinds, batch, heads, q.device, q.dtype)
             context_out = moma_attention.merge_head_output(_sdpa(q_heads, token_k, token_v), rows, tokens)
             mask = self.gated_mask(gate, "context", extra_options, grid, chunks, batch, q.device, q.dtype)
@@ -501,6 +577,23 @@ def copy_patches_on_clone(source: Any, clone: Any) -> None:
         for key, patch in list(table.items()):
             if isinstance(patch, _ChainedPatch):
                 table[key] = patch.copy()
+
+
+def moma_runs_of(model: Any) -> list[MomaRun]:
+    """The MoMA applications on a MODEL, in the order they were applied (each Apply node's run once)."""
+    table = getattr(model, "model_options", {}).get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    runs: list[MomaRun] = []
+    for patch in table.values():
+        chain = []
+        while isinstance(patch, _ChainedPatch):
+            chain.append(patch.run)
+            patch = patch.previous
+        for run in reversed(chain):  # innermost = applied first
+            if run not in runs:
+                runs.append(run)
+        if runs:
+            break  # every block carries the same chain
+    return runs
 
 
 def install_moma_patches(model: Any, run: MomaRun) -> None:

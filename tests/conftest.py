@@ -14,6 +14,30 @@ import host  # noqa: E402
 HOST = host.boot()
 
 
+def _share_loaded_checkpoints() -> None:
+    """One loaded copy of each checkpoint for the whole test run: ComfyUI's own loader runs once per file and
+    options, and every later CheckpointLoaderSimple (graphs, fixtures) gets the same MODEL/CLIP/VAE objects,
+    which MoMA only ever clones. Without this, each executor run loaded a second full SD1.5 beside the
+    fixture's (the suite peaked at 10-12 GB of RSS)."""
+    import os
+
+    import comfy.sd
+
+    load = comfy.sd.load_checkpoint_guess_config
+    loaded: dict = {}
+
+    def load_once(ckpt_path, *args, **kwargs):
+        key = (os.path.realpath(ckpt_path), repr(args), repr(sorted(kwargs.items(), key=lambda item: item[0])))
+        if key not in loaded:
+            loaded[key] = load(ckpt_path, *args, **kwargs)
+        return loaded[key]
+
+    comfy.sd.load_checkpoint_guess_config = load_once
+
+
+_share_loaded_checkpoints()
+
+
 @pytest.fixture(scope="session")
 def comfy_host() -> host.Host:
     """The booted ComfyUI host (base directory, models directory, the pack's module name)."""

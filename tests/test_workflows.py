@@ -634,3 +634,45 @@ def assert_lora_patches_every_module(prompt: dict, lora_id: str) -> None:
     assert all(patch[0] == inputs["strength_model"] for patches in patched_model.patches.values() for patch in patches)
     del model, clip, _vae, patched_model, patched_clip
     gc.collect()
+
+
+# --------------------------------------------------------------------------------------------------
+# workflows saved by earlier releases (2026-11, before Apply's per-path inputs, Loader's llava_placement and
+# Feature Grab's latent) still load: same node ids and input names, every new input optional with a default
+
+OLD_EXAMPLES = REPO / "tests" / "data" / "workflows-2026-11"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (OLD_EXAMPLES / "api").glob("*.json")))
+def test_workflows_saved_before_the_new_inputs_still_validate(name, example_host):
+    prompt = load(OLD_EXAMPLES / "api" / name)
+    assert api_problems(prompt) == []
+    valid, error, node_errors = comfy_validation(prompt)
+    assert valid, (error, node_errors)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in OLD_EXAMPLES.glob("*.json")))
+def test_ui_workflows_saved_before_the_new_inputs_keep_their_widget_values(name, example_host):
+    """What the frontend does with an old file: the widget values it has go to the inputs they were saved for
+    (the new inputs come after them), the new ones take their defaults; the result is the old API twin."""
+    ui = load(OLD_EXAMPLES / name)
+    for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        layout = widget_layout(node["type"])
+        values = node.get("widgets_values", [])
+        assert len(values) <= len(layout), f"node {node['id']}: more values than widgets"
+        specs = input_specs(node["type"])
+        for name_ in layout[len(values):]:
+            assert name_ is None or specs[name_][2], f"node {node['id']}: new widget {name_} is not optional"
+            values.append(None if name_ is None else specs[name_][1].get("default"))
+        node["widgets_values"] = values
+    converted = ui_to_api(ui)
+    old_api = load(OLD_EXAMPLES / "api" / name)
+    for nid, node in old_api.items():
+        new_inputs = {k: v for k, v in converted[nid]["inputs"].items() if k not in node["inputs"]}
+        assert {k: v for k, v in converted[nid]["inputs"].items() if k in node["inputs"]} == node["inputs"], nid
+        for input_name, value in new_inputs.items():
+            assert input_specs(node["class_type"])[input_name][2], f"node {nid}: {input_name} is not optional"
+    valid, error, node_errors = comfy_validation(converted)
+    assert valid, (error, node_errors)

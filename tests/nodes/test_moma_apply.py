@@ -3,6 +3,7 @@ determinism, and the whole graph through ComfyUI's executor with several sampler
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -302,10 +303,14 @@ def test_batch_rows_are_routed_per_item_and_per_chunk(sd15_models, moma_model, m
     torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_each_sampling_run_starts_with_a_fresh_subject_mask(sd15_models, moma_model, moma_context, reference_bank):
-    """Two runs of one patched MODEL with the same seed give the same latents: the second run does not
-    start from the first run's last subject mask (the sampling wrapper resets it)."""
+def test_each_sampling_run_starts_with_a_fresh_subject_mask(sd15_models, moma_model, moma_context, reference_bank,
+                                                            monkeypatch):
+    """Two runs of one patched MODEL with the same seed give the same latents: each run has its own state
+    (a fresh subject mask), which lives only in that run's copy of the options."""
     import nodes
+
+    from comfyui_moma.moma.subject_mask import SubjectMaskTracker
+    from comfyui_moma.nodes.patches import RUN_STATES_KEY
 
     model, clip, _ = sd15_models
     patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
@@ -313,19 +318,22 @@ def test_each_sampling_run_starts_with_a_fresh_subject_mask(sd15_models, moma_mo
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
-    masks = []
-    finish = run.tracker.finish_evaluation
+    trackers, masks = [], []
+    finish = SubjectMaskTracker.finish_evaluation
 
-    def recording_finish():
-        finish()
-        masks.append(run.tracker.mask)
+    def recording_finish(tracker):
+        finish(tracker)
+        trackers.append(tracker)
+        masks.append(tracker.mask)
 
-    run.tracker.finish_evaluation = recording_finish
+    monkeypatch.setattr(SubjectMaskTracker, "finish_evaluation", recording_finish)
     first = nodes.common_ksampler(patched, 3, 3, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
     assert len(masks) == 3 and all(mask is not None for mask in masks)  # one new mask per model evaluation
+    assert torch.equal(run.last_subject_mask, masks[-1].cpu())  # kept for the preview node
     second = nodes.common_ksampler(patched, 3, 3, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
     assert torch.equal(first, second)
-    assert run.tracker.mask is None  # nothing left over after a run
+    assert trackers[0] is not trackers[3] and trackers[3] is not run.tracker  # a new state per run
+    assert RUN_STATES_KEY not in patched.model_options["transformer_options"]  # nothing left on the model
 
 
 def test_cond_only_extra_evaluations_do_not_touch_the_mask(sd15_models, moma_model, moma_context, reference_bank):
@@ -344,13 +352,13 @@ def test_cond_only_extra_evaluations_do_not_touch_the_mask(sd15_models, moma_mod
         return unet_calls
 
     run.tracker.reset()
-    run._cfg_seen = False
+    run.idle.cfg_seen = False
     run.calc_cond_batch(evaluation([1, 0]), None, [["cond"], ["uncond"]], None, None, {})
     cfg_mask = run.tracker.mask.clone()
     run.calc_cond_batch(evaluation([0]), None, [["cond"]], None, None, {})  # PAG's extra call
     assert torch.equal(run.tracker.mask, cfg_mask)
     run.tracker.reset()
-    run._cfg_seen = False
+    run.idle.cfg_seen = False
     run.calc_cond_batch(evaluation([0]), None, [["cond"], None], None, None, {})  # no-uncond guider
     assert run.tracker.mask is not None
 
@@ -420,3 +428,164 @@ def test_peer_pack_terms_act_in_either_order_and_in_their_sigma_window(sd15_mode
     out_outside, calls = evaluate(outside)
     assert calls == []
     torch.testing.assert_close(out_outside, out_moma, rtol=0, atol=0)
+
+
+# --- composing: runs, several subjects, batches, per-path control, the preview ------------------------------
+
+
+def test_block_weights_parse_and_bad_strings_name_the_problem():
+    from comfyui_moma.moma.sd15 import parse_block_weights
+
+    assert set(parse_block_weights("").values()) == {1.0}
+    numbers = parse_block_weights(" ".join(str(i / 10) for i in range(16)))
+    assert [numbers[layer.block] for layer in LAYERS] == [i / 10 for i in range(16)]
+    named = parse_block_weights("input=0, middle=0.5, output_5=2")
+    assert named[("input", 4)] == 0.0 and named[("middle", 0)] == 0.5
+    assert named[("output", 5)] == 2.0 and named[("output", 6)] == 1.0
+    for bad, words in (("1 2 3", "16"), ("input=x", "not a number"), ("elbow=1", "unknown block"),
+                       ("input=9", "outside"), ("1, input=2", "mixing")):
+        with pytest.raises(ValueError, match=words):
+            parse_block_weights(bad)
+
+
+def test_per_path_weights_and_windows(sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    """The defaults are today's numbers exactly; context_strength 0 and block weight 0 remove those terms; each
+    path's own window switches only that path; a bad block_weights string is a MomaError."""
+    model = sd15_models[0]
+    default = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    explicit = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, context_strength=1.0,
+                          object_window=(0.0, 1.0), context_window=(0.0, 1.0), block_weights="")
+    out_default = _unet(default, LATENT, 500, cfg_context)
+    torch.testing.assert_close(_unet(explicit, LATENT, 500, cfg_context), out_default, rtol=0, atol=0)
+    object_only = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, context_strength=0.0)
+    no_object = apply_moma(model, moma_model, moma_context, reference_bank, 0.0, 0.0, 1.0)
+    plain = _unet(model, LATENT, 500, cfg_context)
+    out_object_only = _unet(object_only, LATENT, 500, cfg_context)
+    assert _rel(out_object_only, plain) > 1e-3 and _rel(out_object_only, out_default) > 1e-3
+    # all-zero block weights: neither term anywhere, so the plain output
+    zeros = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, block_weights="input=0 middle=0 output=0")
+    torch.testing.assert_close(_unet(zeros, LATENT, 500, cfg_context), plain, rtol=1e-5, atol=1e-5)
+    # the context window ends before t=500 (~50% of sampling): only the object path acts there, as with
+    # context_strength 0; the object window likewise
+    ctx_early = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, context_window=(0.0, 0.2))
+    torch.testing.assert_close(_unet(ctx_early, LATENT, 500, cfg_context), out_object_only, rtol=1e-5, atol=1e-5)
+    obj_early = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, object_window=(0.0, 0.2))
+    torch.testing.assert_close(_unet(obj_early, LATENT, 500, cfg_context), _unet(no_object, LATENT, 500, cfg_context),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(MomaError, match="block_weights"):
+        apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, block_weights="1 2")
+    with pytest.raises(MomaError, match="context_start_percent"):
+        apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, context_window=(0.9, 0.1))
+
+
+def test_per_frame_attn_masks_in_a_16_frame_batch(sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    """AnimateDiff-style batch of 16 latents with one reference and 16 masks: frames whose mask is 0 get exactly
+    the plain model's output, the others MoMA's; the subject mask is tracked per frame."""
+    import comfy.model_management
+
+    model = sd15_models[0]
+    frames = 16
+    masks = torch.zeros(frames, 16, 16)
+    masks[::2] = 1.0  # MoMA on the even frames only
+    patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, attn_mask=masks)
+    run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
+    uncond_ctx, cond_ctx = cfg_context[:1], cfg_context[1:]
+    latents = torch.randn(frames, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def evaluate(m, t):
+        comfy.model_management.load_models_gpu([m])
+        device = comfy.model_management.get_torch_device()
+        sigma = m.get_model_object("model_sampling").sigma(torch.tensor([float(t)])).to(device)
+        options = copy.copy(m.model_options["transformer_options"])
+        options.update(cond_or_uncond=[0, 1], sigmas=sigma)
+        x = torch.cat([latents, latents]).to(device) * math.sqrt(1 + float(sigma) ** 2)
+        context = torch.cat([cond_ctx.expand(frames, -1, -1), uncond_ctx.expand(frames, -1, -1)]).to(device)
+        with torch.no_grad():
+            return m.model.apply_model(x, sigma.expand(2 * frames), c_crossattn=context,
+                                       transformer_options=options).float().cpu()
+
+    run.tracker.reset()
+    evaluate(patched, 800)
+    run.tracker.finish_evaluation()
+    assert run.tracker.mask.shape == (frames, 8, 8)
+    assert not torch.equal(run.tracker.mask[0], run.tracker.mask[1])  # one subject mask per frame
+    moma_out = evaluate(patched, 500)
+    plain_out = evaluate(model, 500)
+    rows = torch.arange(2 * frames) % frames  # cond frames, then uncond frames
+    off, on = rows % 2 == 1, rows % 2 == 0
+    torch.testing.assert_close(moma_out[off], plain_out[off], rtol=0, atol=0)
+    assert all(_rel(moma_out[i], plain_out[i]) > 1e-4 for i in torch.nonzero(on).flatten().tolist())
+
+
+def test_two_samplers_on_one_patched_model_in_one_prompt(graph_setup, sd15_checkpoint):
+    """One patched MODEL feeding two KSamplers (different seeds) in one graph: each gives exactly what it gives
+    alone, so no run sees the other's subject mask."""
+    graph = moma_graph(sd15_checkpoint.name, "euler", 64, 64, 1, with_peer_pack=False)
+    graph["14"] = {"class_type": "KSampler", "inputs": {**graph["11"]["inputs"], "seed": 77}}
+    graph["15"] = {"class_type": "VAEDecode", "inputs": {"samples": ["14", 0], "vae": ["1", 2]}}
+    graph["16"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "moma_two_samplers", "images": ["15", 0]}}
+    both = run_api_workflow(graph)
+    alone = copy.deepcopy(graph)
+    for nid in ("11", "12", "13"):
+        del alone[nid]
+    second_alone = run_api_workflow(alone)
+
+    def image(outputs, nid):
+        import folder_paths
+
+        (entry,) = outputs[nid]["images"]
+        return np.asarray(Image.open(Path(folder_paths.get_output_directory()) / entry["subfolder"] / entry["filename"]))
+
+    first_alone = _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, "euler", 64, 64, 1,
+                                                            with_peer_pack=False)))[0]
+    assert np.array_equal(image(both, "13"), first_alone)
+    assert np.array_equal(image(both, "16"), image(second_alone, "16"))
+    assert not np.array_equal(image(both, "13"), image(both, "16"))
+
+
+def test_two_subjects_each_act_in_their_own_region_and_the_preview_shows_them(
+        graph_setup, sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    """Two Apply nodes on one model (two subjects, one prompt naming both, each with its own attn_mask): each
+    subject's terms act only in its region, each tracks its own subject mask, and MoMA Subject Mask Preview
+    returns each one's mask and an overlay."""
+    import nodes
+
+    from comfyui_moma.nodes.preview import MomaSubjectMaskPreview
+
+    model, clip, _ = sd15_models
+    prompt = "photo of a car and a dog on a beach"
+    dog_context = dataclasses.replace(moma_context, subject="dog")
+    left, right = torch.zeros(1, 16, 16), torch.zeros(1, 16, 16)
+    left[..., :8], right[..., 8:] = 1.0, 1.0
+    car = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, attn_mask=left, prompt=prompt)
+    both = apply_moma(car, moma_model, dog_context, reference_bank, 1.0, 0.0, 1.0, attn_mask=right, prompt=prompt)
+    first, second = [p.run for p in (_attn2(both, LAYERS[0].block).previous, _attn2(both, LAYERS[0].block))]
+    assert first.subject_positions != second.subject_positions  # each subject's own tokens in the one prompt
+    cond = clip.encode_from_tokens(clip.tokenize(prompt))
+    context = torch.cat([clip.encode_from_tokens(clip.tokenize("")), cond])
+    plain, car_out, both_out = (_unet(m, LATENT, 500, context) for m in (model, car, both))
+    # a subject whose region is empty adds nothing: the other subject's result exactly
+    nobody = torch.zeros(1, 16, 16)
+    car_and_no_dog = apply_moma(car, moma_model, dog_context, reference_bank, 1.0, 0.0, 1.0, attn_mask=nobody,
+                                prompt=prompt)
+    torch.testing.assert_close(_unet(car_and_no_dog, LATENT, 500, context), car_out, rtol=0, atol=0)
+    # each subject's terms change its own half of the 16x16 latent most (the UNet's later layers spread some)
+    delta_car = (car_out - plain).abs().mean(dim=(0, 1))
+    delta_dog = (both_out - car_out).abs().mean(dim=(0, 1))
+    assert delta_car[:, :8].mean() > 1.5 * delta_car[:, 8:].mean()
+    assert delta_dog[:, 8:].mean() > 1.5 * delta_dog[:, :8].mean()
+
+    positive = nodes.CLIPTextEncode().encode(clip, prompt)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    samples = nodes.common_ksampler(both, 1, 2, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+    images = torch.rand(1, 128, 128, 3)
+    car_mask, overlay = MomaSubjectMaskPreview.execute(both, images, 0).result
+    dog_mask, _ = MomaSubjectMaskPreview.execute(both, images, 1).result
+    assert car_mask.shape == dog_mask.shape == (1, 16, 16) and overlay.shape == images.shape
+    assert not torch.equal(car_mask, dog_mask)
+    assert torch.isfinite(samples).all()
+    with pytest.raises(MomaError, match="apply_index 2"):
+        MomaSubjectMaskPreview.execute(both, images, 2)
+    with pytest.raises(MomaError, match="no MoMA"):
+        MomaSubjectMaskPreview.execute(model, images, 0)

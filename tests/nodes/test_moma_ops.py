@@ -85,7 +85,7 @@ def test_gates_decided_on_device_equal_the_host_decision(sampling_setup, moma_mo
         run = _run_of(patched)
         plan = run.schedule_plan
         on_device, _ = _sample(patched, positive, negative)
-        run.schedule_plan = lambda sigmas: None  # no plan: every UNet call reads its sigma (and syncs)
+        run.schedule_plan = lambda *args: None  # no plan: every UNet call reads its sigma (and syncs)
         on_host, calls = _sample(patched, positive, negative)
         run.schedule_plan = plan
         assert sum(host_reads(c) for c in calls.per_call) >= 3  # the fallback path does read
@@ -105,4 +105,4 @@ def test_schedule_plan_decides_whole_runs(sampling_setup, moma_model, moma_conte
     assert run.schedule_plan(late) == (True, True)
     windowed = _run_of(apply_moma(model, moma_model, moma_context, bank, 1.0, 0.0, 0.3))
     assert windowed.schedule_plan(late) == (False, False)  # MoMA off for the whole run
-    assert windowed.run_inactive() is False  # (only a run's own plan makes it inactive)
+    assert windowed.idle.run_inactive() is False  # (only a run's own plan makes it inactive)
