@@ -80,6 +80,34 @@ def weight_files(folder: Path, where_to_get: str) -> list[Path]:
             return [folder / single_name]
     raise MomaError(f"No model weights (model*.safetensors or pytorch_model*.bin) in {folder}. {where_to_get}")
 
+def check_complete(folder: Path, files: list[Path], required: tuple[str, ...], where_to_get: str) -> None:
+    """Before anything is loaded: every weight file and every ``required`` file of ``folder`` exists and is not empty."""
+    absent = [name for name in required if not (folder / name).is_file()]
+    empty = [file.name for file in [*files, *(folder / name for name in required)]
+             if file.is_file() and file.stat().st_size == 0]
+    if absent or empty:
+        parts = ([f"missing {absent}"] if absent else []) + ([f"empty {empty}"] if empty else [])
+        raise MomaError(f"{folder} is incomplete: {', '.join(parts)}. {where_to_get}")
+
+
+def safetensors_header(path: Path, where_to_get: str = "") -> dict:
+    """The JSON header of a .safetensors file (read without loading any tensor); MomaError if it is not one."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            size = path.stat().st_size
+            if not 2 <= length <= min(size - 8, 100 << 20):
+                raise ValueError(f"header length {length} does not fit the file's {size} bytes")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        raise MomaError(f"{path} is not a readable .safetensors file ({error}); it is probably truncated or another "
+                        f"format. {where_to_get}".rstrip()) from None
+    if not isinstance(header, dict):
+        raise MomaError(f"{path} is not a readable .safetensors file (its header is not a JSON object). {where_to_get}")
+    return header
+
+
 def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) pairs of one weight file, read without running code; one tensor at a time for safetensors."""
     try:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    check_complete,
     iter_weights,
     parameters_on_meta,
     read_json,
@@ -96,15 +97,32 @@ class LlavaFolder:
             raise MomaError(f"{folder} is not a LLaVA folder (no config.json). {LLAVA_WHERE_TO_GET}")
         config = read_json(config_file)
         _check_llava_config(config, config_file)
-        return cls(path=folder, config=config, weight_files=weight_files(folder, LLAVA_WHERE_TO_GET))
+        files = weight_files(folder, LLAVA_WHERE_TO_GET)
+        check_complete(folder, files, ("tokenizer.model",), LLAVA_WHERE_TO_GET)
+        return cls(path=folder, config=config, weight_files=files)
 
     def llama_config(self):
         """transformers ``LlamaConfig`` for the language model (sdpa attention)."""
         from transformers import LlamaConfig
 
         cfg = self.config
+        try:
+            kwargs = self._llama_kwargs(cfg)
+        except (TypeError, ValueError) as error:
+            raise MomaError(f"{self.path / 'config.json'} has a value of the wrong type ({error}). "
+                            f"{LLAVA_WHERE_TO_GET}") from None
+        if cfg.get("rope_scaling") is not None:
+            kwargs["rope_scaling"] = cfg["rope_scaling"]
+        try:
+            return LlamaConfig(**kwargs)
+        except Exception as error:  # transformers validates rope_scaling etc. with its own exception types
+            raise MomaError(f"{self.path / 'config.json'} is not a valid Llama config ({type(error).__name__}: "
+                            f"{error}). {LLAVA_WHERE_TO_GET}") from None
+
+    @staticmethod
+    def _llama_kwargs(cfg: dict) -> dict:
         heads = int(cfg["num_attention_heads"])
-        kwargs = dict(
+        return dict(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
             intermediate_size=int(cfg["intermediate_size"]),
@@ -122,9 +140,6 @@ class LlavaFolder:
             tie_word_embeddings=False,
             attn_implementation="sdpa",
         )
-        if cfg.get("rope_scaling") is not None:
-            kwargs["rope_scaling"] = cfg["rope_scaling"]
-        return LlamaConfig(**kwargs)
 
     @property
     def max_length(self) -> int | None:
@@ -148,6 +163,16 @@ def _check_llava_config(cfg: dict, config_file: Path) -> None:
     missing = [key for key in required if key not in cfg]
     if missing:
         raise MomaError(f"{config_file} lacks {missing}. {LLAVA_WHERE_TO_GET}")
+    # Sizes are read before any weight, so implausible ones would build a huge (meta) model or fail deep in torch.
+    limits = {"intermediate_size": 1 << 20, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+              "vocab_size": 1 << 24, "num_key_value_heads": 1024, "max_position_embeddings": 1 << 24}
+    bad = [f"{key}={cfg[key]!r}" for key, limit in limits.items()
+           if key in cfg and cfg[key] is not None
+           and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or not 0 < cfg[key] <= limit)]
+    if not bad and isinstance(cfg["num_attention_heads"], int) and LLM_HIDDEN % cfg["num_attention_heads"]:
+        bad.append(f"num_attention_heads={cfg['num_attention_heads']!r} (does not divide hidden_size {LLM_HIDDEN})")
+    if bad:
+        raise MomaError(f"{config_file} has invalid sizes: {', '.join(bad)}. {LLAVA_WHERE_TO_GET}")
     expected = {
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": VISION_SELECT_LAYER,

@@ -207,11 +207,16 @@ def test_save_and_load_context_nodes_round_trip(placed, tmp_path: Path) -> None:
         value, expected = getattr(copy, name), getattr(original, name)
         assert torch.equal(value, expected) if isinstance(value, torch.Tensor) else value == expected
 
+    save_context(original, Path(folder_paths.get_output_directory()) / "elsewhere" / "ctx.safetensors")
+    graph["1"]["inputs"] = {"context_file": "", "path": "elsewhere/ctx.safetensors"}  # relative to output/
+    assert load_context(_saved(comfy_exec.run_api_workflow(graph))).subject == "vase"
+    graph["1"]["inputs"] = {"context_file": "", "path": "elsewhere/absent.safetensors"}
+    with pytest.raises(comfy_exec.WorkflowError, match="MoMA context file 'elsewhere/absent.safetensors' not found"):
+        comfy_exec.run_api_workflow(graph)
+    # paths out of input/ and output/ are refused (tests/nodes/test_paths.py covers every form)
     outside = save_context(original, tmp_path / "elsewhere.safetensors")
     graph["1"]["inputs"] = {"context_file": "", "path": str(outside)}
-    assert load_context(_saved(comfy_exec.run_api_workflow(graph))).subject == "vase"
-    graph["1"]["inputs"] = {"context_file": "", "path": str(tmp_path / "absent.safetensors")}
-    with pytest.raises(comfy_exec.WorkflowError, match="MoMA context file not found"):
+    with pytest.raises(comfy_exec.WorkflowError, match="is an absolute path"):
         comfy_exec.run_api_workflow(graph)
 
 
