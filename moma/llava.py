@@ -315,9 +315,14 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
     from transformers import LlamaModel
 
     config = folder.llama_config()
-    with parameters_on_meta():
-        language_model = LlamaModel(config)
-        mm_projector = _build_mm_projector()
+    try:
+        with parameters_on_meta():
+            language_model = LlamaModel(config)
+            mm_projector = _build_mm_projector()
+    except (KeyError, ValueError, TypeError) as error:  # e.g. an unknown hidden_act
+        raise MomaError(f"{folder.path / 'config.json'} does not describe a buildable Llama model "
+                        f"({type(error).__name__}: {error}). {LLAVA_WHERE_TO_GET}") from None
+    round_rope_tables_to_fp16(language_model.rotary_emb)
     targets: dict[str, tuple[nn.Module, str]] = {}
     for name, param in language_model.named_parameters():
         targets["model." + name] = (language_model, name)
@@ -355,6 +360,25 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
         )
     log.debug("LLaVA: %d checkpoint tensors ignored (lm_head, vision tower), as the reference ignores them.", ignored)
     return language_model.requires_grad_(False).eval(), mm_projector.requires_grad_(False).eval()
+
+
+def round_rope_tables_to_fp16(rotary_emb: nn.Module) -> nn.Module:
+    """Make ``rotary_emb`` return cos/sin rounded to fp16, then cast to the activations' dtype, as the reference does.
+
+    The reference's transformers (4.37) built LlamaRotaryEmbedding's cos/sin tables once, in fp32, and stored them
+    in the default dtype, which ``from_pretrained(torch_dtype=float16)`` had set to fp16; casting the model to
+    bf16/fp32 afterwards cast those rounded tables (MoMA was fine-tuned with them). Current transformers computes
+    them per call in fp32. ``rotary_emb`` only reads its input's device and dtype, so it is called with an empty
+    fp32 tensor to get the fp32 tables, which are then rounded.
+    """
+    compute = rotary_emb.forward
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = compute(x.new_empty(0, dtype=torch.float32), *args, **kwargs)
+        return cos.to(torch.float16).to(x.dtype), sin.to(torch.float16).to(x.dtype)
+
+    rotary_emb.forward = forward
+    return rotary_emb
 
 
 def _quantize_linears(root: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
