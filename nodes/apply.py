@@ -14,7 +14,7 @@ from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank
 from ..moma.sd15 import LAYERS
 from ..moma.subject_mask import subject_token_positions
-from .common import adapter_of, require_sd15
+from .common import adapter_of, require_sd15, warn_if_other_adapter
 from .patches import MomaRun, install_moma_patches
 from .types import MomaContext, MomaModel, MomaRef
 
@@ -56,6 +56,7 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
     for name in ("cond_tokens", "uncond_tokens", "sd_prompt", "subject"):
         if not hasattr(context, name):
             raise MomaError("Apply MoMA Attention: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
+    warn_if_other_adapter(context, moma_model)
     positions, prompt_length = subject_positions_in_prompt(context.sd_prompt, context.subject)
     if not positions:
         log.warning("Apply MoMA Attention: subject %r not found in the prompt %r; the MoMA terms stay unmasked.",

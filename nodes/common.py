@@ -1,9 +1,14 @@
 """Small helpers shared by the node files."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import torch
+
+from ..moma.context import adapter_mismatch
 from ..moma.errors import MomaError
+from ..moma.weights import adapter_fingerprint
 from ..moma.sd15 import CROSS_ATTENTION_DIM
 
 
@@ -26,3 +31,31 @@ def adapter_of(moma_model: Any) -> Any:
     if adapter is None or not hasattr(adapter, "to_k_ip"):
         raise MomaError("moma_model: expected the output of a 'MoMA Loader' node.")
     return adapter
+
+
+log = logging.getLogger(__name__)
+
+
+def warn_if_other_adapter(context: Any, moma_model: Any, node: str = "Apply MoMA Attention") -> str | None:
+    """Log (and return) a warning when ``context`` was encoded with another adapter than ``moma_model``'s."""
+    adapter = getattr(moma_model, "adapter", None)
+    if adapter is None or not getattr(context, "adapter_sha256", ""):
+        return None
+    reason = adapter_mismatch(context, adapter_fingerprint(adapter))
+    if reason:
+        log.warning("%s: %s", node, reason)
+    return reason
+
+
+def warn_if_constant_picture(picture: torch.Tensor, node: str) -> str | None:
+    """Log (and return) a warning when a reference picture [.., H, W, C] is a single colour."""
+    rgb = picture[..., :3].float().reshape(-1, min(3, picture.shape[-1]))
+    if rgb.numel() == 0 or float((rgb.amax(0) - rgb.amin(0)).max()) > 1.0 / 512:
+        return None
+    colour = ", ".join(f"{value:.3f}" for value in rgb[0].tolist())
+    cause = ("a 16-bit PNG, which Load Image of ComfyUI 0.3.x turns all white: save the picture as 8-bit"
+             if bool((rgb[0] >= 1.0 - 1.0 / 512).all()) else "a blank or failed picture, or the wrong input wired")
+    message = (f"{node}: the reference picture is a single colour ({colour} everywhere), so there is no object "
+               f"for MoMA to copy. Likely cause: {cause}.")
+    log.warning(message)
+    return message

@@ -21,6 +21,7 @@ from ..moma.context import CONTEXT_FORMAT, MomaContext as MomaContextObject, loa
 from ..moma.errors import MomaError
 from ..moma.llava import LlavaContextEncoder
 from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context
+from .common import warn_if_constant_picture
 from .paths import output_prefix, resolve_inside
 from .types import MomaContext, MomaModel
 
@@ -45,6 +46,7 @@ def first_reference(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     if image.shape[0] > 1 or mask.shape[0] > 1:
         log.warning("LLaVA Context Encoder: batch of %d pictures / %d masks; using the first of each.",
                     image.shape[0], mask.shape[0])
+    warn_if_constant_picture(image[0], "LLaVA Context Encoder")
     if not bool((mask[0] > 0).any()):
         log.warning("LLaVA Context Encoder: the object mask is empty, so LLaVA sees an all-white picture.")
     return image[0], mask[0]

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..moma.errors import MomaError
 from ..moma.clip_vision import CLIP_WHERE_TO_GET, check_clip_vision_path
 from ..moma.llava import PRECISIONS, QUANTIZATIONS, LlavaFolder
-from ..moma.prompt import LLAVA_WHERE_TO_GET
+from ..moma.prompt import LLAVA_WHERE_TO_GET, LlavaTokenizer
 from ..moma.model import MomaModel as MomaModelObject
 from ..moma.weights import WHERE_TO_GET as ADAPTER_WHERE_TO_GET
 from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER, find_inside, for_input, model_folders, resolve_inside
@@ -65,6 +65,7 @@ def resolve_llava(name: str) -> Path | None:
     path = resolve_inside("llava_name", name, roots, "dir", "LLaVA folder", f"{LLAVA_WHERE_TO_GET} {NONE_HINT}")
     with for_input("llava_name"):
         LlavaFolder.open(path)
+        LlavaTokenizer.from_folder(path)
     return path
 
 
