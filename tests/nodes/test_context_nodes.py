@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import comfy_exec
+from llava_reference import expected_context
 from comfyui_moma.moma.context import load_context
 from comfyui_moma.moma.model import MomaModel, encode_context
 from comfyui_moma.nodes.context import first_reference
@@ -120,22 +121,20 @@ def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(placed, ad
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     rss_before = _rss()
     outputs, _ = _run(executor, _graph())
     rss_after = _rss()
     from_graph = load_context(_saved(outputs))
 
-    # The same encode called directly, from the same files and the same 8-bit pictures LoadImage read.
-    moma_model = MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision="fp32")
-    encoder = moma_model.load_encoder("cpu")
-    encoder_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
-    picture = torch.from_numpy(np.asarray(Image.open(placed["picture"]).convert("RGB")).astype(np.float32) / 255)
-    mask = torch.from_numpy(np.asarray(Image.open(placed["mask"])).astype(np.float32) / 255)
-    direct = encode_context(encoder, moma_model, picture, mask, SUBJECT, PROMPT)
-    del encoder
-    for name in ("cond_tokens", "uncond_tokens", "llava_emb"):
-        torch.testing.assert_close(getattr(from_graph, name), getattr(direct, name), rtol=1e-5, atol=1e-5)
+    # The independent re-derivation (tests/llava_reference.py) on the same 8-bit files LoadImage read.
+    encoder_bytes = sum(tensor.numel() * 4 for file in llava_dir.glob("pytorch_model-*.bin")  # fp32 LLaVA
+                        for tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).values())
+    expected = expected_context(llava_dir, clip_vision_dir, adapter_file,
+                                np.asarray(Image.open(placed["picture"]).convert("RGB")),
+                                np.asarray(Image.open(placed["mask"]).convert("L")), SUBJECT, PROMPT)
+    for name, key in (("cond_tokens", "cond"), ("uncond_tokens", "uncond"), ("llava_emb", "llava_emb")):
+        torch.testing.assert_close(getattr(from_graph, name), expected[key], rtol=1e-4, atol=1e-4)
     assert from_graph.sd_prompt == "photo of a car. A car in autumn with falling leaves."
     assert (from_graph.subject, from_graph.prompt) == (SUBJECT, PROMPT)
 
@@ -163,7 +162,7 @@ def test_keep_llava_loaded_hands_it_to_comfy_model_management(placed) -> None:
                 if isinstance(loaded.model.model, LlavaContextEncoder)]
 
     executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     try:
         first, _ = _run(executor, _graph(keep=True, prefix="moma/keep"))
         held = resident()
