@@ -120,5 +120,7 @@ class MomaApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, moma_model, context, reference, preset, strength, start_percent, end_percent,
                 attn_mask=None) -> io.NodeOutput:
+        if preset not in (*PRESET_STRENGTH, "custom"):  # ComfyUI 0.3.x does not check V3 combo values
+            raise MomaError(f"Apply MoMA Attention: preset {preset!r} is not one of context, texture, custom.")
         strength = PRESET_STRENGTH.get(preset, strength)
         return io.NodeOutput(apply_moma(model, moma_model, context, reference, strength, start_percent, end_percent, attn_mask))

@@ -34,6 +34,7 @@ def adapter_of(moma_model: Any) -> Any:
 
 
 log = logging.getLogger(__name__)
+SINGLE_COLOUR_SHARE = 0.98  # pixels of one colour that make a reference picture 'single colour'
 
 
 def warn_if_other_adapter(context: Any, moma_model: Any, node: str = "Apply MoMA Attention") -> str | None:
@@ -48,14 +49,18 @@ def warn_if_other_adapter(context: Any, moma_model: Any, node: str = "Apply MoMA
 
 
 def warn_if_constant_picture(picture: torch.Tensor, node: str) -> str | None:
-    """Log (and return) a warning when a reference picture [.., H, W, C] is a single colour."""
-    rgb = picture[..., :3].float().reshape(-1, min(3, picture.shape[-1]))
-    if rgb.numel() == 0 or float((rgb.amax(0) - rgb.amin(0)).max()) > 1.0 / 512:
+    """Log (and return) a warning when a reference picture [.., H, W, C] is (almost: >= 98% of its pixels) one colour."""
+    rgb = picture[..., :3].float().contiguous().reshape(-1, min(3, picture.shape[-1]))  # median() of a stride-0 (expanded) tensor gives NaN
+    if rgb.numel() == 0:
         return None
-    colour = ", ".join(f"{value:.3f}" for value in rgb[0].tolist())
-    cause = ("a 16-bit PNG, which Load Image of ComfyUI 0.3.x turns all white: save the picture as 8-bit"
-             if bool((rgb[0] >= 1.0 - 1.0 / 512).all()) else "a blank or failed picture, or the wrong input wired")
-    message = (f"{node}: the reference picture is a single colour ({colour} everywhere), so there is no object "
-               f"for MoMA to copy. Likely cause: {cause}.")
+    colour = rgb.median(dim=0).values
+    share = float(((rgb - colour).abs() <= 1.0 / 512).all(dim=1).float().mean())
+    if share < SINGLE_COLOUR_SHARE:
+        return None
+    shown = ", ".join(f"{value:.3f}" for value in colour.tolist())
+    cause = ("a 16-bit PNG, which Load Image of ComfyUI 0.3.x turns white: save the picture as 8-bit"
+             if bool((colour >= 1.0 - 1.0 / 512).all()) else "a blank or failed picture, or the wrong input wired")
+    message = (f"{node}: the reference picture is a single colour ({shown} in {share:.0%} of it), so there is no "
+               f"object for MoMA to copy. Likely cause: {cause}.")
     log.warning(message)
     return message

@@ -123,7 +123,8 @@ class MomaLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, adapter_name: str, llava_name: str, clip_vision_name: str) -> bool | str:
+    def validate_inputs(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str = "auto",
+                        quantization: str = "none") -> bool | str:
         # Replaces ComfyUI's "value not in list" check with messages that say where to put the files; the same
         # confinement rule refuses absolute paths and '..'. ComfyUI shows the returned text under each of the
         # three inputs, so every message starts with the input it is about.
@@ -134,6 +135,10 @@ class MomaLoader(io.ComfyNode):
                 resolve(value)
             except MomaError as error:
                 problems.append(str(error))
+        # ComfyUI 0.3.x does not check V3 combo values, and this method replaces the check on 0.30
+        for name, value, choices in (("precision", precision, PRECISIONS), ("quantization", quantization, QUANTIZATIONS)):
+            if value not in choices:
+                problems.append(f"{name}: {value!r} is not one of {', '.join(choices)}.")
         return " | ".join(problems) or True
 
     @classmethod

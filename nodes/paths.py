@@ -57,7 +57,7 @@ def describe_folders(roots: Sequence[str | Path]) -> str:
     return ", ".join(str(root) for root in roots) or "(no folder registered)"
 
 
-def relative_name(input_name: str, value: str, roots: Sequence[str | Path], what: str) -> str:
+def relative_name(input_name: str, value: str, roots: Sequence[str | Path], what: str, advice: str = "") -> str:
     """``value`` normalised to a relative POSIX path that stays inside any folder it is joined to.
 
     Raises a MomaError naming ``input_name``, the value and ``roots`` for an empty name, an absolute path (POSIX,
@@ -79,10 +79,10 @@ def relative_name(input_name: str, value: str, roots: Sequence[str | Path], what
         elif normal == ".":
             refused = "names the folder itself"
     if refused:
+        advice = advice or "place the file there (a symlink is fine) and choose it from the list."
         raise MomaError(
             f"{input_name}: {value!r} is refused: it {refused}. A workflow may only name a {what} inside "
-            f"{describe_folders(roots)} (a relative name such as 'sub/name'); place the file there (a symlink is "
-            f"fine) and choose it from the list."
+            f"{describe_folders(roots)} (a relative name such as 'sub/name'); {advice}"
         )
     return posixpath.normpath(unified)
 
@@ -93,11 +93,9 @@ def resolve_inside(input_name: str, value: str, roots: Sequence[str | Path], kin
 
     The error when none matches names the input, the value and every folder searched, then ``hint``.
     """
-    relative = relative_name(input_name, value, roots, what)
-    for root in roots:
-        candidate = Path(root) / relative
-        if (candidate.is_dir() if kind == "dir" else candidate.is_file()):
-            return candidate
+    found = find_inside(input_name, value, roots, kind, what)
+    if found is not None:
+        return found
     raise MomaError(f"{input_name}: {what} {value!r} not found in {describe_folders(roots)}. {hint}".rstrip())
 
 
@@ -113,7 +111,10 @@ def find_inside(input_name: str, value: str, roots: Sequence[str | Path], kind: 
 
 def output_prefix(input_name: str, prefix: str) -> str:
     """A save ``filename_prefix`` checked to stay inside ComfyUI's output folder (normalised, relative)."""
-    return relative_name(input_name, prefix, [folder_paths.get_output_directory()], "file name prefix")
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise MomaError(f"{input_name} is empty: give a prefix such as 'moma/context' (a path under the output folder).")
+    return relative_name(input_name, prefix, [folder_paths.get_output_directory()], "file name prefix",
+                         "give a prefix such as 'moma/context'.")
 
 
 @contextmanager
