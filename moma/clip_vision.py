@@ -7,7 +7,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import iter_weights, parameters_on_meta, reference_cast, set_parameter, weight_files
+from .checkpoint import (
+    check_complete,
+    iter_weights,
+    parameters_on_meta,
+    read_json,
+    reference_cast,
+    safetensors_header,
+    set_parameter,
+    weight_files,
+)
 from .errors import MomaError
 
 CLIP_WHERE_TO_GET = (
@@ -57,6 +66,22 @@ def _clip_vision_config_from_keys(state: dict[str, torch.Tensor], path: Path):
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
+
+
+def check_clip_vision_path(path: str | Path) -> None:
+    """Cheap check before anything loads: a folder with a readable config.json and all its weight files, or a
+    ``.safetensors`` file with a readable header."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MomaError(f"{path} has no config.json; it is not a CLIP vision folder. {CLIP_WHERE_TO_GET}")
+        read_json(path / "config.json")
+        files = weight_files(path, CLIP_WHERE_TO_GET)
+        check_complete(path, files, (), CLIP_WHERE_TO_GET)
+    elif path.is_file() and path.suffix.lower() == ".safetensors":
+        safetensors_header(path, CLIP_WHERE_TO_GET)
+    else:
+        raise MomaError(f"CLIP vision model not found (or not a folder / .safetensors file): {path}. {CLIP_WHERE_TO_GET}")
 
 
 def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,

@@ -2,7 +2,7 @@
 
 A context file holds three float32 tensors (``cond_tokens`` [1,4,768], ``uncond_tokens`` [1,4,768],
 ``llava_emb`` [1,1024]) and the metadata ``format`` = "moma-context", ``version``, ``subject``, ``prompt``,
-``sd_prompt``. With it a user can skip LLaVA entirely next time.
+``sd_prompt`` and (since this was added) ``adapter_sha256``, the fingerprint of the adapter that made the tokens. With it a user can skip LLaVA entirely next time.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ TENSOR_SHAPES = {
     "llava_emb": (1, LLAVA_EMBED_DIM),
 }
 TEXT_FIELDS = ("subject", "prompt", "sd_prompt")
+ADAPTER_FIELD = "adapter_sha256"
 
 
 @dataclass
@@ -39,6 +40,7 @@ class MomaContext:
     subject: str
     prompt: str
     sd_prompt: str
+    adapter_sha256: str = ""  # adapter_fingerprint() of the adapter that made the tokens ("" in older files)
 
 
 def save_context(context: MomaContext, path: str | Path) -> Path:
@@ -49,6 +51,8 @@ def save_context(context: MomaContext, path: str | Path) -> Path:
     tensors = {name: getattr(context, name).detach().float().contiguous().cpu() for name in TENSOR_SHAPES}
     metadata = {"format": CONTEXT_FORMAT, "version": CONTEXT_VERSION}
     metadata.update({name: getattr(context, name) for name in TEXT_FIELDS})
+    if context.adapter_sha256:
+        metadata[ADAPTER_FIELD] = context.adapter_sha256
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path
@@ -75,6 +79,8 @@ def load_context(path: str | Path) -> MomaContext:
     unexpected = [key for key in tensors if key not in TENSOR_SHAPES]
     wrong = [f"{key} {tuple(tensors[key].shape)} (expected {shape})" for key, shape in TENSOR_SHAPES.items()
              if key in tensors and tuple(tensors[key].shape) != shape]
+    wrong += [f"{key} has dtype {tensors[key].dtype} (expected float)" for key in TENSOR_SHAPES
+              if key in tensors and not tensors[key].is_floating_point()]
     missing_text = [name for name in TEXT_FIELDS if name not in metadata]
     if missing or unexpected or wrong or missing_text:
         raise MomaError(f"{path} is not a valid MoMA context: missing tensors {missing}, unexpected tensors "
@@ -84,4 +90,16 @@ def load_context(path: str | Path) -> MomaContext:
         uncond_tokens=tensors["uncond_tokens"].float(),
         llava_emb=tensors["llava_emb"].float(),
         **{name: metadata[name] for name in TEXT_FIELDS},
+        adapter_sha256=str(metadata.get(ADAPTER_FIELD, "")),
     )
+
+
+def adapter_mismatch(context: MomaContext, fingerprint: str) -> str | None:
+    """Why ``context`` may not fit the adapter with ``fingerprint`` (None when it fits or cannot be told)."""
+    made_with = getattr(context, "adapter_sha256", "")
+    if not made_with or not fingerprint or made_with == fingerprint:
+        return None
+    return (f"the context (subject {context.subject!r}) was encoded with another MoMA adapter (sha256 "
+            f"{made_with[:12]}...) than the one in MoMA Loader ({fingerprint[:12]}...): its tokens were made by that "
+            f"adapter's mapping and projector, so results will differ. Choose the same adapter file, or encode the "
+            f"context again with this one.")

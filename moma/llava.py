@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    check_complete,
     iter_weights,
     parameters_on_meta,
     read_json,
@@ -111,15 +112,32 @@ class LlavaFolder:
             raise MomaError(f"{folder} is not a LLaVA folder (no config.json). {LLAVA_WHERE_TO_GET}")
         config = read_json(config_file)
         _check_llava_config(config, config_file)
-        return cls(path=folder, config=config, weight_files=weight_files(folder, LLAVA_WHERE_TO_GET))
+        files = weight_files(folder, LLAVA_WHERE_TO_GET)
+        check_complete(folder, files, ("tokenizer.model",), LLAVA_WHERE_TO_GET)
+        return cls(path=folder, config=config, weight_files=files)
 
     def llama_config(self):
         """transformers ``LlamaConfig`` for the language model (sdpa attention)."""
         from transformers import LlamaConfig
 
         cfg = self.config
+        try:
+            kwargs = self._llama_kwargs(cfg)
+        except (TypeError, ValueError) as error:
+            raise MomaError(f"{self.path / 'config.json'} has a value of the wrong type ({error}). "
+                            f"{LLAVA_WHERE_TO_GET}") from None
+        if cfg.get("rope_scaling") is not None:
+            kwargs["rope_scaling"] = cfg["rope_scaling"]
+        try:
+            return LlamaConfig(**kwargs)
+        except Exception as error:  # transformers validates rope_scaling etc. with its own exception types
+            raise MomaError(f"{self.path / 'config.json'} is not a valid Llama config ({type(error).__name__}: "
+                            f"{error}). {LLAVA_WHERE_TO_GET}") from None
+
+    @staticmethod
+    def _llama_kwargs(cfg: dict) -> dict:
         heads = int(cfg["num_attention_heads"])
-        kwargs = dict(
+        return dict(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
             intermediate_size=int(cfg["intermediate_size"]),
@@ -137,9 +155,6 @@ class LlavaFolder:
             tie_word_embeddings=False,
             attn_implementation="sdpa",
         )
-        if cfg.get("rope_scaling") is not None:
-            kwargs["rope_scaling"] = cfg["rope_scaling"]
-        return LlamaConfig(**kwargs)
 
     @property
     def max_length(self) -> int | None:
@@ -163,6 +178,16 @@ def _check_llava_config(cfg: dict, config_file: Path) -> None:
     missing = [key for key in required if key not in cfg]
     if missing:
         raise MomaError(f"{config_file} lacks {missing}. {LLAVA_WHERE_TO_GET}")
+    # Sizes are read before any weight, so implausible ones would build a huge (meta) model or fail deep in torch.
+    limits = {"intermediate_size": 1 << 20, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+              "vocab_size": 1 << 24, "num_key_value_heads": 1024, "max_position_embeddings": 1 << 24}
+    bad = [f"{key}={cfg[key]!r}" for key, limit in limits.items()
+           if key in cfg and cfg[key] is not None
+           and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or not 0 < cfg[key] <= limit)]
+    if not bad and isinstance(cfg["num_attention_heads"], int) and LLM_HIDDEN % cfg["num_attention_heads"]:
+        bad.append(f"num_attention_heads={cfg['num_attention_heads']!r} (does not divide hidden_size {LLM_HIDDEN})")
+    if bad:
+        raise MomaError(f"{config_file} has invalid sizes: {', '.join(bad)}. {LLAVA_WHERE_TO_GET}")
     expected = {
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": VISION_SELECT_LAYER,
@@ -309,9 +334,14 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
     from transformers import LlamaModel
 
     config = folder.llama_config()
-    with parameters_on_meta():
-        language_model = LlamaModel(config)
-        mm_projector = _build_mm_projector()
+    try:
+        with parameters_on_meta():
+            language_model = LlamaModel(config)
+            mm_projector = _build_mm_projector()
+    except (KeyError, ValueError, TypeError) as error:  # e.g. an unknown hidden_act
+        raise MomaError(f"{folder.path / 'config.json'} does not describe a buildable Llama model "
+                        f"({type(error).__name__}: {error}). {LLAVA_WHERE_TO_GET}") from None
+    round_rope_tables_to_fp16(language_model.rotary_emb)
     targets: dict[str, tuple[nn.Module, str]] = {}
     for name, param in language_model.named_parameters():
         targets["model." + name] = (language_model, name)
@@ -349,6 +379,25 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
         )
     log.debug("LLaVA: %d checkpoint tensors ignored (lm_head, vision tower), as the reference ignores them.", ignored)
     return language_model.requires_grad_(False).eval(), mm_projector.requires_grad_(False).eval()
+
+
+def round_rope_tables_to_fp16(rotary_emb: nn.Module) -> nn.Module:
+    """Make ``rotary_emb`` return cos/sin rounded to fp16, then cast to the activations' dtype, as the reference does.
+
+    The reference's transformers (4.37) built LlamaRotaryEmbedding's cos/sin tables once, in fp32, and stored them
+    in the default dtype, which ``from_pretrained(torch_dtype=float16)`` had set to fp16; casting the model to
+    bf16/fp32 afterwards cast those rounded tables (MoMA was fine-tuned with them). Current transformers computes
+    them per call in fp32. ``rotary_emb`` only reads its input's device and dtype, so it is called with an empty
+    fp32 tensor to get the fp32 tables, which are then rounded.
+    """
+    compute = rotary_emb.forward
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = compute(x.new_empty(0, dtype=torch.float32), *args, **kwargs)
+        return cos.to(torch.float16).to(x.dtype), sin.to(torch.float16).to(x.dtype)
+
+    rotary_emb.forward = forward
+    return rotary_emb
 
 
 def _quantized_linear(child: nn.Linear, mode: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:

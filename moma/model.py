@@ -17,7 +17,7 @@ from .errors import MomaError
 from .llava import PRECISIONS, QUANTIZATIONS, InterruptFn, LlavaContextEncoder, LlavaFolder, ProgressFn, load_context_encoder
 from .prompt import LlavaTokenizer, llava_prompt, sd_prompt
 from .streaming import PLACEMENTS, resolve_placement
-from .weights import MomaAdapterWeights, load_adapter
+from .weights import MomaAdapterWeights, adapter_fingerprint, load_adapter
 
 CONTEXT_CACHE_SIZE = 16  # contexts remembered per MomaModel (tiny: 2x4x768 + 1024 floats each)
 
@@ -66,16 +66,18 @@ class MomaModel:
             raise MomaError(f"llava_placement must be one of {PLACEMENTS}, got {placement!r}.")
         adapter_path = preferred_adapter_file(adapter_path)  # a converted .safetensors next to the pickle wins
         adapter = load_adapter(adapter_path)
+        tokenizer = None
         if llava_dir is not None:
             llava_dir = Path(llava_dir)
             LlavaFolder.open(llava_dir)
+            tokenizer = LlavaTokenizer.from_folder(llava_dir)  # a broken tokenizer.model fails now, not after LLaVA
         if clip_vision_path is not None:
             clip_vision_path = Path(clip_vision_path)
             if not clip_vision_path.exists():
                 raise MomaError(f"CLIP vision model not found: {clip_vision_path}. {CLIP_WHERE_TO_GET}")
         return cls(adapter=adapter, adapter_path=Path(adapter_path), llava_dir=llava_dir,
                    clip_vision_path=clip_vision_path, precision=precision, quantization=quantization,
-                   keep_llava_loaded=keep_llava_loaded, placement=placement)
+                   keep_llava_loaded=keep_llava_loaded, placement=placement, _tokenizer=tokenizer)
 
     def require_encoder(self, *fields: str) -> None:
         """Raise a MomaError naming the loader inputs set to 'none' among ``fields`` (default: all the encoder's)."""
@@ -151,7 +153,8 @@ def encode_context(encoder: LlavaContextEncoder, moma_model: MomaModel, image: t
     pixel_values = llava_pixel_values(image, mask, moma_model.image_processor)  # [1, 3, 336, 336]
     llava_emb, cond, uncond = encoder(input_ids, pixel_values, progress=progress, interrupt=interrupt)
     return MomaContext(cond_tokens=cond, uncond_tokens=uncond, llava_emb=llava_emb, subject=subject,
-                       prompt=prompt, sd_prompt=sd_prompt(subject, prompt))
+                       prompt=prompt, sd_prompt=sd_prompt(subject, prompt),
+                       adapter_sha256=adapter_fingerprint(moma_model.adapter))
 
 
 def check_texts(subject: str, prompt: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import unpickling_refusal
 from .errors import MomaError
 from .sd15 import CHANNELS_BY_INDEX, CROSS_ATTENTION_DIM, NUM_MOMA_TOKENS
 
@@ -122,6 +123,23 @@ def load_adapter(path: str | Path) -> MomaAdapterWeights:
     return _validate(groups, path)
 
 
+def adapter_fingerprint(weights: MomaAdapterWeights) -> str:
+    """sha256 (hex) of the adapter's tensors (keys, dtypes, shapes and values), the same for the .th file and its
+    .safetensors conversion; computed once per weights object."""
+    cached = getattr(weights, "_fingerprint", None)
+    if cached:
+        return cached
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, tensor in sorted(weights.flat_state_dict().items()):
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{key}|{data.dtype}|{tuple(data.shape)}\n".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    weights._fingerprint = digest.hexdigest()
+    return weights._fingerprint
+
+
 def save_adapter_safetensors(weights: MomaAdapterWeights, destination: str | Path) -> Path:
     """Write ``weights`` as a flat ``.safetensors`` file that ``load_adapter`` reads back identically."""
     from safetensors.torch import save_file
@@ -147,12 +165,18 @@ def _read_pickle(path: Path) -> Any:
         # mmap only works for the zip container torch.save writes since torch 1.6.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
+        runs_code, detail = unpickling_refusal(error)
+        if runs_code:
+            raise MomaError(
+                f"Refused to load {path}: it is a pickle that contains something other than plain tensors and "
+                f"containers, so loading it could run code (torch.load weights_only check: {detail}). "
+                f"Use the original file or a .safetensors conversion. {WHERE_TO_GET}"
+            ) from None
         raise MomaError(
-            f"Refused to load {path}: it is a pickle that contains something other than plain tensors and "
-            f"containers, so loading it could run code (torch.load weights_only check: {_first_line(error)}). "
-            f"Use the original file or a .safetensors conversion. {WHERE_TO_GET}"
+            f"Could not read {path} as a PyTorch file ({detail}). The file is probably truncated or not a MoMA "
+            f"adapter; download it again. {WHERE_TO_GET}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+    except Exception as error:  # the unpickler raises many types on garbage (IndexError, KeyError, struct.error...)
         raise MomaError(
             f"Could not read {path} as a PyTorch file ({type(error).__name__}: {_first_line(error)}). "
             f"The file is probably truncated or not a MoMA adapter; download it again. {WHERE_TO_GET}"

@@ -14,7 +14,7 @@ from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank
 from ..moma.sd15 import LAYERS, parse_block_weights
 from ..moma.subject_mask import subject_token_positions
-from .common import adapter_of, advanced_input, require_sd15
+from .common import adapter_of, advanced_input, require_sd15, warn_if_other_adapter
 from .patches import MomaRun, install_moma_patches
 from .types import MomaContext, MomaModel, MomaRef
 
@@ -70,6 +70,7 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
     for name in ("cond_tokens", "uncond_tokens", "sd_prompt", "subject"):
         if not hasattr(context, name):
             raise MomaError("Apply MoMA Attention: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
+    warn_if_other_adapter(context, moma_model)
     try:
         layer_weights = parse_block_weights(block_weights or "")
     except ValueError as error:
@@ -167,6 +168,8 @@ class MomaApply(io.ComfyNode):
     def execute(cls, model, moma_model, context, reference, preset, strength, start_percent, end_percent,
                 attn_mask=None, context_strength=1.0, object_start_percent=0.0, object_end_percent=1.0,
                 context_start_percent=0.0, context_end_percent=1.0, block_weights="", prompt=None) -> io.NodeOutput:
+        if preset not in (*PRESET_STRENGTH, "custom"):  # ComfyUI 0.3.x does not check V3 combo values
+            raise MomaError(f"Apply MoMA Attention: preset {preset!r} is not one of context, texture, custom.")
         strength = PRESET_STRENGTH.get(preset, strength)
         return io.NodeOutput(apply_moma(
             model, moma_model, context, reference, strength, start_percent, end_percent, attn_mask,

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
+import torch
+
+from ..moma.context import adapter_mismatch
 from ..moma.errors import MomaError
+from ..moma.weights import adapter_fingerprint
 from ..moma.sd15 import CROSS_ATTENTION_DIM
 
 
@@ -27,6 +32,39 @@ def adapter_of(moma_model: Any) -> Any:
     if adapter is None or not hasattr(adapter, "to_k_ip"):
         raise MomaError("moma_model: expected the output of a 'MoMA Loader' node.")
     return adapter
+
+
+log = logging.getLogger(__name__)
+SINGLE_COLOUR_SHARE = 0.98  # pixels of one colour that make a reference picture 'single colour'
+
+
+def warn_if_other_adapter(context: Any, moma_model: Any, node: str = "Apply MoMA Attention") -> str | None:
+    """Log (and return) a warning when ``context`` was encoded with another adapter than ``moma_model``'s."""
+    adapter = getattr(moma_model, "adapter", None)
+    if adapter is None or not getattr(context, "adapter_sha256", ""):
+        return None
+    reason = adapter_mismatch(context, adapter_fingerprint(adapter))
+    if reason:
+        log.warning("%s: %s", node, reason)
+    return reason
+
+
+def warn_if_constant_picture(picture: torch.Tensor, node: str) -> str | None:
+    """Log (and return) a warning when a reference picture [.., H, W, C] is (almost: >= 98% of its pixels) one colour."""
+    rgb = picture[..., :3].float().contiguous().reshape(-1, min(3, picture.shape[-1]))  # median() of a stride-0 (expanded) tensor gives NaN
+    if rgb.numel() == 0:
+        return None
+    colour = rgb.median(dim=0).values
+    share = float(((rgb - colour).abs() <= 1.0 / 512).all(dim=1).float().mean())
+    if share < SINGLE_COLOUR_SHARE:
+        return None
+    shown = ", ".join(f"{value:.3f}" for value in colour.tolist())
+    cause = ("a 16-bit PNG, which Load Image of ComfyUI 0.3.x turns white: save the picture as 8-bit"
+             if bool((colour >= 1.0 - 1.0 / 512).all()) else "a blank or failed picture, or the wrong input wired")
+    message = (f"{node}: the reference picture is a single colour ({shown} in {share:.0%} of it), so there is no "
+               f"object for MoMA to copy. Likely cause: {cause}.")
+    log.warning(message)
+    return message
 
 
 def advanced_input() -> dict[str, Any]:

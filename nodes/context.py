@@ -22,6 +22,8 @@ from ..moma.errors import MomaError
 from ..moma.llava import LlavaContextEncoder
 from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context
 from ..moma.streaming import resolve_placement, stream_device_bytes
+from .common import warn_if_constant_picture
+from .paths import output_prefix, resolve_inside
 from .types import MomaContext, MomaModel
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ def first_reference(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     if image.shape[0] > 1 or mask.shape[0] > 1:
         log.warning("LLaVA Context Encoder: batch of %d pictures / %d masks; using the first of each.",
                     image.shape[0], mask.shape[0])
+    warn_if_constant_picture(image[0], "LLaVA Context Encoder")
     if not bool((mask[0] > 0).any()):
         log.warning("LLaVA Context Encoder: the object mask is empty, so LLaVA sees an all-white picture.")
     return image[0], mask[0]
@@ -245,22 +248,23 @@ def context_file_choices() -> list[str]:
     return sorted(choices)
 
 
+_ANNOTATIONS = {"input": folder_paths.get_input_directory, "output": folder_paths.get_output_directory}
+CONTEXT_HINT = "Save one with 'Save MoMA Context' (it writes to output/), or put the file in input/."
+
+
 def resolve_context_file(context_file: str, path: str) -> Path:
+    """The context file: ``path`` (relative to input/ or output/) when set, else the listed ``context_file``
+    ('name [input]' / 'name [output]'); both confined to those folders."""
     if path.strip():
-        candidate = Path(path.strip()).expanduser()
-        if not candidate.is_absolute():
-            for root in (folder_paths.get_input_directory(), folder_paths.get_output_directory()):
-                if (Path(root) / candidate).is_file():
-                    return Path(root) / candidate
-        if candidate.is_file():
-            return candidate
-        raise MomaError(f"MoMA context file not found: {path!r} (absolute, or relative to ComfyUI's input/ or output/).")
+        roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory()]
+        return resolve_inside("path", path, roots, "file", "MoMA context file", CONTEXT_HINT)
     if not context_file:
-        raise MomaError("No MoMA context file chosen: save one with 'Save MoMA Context' or give a path.")
-    resolved = Path(folder_paths.get_annotated_filepath(context_file))
-    if not resolved.is_file():
-        raise MomaError(f"MoMA context file not found: {context_file!r} ({resolved}).")
-    return resolved
+        raise MomaError(f"context_file: no MoMA context file chosen. {CONTEXT_HINT}")
+    name, kind = context_file, "input"
+    for annotation in _ANNOTATIONS:
+        if context_file.endswith(f" [{annotation}]"):
+            name, kind = context_file[: -len(annotation) - 3], annotation
+    return resolve_inside("context_file", name, [_ANNOTATIONS[kind]()], "file", "MoMA context file", CONTEXT_HINT)
 
 
 class MomaSaveContext(io.ComfyNode):
@@ -286,10 +290,19 @@ class MomaSaveContext(io.ComfyNode):
         if not isinstance(context, MomaContextObject):
             raise MomaError("Save MoMA Context: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
         output_dir = folder_paths.get_output_directory()
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        prefix = output_prefix("filename_prefix", filename_prefix)
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
         name = f"{filename}_{counter:05}_.safetensors"
         save_context(context, Path(folder) / name)
         return io.NodeOutput(ui={"moma_context": [{"filename": name, "subfolder": subfolder, "type": "output"}]})
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix: str) -> bool | str:
+        try:
+            output_prefix("filename_prefix", filename_prefix)
+        except MomaError as error:
+            return str(error)
+        return True
 
 
 class MomaLoadContext(io.ComfyNode):
@@ -299,14 +312,14 @@ class MomaLoadContext(io.ComfyNode):
             node_id="MomaLoadContext",
             display_name="Load MoMA Context",
             category="MoMA",
-            description="Loads a context saved by Save MoMA Context (from input/ or output/, or a path), instead of "
+            description="Loads a context saved by Save MoMA Context (from input/ or output/), instead of "
                         "running LLaVA. Outputs the context and its SD prompt.",
             inputs=[
                 io.Combo.Input("context_file", options=context_file_choices(),
                                tooltip="MoMA context files found in ComfyUI's input and output folders."),
                 io.String.Input("path", default="", optional=True,
-                                tooltip="Optional: a file path (absolute, or relative to input/ or output/); "
-                                        "overrides context_file when set."),
+                                tooltip="Optional: a file path relative to ComfyUI's input/ or output/ folder "
+                                        "(absolute paths and '..' are refused); overrides context_file when set."),
             ],
             outputs=[
                 MomaContext.Output(display_name="context"),

@@ -22,7 +22,7 @@ from ..moma.reference import (
     resize_reference_image,
     sample_latent_posterior,
 )
-from .common import adapter_of, require_sd15
+from .common import adapter_of, require_sd15, warn_if_constant_picture
 from .patches import reference_capture_options
 from .types import MomaModel, MomaRef
 
@@ -43,7 +43,8 @@ def encode_reference_latent(vae: Any, pixels: torch.Tensor, generator: torch.Gen
         log.warning("Feature Grab: VAE %s is not a KL autoencoder; using its mode.", type(first_stage).__name__)
         return vae.encode(pixels)
     comfy.model_management.load_models_gpu([vae.patcher])
-    x = vae.process_input(pixels.movedim(-1, 1)).to(vae.vae_dtype).to(vae.device)
+    # contiguous: a channels-last view makes torch's CPU GroupNorm less exact (~1e-4 relative off the reference)
+    x = vae.process_input(pixels.movedim(-1, 1).contiguous()).to(vae.vae_dtype).to(vae.device)
     with torch.no_grad():
         moments = first_stage.quant_conv(first_stage.encoder(x))
     mean, logvar = torch.chunk(moments, 2, dim=1)
@@ -62,6 +63,7 @@ def grab_reference_features(model: Any, moma_model: Any, vae: Any, clip: Any, im
         raise MomaError("Feature Grab: 'subject' is empty; give the object's word, e.g. 'car' or 'dog'.")
     if image.shape[0] > 1 or (mask.dim() == 3 and mask.shape[0] > 1):
         log.warning("Feature Grab: batch of %d references given; using the first (MoMA takes one reference).", image.shape[0])
+    warn_if_constant_picture(image[0], "Feature Grab")
     pixel_size = reference_pixel_size(int(image.shape[1]), int(image.shape[2]), int(resolution))
     pixels = resize_reference_image(image[:1], pixel_size)
     object_mask = binarise_object_mask(mask[:1] if mask.dim() == 3 else mask, pixel_size)

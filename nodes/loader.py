@@ -9,13 +9,13 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..moma.errors import MomaError
-from ..moma.clip_vision import CLIP_WHERE_TO_GET
-from ..moma.llava import PRECISIONS, QUANTIZATIONS
-from ..moma.prompt import LLAVA_WHERE_TO_GET
+from ..moma.clip_vision import CLIP_WHERE_TO_GET, check_clip_vision_path
+from ..moma.llava import PRECISIONS, QUANTIZATIONS, LlavaFolder
+from ..moma.prompt import LLAVA_WHERE_TO_GET, LlavaTokenizer
 from ..moma.model import MomaModel as MomaModelObject
 from ..moma.streaming import PLACEMENTS
 from ..moma.weights import WHERE_TO_GET as ADAPTER_WHERE_TO_GET
-from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER
+from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER, find_inside, for_input, model_folders, resolve_inside
 from .types import MomaModel
 
 HF_CONFIG = "config.json"
@@ -51,50 +51,37 @@ def clip_vision_choices() -> list[str]:
     return [name for name in sorted(folders + files) if name != NONE] + [NONE]
 
 
-def _searched(folder_name: str) -> str:
-    return ", ".join(folder_paths.get_folder_paths(folder_name)) or f"(no '{folder_name}' folder registered)"
-
-
-def _resolve_folder(folder_name: str, name: str) -> Path | None:
-    for search_path in folder_paths.get_folder_paths(folder_name):
-        candidate = Path(search_path) / name
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 def resolve_adapter(name: str) -> Path:
-    path = folder_paths.get_full_path(MOMA_FOLDER, name) if name else None
-    if path is None:
-        raise MomaError(f"MoMA adapter {name!r} not found in {_searched(MOMA_FOLDER)}. {ADAPTER_WHERE_TO_GET}")
-    return Path(path)
+    """The adapter file named by ``adapter_name``, inside a registered models/moma folder."""
+    return resolve_inside("adapter_name", name, model_folders(MOMA_FOLDER), "file", "MoMA adapter",
+                          ADAPTER_WHERE_TO_GET)
 
 
 def resolve_llava(name: str) -> Path | None:
-    """The LLaVA folder, or None for 'none'."""
+    """The LLaVA folder named by ``llava_name`` (checked complete: config, index, shards, tokenizer), or None
+    for 'none'."""
     if name == NONE:
         return None
-    path = _resolve_folder(LLM_FOLDER, name) if name else None
-    if path is None or not (path / HF_CONFIG).is_file():
-        raise MomaError(
-            f"LLaVA folder {name!r} not found in {_searched(LLM_FOLDER)}. {LLAVA_WHERE_TO_GET} {NONE_HINT}"
-        )
+    roots = model_folders(LLM_FOLDER)
+    path = resolve_inside("llava_name", name, roots, "dir", "LLaVA folder", f"{LLAVA_WHERE_TO_GET} {NONE_HINT}")
+    with for_input("llava_name"):
+        LlavaFolder.open(path)
+        LlavaTokenizer.from_folder(path)
     return path
 
 
 def resolve_clip_vision(name: str) -> Path | None:
-    """The CLIP vision folder or file, or None for 'none'."""
+    """The CLIP vision folder or .safetensors file named by ``clip_vision_name``, or None for 'none'."""
     if name == NONE:
         return None
-    folder = _resolve_folder(CLIP_VISION_FOLDER, name) if name else None
-    if folder is not None:
-        return folder
-    path = folder_paths.get_full_path(CLIP_VISION_FOLDER, name) if name else None
+    roots = model_folders(CLIP_VISION_FOLDER)
+    path = find_inside("clip_vision_name", name, roots, "dir", "CLIP vision model")
     if path is None:
-        raise MomaError(
-            f"CLIP vision model {name!r} not found in {_searched(CLIP_VISION_FOLDER)}. {CLIP_WHERE_TO_GET} {NONE_HINT}"
-        )
-    return Path(path)
+        path = resolve_inside("clip_vision_name", name, roots, "file", "CLIP vision model",
+                              f"{CLIP_WHERE_TO_GET} {NONE_HINT}")
+    with for_input("clip_vision_name"):
+        check_clip_vision_path(path)
+    return path
 
 
 class MomaLoader(io.ComfyNode):
@@ -145,15 +132,23 @@ class MomaLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, adapter_name: str, llava_name: str, clip_vision_name: str) -> bool | str:
-        # Replaces ComfyUI's "value not in list" check with a message that says where to put the files.
-        try:
-            resolve_adapter(adapter_name)
-            resolve_llava(llava_name)
-            resolve_clip_vision(clip_vision_name)
-        except MomaError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str = "auto",
+                        quantization: str = "none") -> bool | str:
+        # Replaces ComfyUI's "value not in list" check with messages that say where to put the files; the same
+        # confinement rule refuses absolute paths and '..'. ComfyUI shows the returned text under each of the
+        # three inputs, so every message starts with the input it is about.
+        problems = []
+        for resolve, value in ((resolve_adapter, adapter_name), (resolve_llava, llava_name),
+                               (resolve_clip_vision, clip_vision_name)):
+            try:
+                resolve(value)
+            except MomaError as error:
+                problems.append(str(error))
+        # ComfyUI 0.3.x does not check V3 combo values, and this method replaces the check on 0.30
+        for name, value, choices in (("precision", precision, PRECISIONS), ("quantization", quantization, QUANTIZATIONS)):
+            if value not in choices:
+                problems.append(f"{name}: {value!r} is not one of {', '.join(choices)}.")
+        return " | ".join(problems) or True
 
     @classmethod
     def execute(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str, quantization: str,

@@ -13,13 +13,21 @@ import torch
 
 import comfy_exec
 from comfyui_moma.moma.sd15 import LAYERS, NUM_HEADS
-from comfyui_moma.nodes import NODES
 
 PACK = "comfyui_moma"
 LATENT_SIZE = 8  # 64x64 pixels
 STEPS = 2
 BATCH = 2  # cond and uncond run as one batch on CPU
 TEXT_TOKENS = 77
+PUBLIC_NODES = {  # node id -> display name
+    "MomaLoader": "MoMA Loader",
+    "MomaContextEncoder": "LLaVA Context Encoder",
+    "MomaSaveContext": "Save MoMA Context",
+    "MomaLoadContext": "Load MoMA Context",
+    "MomaObjectMasker": "MoMA Object Masker",
+    "MomaFeatureGrab": "Self-Attention Feature Grab",
+    "MomaApply": "Apply MoMA Attention",
+}
 
 
 def test_comfyui_registered_the_pack_and_its_nodes(comfy_host) -> None:
@@ -32,12 +40,17 @@ def test_comfyui_registered_the_pack_and_its_nodes(comfy_host) -> None:
     assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # so ComfyUI took the V3 comfy_entrypoint path
     extension = asyncio.run(pack.comfy_entrypoint())
     assert isinstance(extension, ComfyExtension)
-    assert asyncio.run(extension.get_node_list()) == NODES
-    for node_cls in NODES:
-        node_id = node_cls.GET_SCHEMA().node_id
-        assert nodes.NODE_CLASS_MAPPINGS[node_id] is node_cls
-        assert node_cls.RELATIVE_PYTHON_MODULE == f"custom_nodes.{PACK}"
-        assert node_cls.GET_NODE_INFO_V1()["name"] == node_id  # what /object_info serves
+    # The oracle is the pack's public API written out here (node ids are what saved workflows refer to), not the
+    # pack's own list: what ComfyUI registered from this folder must be exactly these nodes.
+    registered = {node_id: cls for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items()
+                  if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == f"custom_nodes.{PACK}"}
+    assert set(registered) == set(PUBLIC_NODES), sorted(registered)
+    for node_id, display_name in PUBLIC_NODES.items():
+        info = registered[node_id].GET_NODE_INFO_V1()  # what /object_info serves
+        assert info["name"] == node_id and info["display_name"] == display_name
+        assert info["category"] == "MoMA"
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS.get(node_id, display_name) == display_name
+    assert {cls.GET_SCHEMA().node_id for cls in asyncio.run(extension.get_node_list())} == set(PUBLIC_NODES)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import comfy_exec
+from llava_reference import expected_context
 from comfyui_moma.moma.context import load_context
 from comfyui_moma.moma.model import MomaModel, encode_context
 from comfyui_moma.nodes.context import first_reference
@@ -126,16 +127,14 @@ def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(placed, ad
     rss_after = _rss()
     from_graph = load_context(_saved(outputs))
 
-    # The same encode called directly, from the same files and the same 8-bit pictures LoadImage read.
-    moma_model = MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision="fp32")
-    encoder = moma_model.load_encoder("cpu")
-    encoder_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
-    picture = torch.from_numpy(np.asarray(Image.open(placed["picture"]).convert("RGB")).astype(np.float32) / 255)
-    mask = torch.from_numpy(np.asarray(Image.open(placed["mask"])).astype(np.float32) / 255)
-    direct = encode_context(encoder, moma_model, picture, mask, SUBJECT, PROMPT)
-    del encoder
-    for name in ("cond_tokens", "uncond_tokens", "llava_emb"):
-        torch.testing.assert_close(getattr(from_graph, name), getattr(direct, name), rtol=1e-5, atol=1e-5)
+    # The independent re-derivation (tests/llava_reference.py) on the same 8-bit files LoadImage read.
+    encoder_bytes = sum(tensor.numel() * 4 for file in llava_dir.glob("pytorch_model-*.bin")  # fp32 LLaVA
+                        for tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).values())
+    expected = expected_context(llava_dir, clip_vision_dir, adapter_file,
+                                np.asarray(Image.open(placed["picture"]).convert("RGB")),
+                                np.asarray(Image.open(placed["mask"]).convert("L")), SUBJECT, PROMPT)
+    for name, key in (("cond_tokens", "cond"), ("uncond_tokens", "uncond"), ("llava_emb", "llava_emb")):
+        torch.testing.assert_close(getattr(from_graph, name), expected[key], rtol=1e-4, atol=1e-4)
     assert from_graph.sd_prompt == "photo of a car. A car in autumn with falling leaves."
     assert (from_graph.subject, from_graph.prompt) == (SUBJECT, PROMPT)
 
@@ -207,11 +206,16 @@ def test_save_and_load_context_nodes_round_trip(placed, tmp_path: Path) -> None:
         value, expected = getattr(copy, name), getattr(original, name)
         assert torch.equal(value, expected) if isinstance(value, torch.Tensor) else value == expected
 
+    save_context(original, Path(folder_paths.get_output_directory()) / "elsewhere" / "ctx.safetensors")
+    graph["1"]["inputs"] = {"context_file": "", "path": "elsewhere/ctx.safetensors"}  # relative to output/
+    assert load_context(_saved(comfy_exec.run_api_workflow(graph))).subject == "vase"
+    graph["1"]["inputs"] = {"context_file": "", "path": "elsewhere/absent.safetensors"}
+    with pytest.raises(comfy_exec.WorkflowError, match="MoMA context file 'elsewhere/absent.safetensors' not found"):
+        comfy_exec.run_api_workflow(graph)
+    # paths out of input/ and output/ are refused (tests/nodes/test_paths.py covers every form)
     outside = save_context(original, tmp_path / "elsewhere.safetensors")
     graph["1"]["inputs"] = {"context_file": "", "path": str(outside)}
-    assert load_context(_saved(comfy_exec.run_api_workflow(graph))).subject == "vase"
-    graph["1"]["inputs"] = {"context_file": "", "path": str(tmp_path / "absent.safetensors")}
-    with pytest.raises(comfy_exec.WorkflowError, match="MoMA context file not found"):
+    with pytest.raises(comfy_exec.WorkflowError, match="is an absolute path"):
         comfy_exec.run_api_workflow(graph)
 
 

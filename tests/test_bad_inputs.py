@@ -1,0 +1,353 @@
+"""Bad-input matrix through ComfyUI's real validator and executor: each case changes one thing in a small MoMA graph
+(64x64, 1 step, Feature Grab at 64) and asserts the clear error (a MomaError from the right node, or ComfyUI's own
+refusal of a widget value) or the documented result, and that the checkpoint's MODEL the graph started from is
+unchanged afterwards.
+
+One persistent executor with ComfyUI's classic cache runs every case, as a server's queue does, so the checkpoint
+is loaded once and unchanged nodes are not run again.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import gc
+import inspect
+import io
+import logging
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfy_exec
+
+pytestmark = pytest.mark.slow
+
+ADAPTER = "attn_adapters_projectors.th"
+LLAVA = "MoMA_llava_7b"
+CLIP = "clip-vit-large-patch14-336"
+CONTEXT = "moma/matrix_ctx.safetensors"
+
+
+@dataclass
+class Result:
+    status: str  # "ok" | "invalid" | "error"
+    node_errors: dict = field(default_factory=dict)
+    failure: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
+
+
+class Session:
+    """A persistent PromptExecutor (classic cache): the checkpoint loads once, unchanged nodes are reused."""
+
+    def __init__(self) -> None:
+        import execution
+
+        self.executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+
+    def run(self, graph: dict, caplog) -> Result:
+        import execution
+
+        caplog.clear()
+        prompt_id = uuid.uuid4().hex
+        with caplog.at_level(logging.WARNING):
+            valid, _error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, graph, None))
+            if not valid or node_errors:  # ComfyUI would still run the outputs that did validate
+                return Result("invalid", node_errors=node_errors)
+            self.executor.execute(graph, prompt_id, extra_data={}, execute_outputs=outputs)
+        warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        if not self.executor.success:
+            failure = next((data for event, data in self.executor.status_messages if event == "execution_error"), {})
+            return Result("error", failure=failure, warnings=warnings)
+        return Result("ok", warnings=warnings, outputs=self.executor.history_result["outputs"])
+
+    def checkpoint_model(self) -> Any:
+        entry = self.executor.caches.outputs.get("ckpt")
+        if inspect.isawaitable(entry):  # async from ComfyUI 0.30 on
+            entry = asyncio.run(entry)
+        return entry.outputs[0][0] if entry is not None else None
+
+
+def model_state(model: Any) -> tuple:
+    """What MoMA must never change on the MODEL it is given: patches, object patches, options, a weight."""
+    options = model.model_options
+    transformer = options.get("transformer_options", {})
+    unet = model.model.diffusion_model
+    weight = unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight
+    return (
+        tuple(sorted(model.patches)), tuple(sorted(model.object_patches)), tuple(sorted(options)),
+        tuple(sorted(transformer)), repr(transformer.get("patches_replace")), repr(transformer.get("patches")),
+        repr({kind: {key: len(items) for key, items in by_key.items()} for kind, by_key in model.wrappers.items()}),
+        repr({kind: {key: len(items) for key, items in by_key.items()} for kind, by_key in model.callbacks.items()}),
+        float(weight.double().sum()), weight.data_ptr(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the host
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
+def _png16(path: Path) -> None:
+    rng = np.random.default_rng(2)
+    array = (rng.integers(0, 65535, (64, 64))).astype(np.uint16)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def matrix(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision_dir, moma_context, tmp_path_factory):
+    import folder_paths
+    from comfyui_moma.moma.context import save_context
+
+    models, inputs = comfy_host.models_dir, Path(folder_paths.get_input_directory())
+    outputs = Path(folder_paths.get_output_directory())
+    _link(models / "checkpoints" / sd15_checkpoint.name, sd15_checkpoint)
+    _link(models / "moma" / ADAPTER, adapter_file)
+    _link(models / "LLM" / LLAVA, llava_dir)
+    _link(models / "clip_vision" / CLIP, clip_vision_dir)
+    # wrong files in the loaders' folders
+    buffer = io.BytesIO()
+    torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}},
+               buffer)
+    (models / "moma" / "matrix-ip-adapter_sd15.th").write_bytes(buffer.getvalue())
+    (models / "moma" / "matrix-notes.th").write_text("not a model\n")
+    (models / "clip_vision" / "matrix-broken.safetensors").write_bytes(b"\x00" * 32)
+    incomplete = models / "LLM" / "matrix-no-tokenizer"
+    incomplete.mkdir(exist_ok=True)
+    for item in llava_dir.iterdir():
+        if item.name != "tokenizer.model" and not (incomplete / item.name).exists():
+            (incomplete / item.name).symlink_to(item)
+    # reference pictures and masks
+    rng = np.random.default_rng(8)
+    rgb = np.asarray(Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((96, 72)))
+    Image.fromarray(rgb).save(inputs / "matrix_rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), "RGBA").save(inputs / "matrix_rgba.png")
+    Image.fromarray(rgb).convert("L").save(inputs / "matrix_grey.png")
+    _png16(inputs / "matrix_16bit.png")
+    Image.new("RGB", (1, 1), (90, 20, 200)).save(inputs / "matrix_1px.png")
+    Image.fromarray(rgb).resize((512, 8)).save(inputs / "matrix_strip.png")
+    Image.new("RGB", (64, 64), (30, 120, 30)).save(inputs / "matrix_flat.png")
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(inputs / "matrix_white.png")
+    mask = np.zeros((72, 96), np.uint8)
+    mask[12:60, 20:76] = 255
+    Image.fromarray(mask).save(inputs / "matrix_mask.png")
+    Image.fromarray(np.zeros((72, 96), np.uint8)).save(inputs / "matrix_empty_mask.png")
+    Image.fromarray(mask).resize((16, 40)).save(inputs / "matrix_small_mask.png")
+    # contexts: this adapter's, another adapter's, one from before fingerprints, broken ones
+    save_context(moma_context, outputs / CONTEXT)
+    other = copy.copy(moma_context)
+    other.adapter_sha256 = "0" * 64
+    save_context(other, outputs / "moma/matrix_other_adapter.safetensors")
+    old = copy.copy(moma_context)
+    old.adapter_sha256 = ""
+    save_context(old, outputs / "moma/matrix_old.safetensors")
+    (inputs / "matrix_truncated.safetensors").write_bytes((outputs / CONTEXT).read_bytes()[:100])
+    buffer = io.BytesIO()
+    from safetensors.torch import save
+
+    (inputs / "matrix_lora.safetensors").write_bytes(save({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}))
+    session = Session()
+    yield session
+    del session
+    gc.collect()
+    # other modules list these folders: leave only what they expect
+    for path in (models / "moma" / "matrix-ip-adapter_sd15.th", models / "moma" / "matrix-notes.th",
+                 models / "clip_vision" / "matrix-broken.safetensors"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(incomplete, ignore_errors=True)
+
+
+def base_graph() -> dict:
+    """Checkpoint -> MoMA (saved context, Feature Grab at 64) -> 1-step KSampler at 64x64 -> preview."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "moma_test_sd15.safetensors"}},
+        "loader": {"class_type": "MomaLoader", "inputs": {
+            "adapter_name": ADAPTER, "llava_name": LLAVA, "clip_vision_name": CLIP, "precision": "fp32",
+            "quantization": "none", "keep_llava_loaded": False}},
+        "img": {"class_type": "LoadImage", "inputs": {"image": "matrix_rgb.png"}},
+        "mask": {"class_type": "LoadImageMask", "inputs": {"image": "matrix_mask.png", "channel": "red"}},
+        "ctx": {"class_type": "MomaLoadContext", "inputs": {"context_file": f"{CONTEXT} [output]", "path": ""}},
+        "grab": {"class_type": "MomaFeatureGrab", "inputs": {
+            "model": ["ckpt", 0], "moma_model": ["loader", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
+            "image": ["img", 0], "mask": ["mask", 0], "subject": "car", "seed": 1, "resolution": 64}},
+        "apply": {"class_type": "MomaApply", "inputs": {
+            "model": ["ckpt", 0], "moma_model": ["loader", 0], "context": ["ctx", 0], "reference": ["grab", 0],
+            "preset": "context", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": ["ctx", 1], "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "ks": {"class_type": "KSampler", "inputs": {
+            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
+            "seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
+        "out": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}},
+    }
+
+
+def with_encoder(graph: dict, **inputs: Any) -> dict:
+    graph["enc"] = {"class_type": "MomaContextEncoder", "inputs": {
+        "moma_model": ["loader", 0], "image": ["img", 0], "mask": ["mask", 0], "subject": "car",
+        "prompt": "A car in autumn.", **inputs}}
+    graph["apply"]["inputs"]["context"] = ["enc", 0]
+    graph["pos"]["inputs"]["text"] = ["enc", 1]
+    return graph
+
+
+def with_save(graph: dict, prefix: str) -> dict:
+    graph["save"] = {"class_type": "MomaSaveContext", "inputs": {"context": ["ctx", 0], "filename_prefix": prefix}}
+    return graph
+
+
+def setting(node: str, **inputs: Any) -> Callable[[dict], dict]:
+    def change(graph: dict) -> dict:
+        graph[node]["inputs"].update(inputs)
+        return graph
+    return change
+
+
+def then(*changes: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    def change(graph: dict) -> dict:
+        for step in changes:
+            graph = step(graph)
+        return graph
+    return change
+
+
+def add_node(node_id: str, class_type: str, **inputs: Any) -> Callable[[dict], dict]:
+    def change(graph: dict) -> dict:
+        graph[node_id] = {"class_type": class_type, "inputs": inputs}
+        return graph
+    return change
+
+
+# (case id, change to the base graph, expected): ("invalid", node, pattern) = ComfyUI's validator refuses it with
+# the pattern in that node's errors; ("error", node, pattern) = that node raises a MomaError matching it;
+# ("ok", pattern or None) = it runs, with a warning matching the pattern.
+ESCAPE = "/etc/passwd"
+CASES: list[tuple[str, Callable[[dict], dict], tuple]] = [
+    # traversal attempts
+    ("adapter-absolute", setting("loader", adapter_name=ESCAPE), ("invalid", "loader", r"adapter_name: '/etc/passwd' is refused")),
+    ("adapter-dotdot", setting("loader", adapter_name="../../moma/" + ADAPTER), ("invalid", "loader", r"adapter_name: .* climbs out")),
+    ("llava-absolute", setting("loader", llava_name="/tmp"), ("invalid", "loader", r"llava_name: '/tmp' is refused")),
+    ("llava-dotdot", setting("loader", llava_name="../LLM/" + LLAVA + "/../../.."), ("invalid", "loader", r"llava_name: .* climbs out")),
+    ("clip-absolute", setting("loader", clip_vision_name="/usr"), ("invalid", "loader", r"clip_vision_name: '/usr' is refused")),
+    ("clip-dotdot", setting("loader", clip_vision_name="../clip_vision/../../" + CLIP), ("invalid", "loader", r"clip_vision_name: .* climbs out")),
+    ("context-file-dotdot", setting("ctx", context_file="../../../etc/passwd [output]"), ("invalid", "ctx", r"context_file: .* climbs out")),
+    ("context-path-absolute", setting("ctx", path=ESCAPE), ("invalid", "ctx", r"path: '/etc/passwd' is refused")),
+    ("context-path-dotdot", setting("ctx", path="../output/../../x.safetensors"), ("invalid", "ctx", r"path: .* climbs out")),
+    ("save-prefix-dotdot", lambda g: with_save(g, "../../escaped"), ("invalid", "save", r"filename_prefix: .* climbs out")),
+    ("save-prefix-absolute", lambda g: with_save(g, "/tmp/escaped"), ("invalid", "save", r"filename_prefix: .* absolute")),
+    # names that are not there, and wrong files in each loader
+    ("llava-missing", setting("loader", llava_name="NotThere"), ("invalid", "loader", r"llava_name: LLaVA folder 'NotThere' not found")),
+    ("adapter-missing", setting("loader", adapter_name="absent.th"), ("invalid", "loader", r"adapter_name: MoMA adapter 'absent.th' not found")),
+    ("llava-no-tokenizer", setting("loader", llava_name="matrix-no-tokenizer"), ("invalid", "loader", r"llava_name: .*missing \['tokenizer.model'\]")),
+    ("clip-not-safetensors", setting("loader", clip_vision_name="matrix-broken.safetensors"), ("invalid", "loader", r"clip_vision_name: .*not a readable .safetensors")),
+    ("adapter-ip-adapter", setting("loader", adapter_name="matrix-ip-adapter_sd15.th"), ("error", "loader", r"is an IP-Adapter file")),
+    ("adapter-text-file", setting("loader", adapter_name="matrix-notes.th"), ("error", "loader", r"Could not read .*matrix-notes.th")),
+    ("context-truncated", setting("ctx", path="matrix_truncated.safetensors"), ("error", "ctx", r"matrix_truncated.safetensors")),
+    ("context-is-a-lora", setting("ctx", path="matrix_lora.safetensors"), ("error", "ctx", r"is not a MoMA context file")),
+    ("context-missing", setting("ctx", path="nothing.safetensors"), ("invalid", "ctx", r"path: MoMA context file 'nothing.safetensors' not found")),
+    # widget values at and past their limits
+    ("strength-past-max", setting("apply", preset="custom", strength=2.5), ("invalid", "apply", r"bigger than max")),
+    ("strength-below-min", setting("apply", preset="custom", strength=-0.1), ("invalid", "apply", r"smaller than min")),
+    ("strength-at-max", setting("apply", preset="custom", strength=2.0), ("ok", None)),
+    ("strength-zero", setting("apply", preset="custom", strength=0.0), ("ok", None)),
+    ("start-past-max", setting("apply", start_percent=1.5), ("invalid", "apply", r"bigger than max")),
+    ("start-after-end", setting("apply", start_percent=0.8, end_percent=0.2), ("error", "apply", r"start_percent \(0.8\) is after end_percent \(0.2\)")),
+    ("start-equals-end", setting("apply", start_percent=0.5, end_percent=0.5), ("ok", None)),
+    ("preset-unknown", setting("apply", preset="portrait"), ("invalid-or-error", "apply", r"portrait")),
+    ("texture-preset", setting("apply", preset="texture"), ("ok", None)),
+    ("resolution-below-min", setting("grab", resolution=32), ("invalid", "grab", r"smaller than min")),
+    ("resolution-past-max", setting("grab", resolution=4096), ("invalid", "grab", r"bigger than max")),
+    ("seed-at-max", setting("grab", seed=0xFFFFFFFFFFFFFFFF), ("ok", None)),
+    ("precision-unknown", setting("loader", precision="fp8"), ("invalid", "loader", r"precision: 'fp8' is not one of")),
+    ("quantization-unknown", setting("loader", quantization="2bit"), ("invalid", "loader", r"quantization: '2bit' is not one of")),
+    # subjects and prompts
+    ("grab-subject-empty", setting("grab", subject="  "), ("error", "grab", r"'subject' is empty")),
+    ("encoder-subject-empty", lambda g: with_encoder(g, subject=""), ("error", "enc", r"subject is empty")),
+    ("encoder-image-token", lambda g: with_encoder(g, prompt="a <image> car"), ("error", "enc", r"<image>")),
+    ("encoder-eos-in-subject", lambda g: with_encoder(g, subject="car</s>"), ("error", "enc", r"</s>")),
+    ("encoder-quantized-on-cpu", then(setting("loader", quantization="8bit"), with_encoder), ("error", "enc", r"needs a CUDA GPU")),
+    ("encoder-ok-unicode", lambda g: with_encoder(g, subject="café cup", prompt="Ein Tässchen im Café, 東京 ☕"), ("ok", None)),
+    ("encoder-prompt-with-sd-prefix", lambda g: with_encoder(g, prompt="photo of a car. On a beach."), ("ok", None)),
+    # image modes, sizes and batches; masks
+    ("image-rgba", setting("img", image="matrix_rgba.png"), ("ok", None)),
+    ("image-grey", setting("img", image="matrix_grey.png"), ("ok", None)),
+    ("image-16bit-png", setting("img", image="matrix_16bit.png"), ("ok", None)),  # white in 0.3.x, grey in 0.30
+    ("image-all-white", setting("img", image="matrix_white.png"), ("ok", r"single colour.*16-bit PNG")),
+    ("image-one-colour", setting("img", image="matrix_flat.png"), ("ok", r"single colour")),
+    ("image-1px", setting("img", image="matrix_1px.png"), ("ok", r"single colour")),
+    ("image-strip-64-to-1", setting("img", image="matrix_strip.png"), ("ok", None)),
+    ("image-batch-of-2", then(add_node("batch", "RepeatImageBatch", image=["img", 0], amount=2),
+                              setting("grab", image=["batch", 0])), ("ok", r"batch of 2")),
+    ("mask-empty", setting("mask", image="matrix_empty_mask.png"), ("ok", r"mask is empty")),
+    ("mask-other-size", setting("mask", image="matrix_small_mask.png"), ("ok", None)),
+    ("attn-mask-zero", then(add_node("zero", "SolidMask", value=0.0, width=64, height=64),
+                            setting("apply", attn_mask=["zero", 0])), ("ok", None)),
+    ("attn-mask-odd-size", then(add_node("odd", "SolidMask", value=1.0, width=24, height=40),
+                                setting("apply", attn_mask=["odd", 0])), ("ok", None)),
+    ("latent-non-square-batch-2", setting("lat", width=96, height=64, batch_size=2), ("ok", None)),
+    # contexts and adapters that do not belong together
+    ("context-other-adapter", setting("ctx", context_file="moma/matrix_other_adapter.safetensors [output]"), ("ok", r"another MoMA adapter")),
+    ("context-without-fingerprint", setting("ctx", context_file="moma/matrix_old.safetensors [output]"), ("ok", None)),
+    ("context-into-moma-model", setting("apply", moma_model=["ctx", 0]), ("invalid", "apply", r"mismatch|MOMA")),
+]
+
+
+def test_matrix_has_at_least_40_cases() -> None:
+    assert len(CASES) >= 40 and len({case_id for case_id, _, _ in CASES}) == len(CASES)
+
+
+def test_baseline_runs(matrix: Session, caplog) -> None:
+    result = matrix.run(base_graph(), caplog)
+    assert result.status == "ok", result
+    assert result.outputs["out"]["images"]
+
+
+@pytest.mark.parametrize("case_id,change,expected", CASES, ids=[case[0] for case in CASES])
+def test_bad_input(matrix: Session, caplog, case_id: str, change, expected: tuple) -> None:
+    if matrix.checkpoint_model() is None:
+        assert matrix.run(base_graph(), caplog).status == "ok"
+    model = matrix.checkpoint_model()
+    before = model_state(model)
+    result = matrix.run(change(base_graph()), caplog)
+    kind = expected[0]
+    if kind == "invalid-or-error":  # ComfyUI 0.30 refuses a bad combo value itself; 0.3.x leaves it to the node
+        kind = "invalid" if result.status == "invalid" else "error"
+    if kind == "invalid":
+        node, pattern = expected[1], expected[2]
+        assert result.status == "invalid", result
+        assert node in result.node_errors, result.node_errors
+        texts = [f"{item.get('message')}: {item.get('details')}" for item in result.node_errors[node]["errors"]]
+        assert any(re.search(pattern, text) for text in texts), texts
+    elif kind == "error":
+        node, pattern = expected[1], expected[2]
+        assert result.status == "error", result
+        failure = result.failure
+        assert failure.get("node_id") == node, failure
+        assert failure.get("exception_type", "").endswith("MomaError"), (failure.get("exception_type"),
+                                                                        failure.get("exception_message"))
+        assert re.search(pattern, failure.get("exception_message", "")), failure.get("exception_message")
+    else:
+        assert result.status == "ok", result
+        assert result.outputs["out"]["images"]
+        if expected[1]:
+            assert any(re.search(expected[1], text) for text in result.warnings), result.warnings
+    after_model = matrix.checkpoint_model()
+    if after_model is model:  # the same cached MODEL object: nothing on it changed
+        assert model_state(model) == before
+    assert model_state(model) == before
