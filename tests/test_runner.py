@@ -1,4 +1,4 @@
-"""The headless workflow runner (scripts/run_workflow.py): overrides, the missing-model message, and
+"""The headless workflow runner (scripts/run_workflow.py -> tools/moma_runner): overrides, the missing-model message, and
 real runs through ComfyUI's executor, in process (--demo) and against a ComfyUI server (--server).
 
 Runs that execute a graph are subprocesses with this interpreter (the host venv), as a user runs the
@@ -7,7 +7,6 @@ script; they load the full-layout SD1.5 fixture (~7 GB RSS), one process at a ti
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -18,8 +17,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import host
+import host  # noqa: F401  (puts tools/ on sys.path)
 import pytest
+from moma_runner import common, demo, models
+from moma_runner import workflow as graph
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,17 +28,8 @@ RUNNER = REPO / "scripts" / "run_workflow.py"
 API_DIR = REPO / "workflows" / "api"
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("moma_run_workflow", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _load_runner()
-TABLE = runner.load_models_table()
-assert runner.API_DIR == API_DIR
+TABLE = models.load_models_table()
+assert common.API_DIR == API_DIR
 
 
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -58,31 +50,31 @@ def printed_images(stdout: str) -> list[Path]:
 
 
 def test_overrides_touch_the_documented_nodes(tmp_path):
-    prompt = runner.load_workflow(API_DIR / "moma_context.json")
+    prompt = graph.load_workflow(API_DIR / "moma_context.json")
     before = copy.deepcopy(prompt)
     image, mask = tmp_path / "ref.png", tmp_path / "ref_mask.png"
-    ov = runner.Overrides(image=image, mask=mask, subject="teddy bear", prompt="A teddy bear on the moon.",
+    ov = graph.Overrides(image=image, mask=mask, subject="teddy bear", prompt="A teddy bear on the moon.",
                           seed=77, steps=9, width=320, height=256)
-    changes, staged = runner.apply_overrides(prompt, ov)
+    changes, staged = graph.apply_overrides(prompt, ov)
 
-    masker = runner.ids_of(prompt, "MomaObjectMasker")[0]
-    (mask_node,) = runner.ids_of(prompt, "LoadImageMask")
+    masker = graph.ids_of(prompt, "MomaObjectMasker")[0]
+    (mask_node,) = graph.ids_of(prompt, "LoadImageMask")
     assert mask_node not in before and prompt[mask_node]["inputs"]["channel"] == "red"
     assert prompt[masker]["inputs"]["mask"] == [mask_node, 0]
     assert {(s.node_id, s.input_name, s.source) for s in staged} == {
-        (runner.ids_of(prompt, "LoadImage")[0], "image", image), (mask_node, "image", mask)}
-    for nid in runner.ids_of(prompt, "MomaContextEncoder", "MomaFeatureGrab"):
+        (graph.ids_of(prompt, "LoadImage")[0], "image", image), (mask_node, "image", mask)}
+    for nid in graph.ids_of(prompt, "MomaContextEncoder", "MomaFeatureGrab"):
         assert prompt[nid]["inputs"]["subject"] == "teddy bear"
-    (encoder,) = runner.ids_of(prompt, "MomaContextEncoder")
+    (encoder,) = graph.ids_of(prompt, "MomaContextEncoder")
     assert prompt[encoder]["inputs"]["prompt"] == "A teddy bear on the moon."
     # the positive CLIPTextEncode keeps its link to the encoder's sd_prompt
-    positives = [n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and runner.is_link(n["inputs"]["text"])]
+    positives = [n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and graph.is_link(n["inputs"]["text"])]
     assert positives and all(p["inputs"]["text"][0] == encoder for p in positives)
-    (sampler,) = runner.ids_of(prompt, "KSampler")
-    (grab,) = runner.ids_of(prompt, "MomaFeatureGrab")
+    (sampler,) = graph.ids_of(prompt, "KSampler")
+    (grab,) = graph.ids_of(prompt, "MomaFeatureGrab")
     assert prompt[sampler]["inputs"]["seed"] == 77 and prompt[grab]["inputs"]["seed"] == 77
     assert prompt[sampler]["inputs"]["steps"] == 9
-    (latent,) = runner.ids_of(prompt, "EmptyLatentImage")
+    (latent,) = graph.ids_of(prompt, "EmptyLatentImage")
     assert (prompt[latent]["inputs"]["width"], prompt[latent]["inputs"]["height"]) == (320, 256)
     # nothing else changed
     untouched = {k for k in before if k not in (masker, encoder, grab, sampler, latent)}
@@ -91,11 +83,11 @@ def test_overrides_touch_the_documented_nodes(tmp_path):
 
 
 def test_prompt_override_on_plain_graph_hits_the_positive_text_only():
-    prompt = runner.load_workflow(API_DIR / "plain_sd15.json")
-    (sampler,) = runner.ids_of(prompt, "KSampler")
+    prompt = graph.load_workflow(API_DIR / "plain_sd15.json")
+    (sampler,) = graph.ids_of(prompt, "KSampler")
     positive, negative = prompt[sampler]["inputs"]["positive"][0], prompt[sampler]["inputs"]["negative"][0]
     negative_text = prompt[negative]["inputs"]["text"]
-    runner.apply_overrides(prompt, runner.Overrides(prompt="a red bicycle"))
+    graph.apply_overrides(prompt, graph.Overrides(prompt="a red bicycle"))
     assert prompt[positive]["inputs"]["text"] == "a red bicycle"
     assert prompt[negative]["inputs"]["text"] == negative_text
 
@@ -110,32 +102,32 @@ def test_prompt_override_on_plain_graph_hits_the_positive_text_only():
     (dict(reference_resolution=128), "--reference-resolution: no MomaFeatureGrab"),
 ])
 def test_overrides_without_a_target_are_errors(overrides, message):
-    prompt = runner.load_workflow(API_DIR / "plain_sd15.json")
-    with pytest.raises(runner.RunnerError, match=re.escape(message)):
-        runner.apply_overrides(prompt, runner.Overrides(**overrides))
+    prompt = graph.load_workflow(API_DIR / "plain_sd15.json")
+    with pytest.raises(common.RunnerError, match=re.escape(message)):
+        graph.apply_overrides(prompt, graph.Overrides(**overrides))
 
 
 def test_reference_resolution_and_context_overrides():
-    prompt = runner.load_workflow(API_DIR / "moma_saved_context.json")
-    (loader,) = runner.ids_of(prompt, "MomaLoadContext")
+    prompt = graph.load_workflow(API_DIR / "moma_saved_context.json")
+    (loader,) = graph.ids_of(prompt, "MomaLoadContext")
     prompt[loader]["inputs"]["path"] = "/somewhere/else.safetensors"
-    assert runner.context_file_inputs(prompt) == []  # a path overrides the file name
-    with pytest.raises(runner.RunnerError, match="multiple of 64"):
-        runner.apply_overrides(copy.deepcopy(prompt), runner.Overrides(reference_resolution=100))
+    assert graph.context_file_inputs(prompt) == []  # a path overrides the file name
+    with pytest.raises(common.RunnerError, match="multiple of 64"):
+        graph.apply_overrides(copy.deepcopy(prompt), graph.Overrides(reference_resolution=100))
     context = Path("saved.safetensors")
-    changes, staged = runner.apply_overrides(prompt, runner.Overrides(reference_resolution=256, context=context))
-    (grab,) = runner.ids_of(prompt, "MomaFeatureGrab")
+    changes, staged = graph.apply_overrides(prompt, graph.Overrides(reference_resolution=256, context=context))
+    (grab,) = graph.ids_of(prompt, "MomaFeatureGrab")
     assert prompt[grab]["inputs"]["resolution"] == 256
     assert prompt[loader]["inputs"]["path"] == ""
     assert [(s.node_id, s.input_name, s.source, s.annotate) for s in staged] == [(loader, "context_file", context, True)]
-    assert runner.context_file_inputs(prompt) == [(loader, prompt[loader]["inputs"]["context_file"])]
+    assert graph.context_file_inputs(prompt) == [(loader, prompt[loader]["inputs"]["context_file"])]
 
 
 def test_ui_format_is_rejected_with_advice(tmp_path):
     ui = tmp_path / "workflow.json"
     ui.write_text(json.dumps({"last_node_id": 2, "nodes": [{"id": 1, "type": "KSampler"}], "links": []}))
     result = run_cli(str(ui), timeout=60)
-    assert result.returncode == runner.EXIT_USAGE
+    assert result.returncode == common.EXIT_USAGE
     assert "UI-format workflow" in result.stderr and "Export (API)" in result.stderr
 
 
@@ -157,9 +149,9 @@ def test_missing_models_are_listed_with_folder_and_source(tmp_path):
     (partial / "config.json").write_text("{}")
 
     result = run_cli(str(API_DIR / "moma_context.json"), "--base-dir", str(base), timeout=300)
-    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+    assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
     out = result.stderr
-    uses = runner.model_uses(runner.load_workflow(API_DIR / "moma_context.json"), TABLE["loader_inputs"])
+    uses = models.model_uses(graph.load_workflow(API_DIR / "moma_context.json"), TABLE["loader_inputs"])
     used = {(use.folder, use.name) for use in uses}
     assert f"needs {len(used)} model file(s)" in out
     for entry in TABLE["models"]:
@@ -177,9 +169,9 @@ def test_missing_models_are_listed_with_folder_and_source(tmp_path):
 def test_missing_models_of_the_plain_graph_only(tmp_path):
     base = tmp_path.resolve() / "base"
     result = run_cli(str(API_DIR / "plain_sd15.json"), "--base-dir", str(base), timeout=300)
-    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+    assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
     needed = {n["inputs"].get("ckpt_name") or n["inputs"].get("vae_name")
-              for n in runner.load_workflow(API_DIR / "plain_sd15.json").values()} - {None}
+              for n in graph.load_workflow(API_DIR / "plain_sd15.json").values()} - {None}
     assert f"needs {len(needed)} model file(s)" in result.stderr
     for entry in TABLE["models"]:
         listed = entry["name"] in result.stderr
@@ -193,21 +185,21 @@ def test_missing_models_of_the_plain_graph_only(tmp_path):
 def test_every_model_of_the_table_is_used_by_an_example():
     used = set()
     for path in API_DIR.glob("*.json"):
-        used |= {(use.folder, use.name) for use in runner.model_uses(runner.load_workflow(path), TABLE["loader_inputs"])}
+        used |= {(use.folder, use.name) for use in models.model_uses(graph.load_workflow(path), TABLE["loader_inputs"])}
     assert used == {(entry["folder"], entry["name"]) for entry in TABLE["models"]}
 
 
 def test_missing_saved_context_is_explained(tmp_path):
     base = tmp_path.resolve() / "base"
     result = run_cli(str(API_DIR / "moma_saved_context.json"), "--base-dir", str(base), timeout=300)
-    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
-    (node,) = runner.ids_of(runner.load_workflow(API_DIR / "moma_saved_context.json"), "MomaLoadContext")
+    assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
+    (node,) = graph.ids_of(graph.load_workflow(API_DIR / "moma_saved_context.json"), "MomaLoadContext")
     assert (f"Saved MoMA context 'moma/context_00001_.safetensors [output]' (node {node} MomaLoadContext) is not "
             "there") in result.stderr
     assert "workflows/api/moma_context.json first" in result.stderr and "--context PATH" in result.stderr
     assert "DreamShaper" not in result.stderr  # only the files this graph uses
     # MoMA Loader's llava_name / clip_vision_name are 'none' here: neither is asked for
-    uses = runner.model_uses(runner.load_workflow(API_DIR / "moma_saved_context.json"), TABLE["loader_inputs"])
+    uses = models.model_uses(graph.load_workflow(API_DIR / "moma_saved_context.json"), TABLE["loader_inputs"])
     assert {use.folder for use in uses} == {"checkpoints", "vae", "moma", "rembg"}
     assert f"needs {len(uses)} model file(s)" in result.stderr
     for folder in ("LLM", "clip_vision"):
@@ -216,13 +208,13 @@ def test_missing_saved_context_is_explained(tmp_path):
 
 
 def test_none_names_no_file():
-    prompt = runner.load_workflow(API_DIR / "moma_saved_context.json")
-    (loader,) = runner.ids_of(prompt, "MomaLoader")
+    prompt = graph.load_workflow(API_DIR / "moma_saved_context.json")
+    (loader,) = graph.ids_of(prompt, "MomaLoader")
     assert (prompt[loader]["inputs"]["llava_name"], prompt[loader]["inputs"]["clip_vision_name"]) == ("none", "none")
-    folders = {use.folder for use in runner.model_uses(prompt, TABLE["loader_inputs"])}
+    folders = {use.folder for use in models.model_uses(prompt, TABLE["loader_inputs"])}
     assert "moma" in folders and not folders & {"LLM", "clip_vision"}
     prompt[loader]["inputs"].update(llava_name="MoMA_llava_7b", clip_vision_name="clip-vit-large-patch14-336")
-    named = {(use.folder, use.name) for use in runner.model_uses(prompt, TABLE["loader_inputs"])}
+    named = {(use.folder, use.name) for use in models.model_uses(prompt, TABLE["loader_inputs"])}
     assert {("LLM", "MoMA_llava_7b"), ("clip_vision", "clip-vit-large-patch14-336")} <= named
 
 
@@ -270,17 +262,17 @@ def test_demo_runs_the_default_workflow(demo_run):
     for path in images:
         assert path.is_file() and path.parent == (root / "out").resolve()
         with Image.open(path) as img:
-            assert img.size == (runner.DEMO_SIZE, runner.DEMO_SIZE)
-    steps = f"step {runner.DEMO_STEPS}/{runner.DEMO_STEPS}"
+            assert img.size == (demo.DEMO_SIZE, demo.DEMO_SIZE)
+    steps = f"step {demo.DEMO_STEPS}/{demo.DEMO_STEPS}"
     assert "KSampler" in result.stdout and steps in result.stdout
-    assert runner.DEFAULT_WORKFLOW == API_DIR / "moma_context.json"
-    assert f"MomaFeatureGrab.resolution = {runner.DEMO_REFERENCE_RESOLUTION}" in result.stdout
-    assert "demo: reference image rgb.png (fixture)" in result.stdout
+    assert common.DEFAULT_WORKFLOW == API_DIR / "moma_context.json"
+    assert f"MomaFeatureGrab.resolution = {demo.DEMO_REFERENCE_RESOLUTION}" in result.stdout
+    assert "demo: reference image rgb.png (generated test picture)" in result.stdout
     (saved,) = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("saved MoMA context: ")]
     assert Path(saved).parent == (root / "out" / "moma").resolve() and Path(saved).is_file()
     # models are linked under the real file names of the workflow
-    prompt = runner.load_workflow(runner.DEFAULT_WORKFLOW)
-    for use in runner.model_uses(prompt, TABLE["loader_inputs"]):
+    prompt = graph.load_workflow(common.DEFAULT_WORKFLOW)
+    for use in models.model_uses(prompt, TABLE["loader_inputs"]):
         assert (root / "base" / "models" / use.folder / use.name).exists()
 
 
@@ -293,8 +285,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_server_mode_runs_and_reports_missing_models(demo_run, test_images, tmp_path):
     """The same graph posted to a real ComfyUI server (main.py) on the demo base directory."""
-    root, demo = demo_run
-    assert demo.returncode == 0, demo.stdout + demo.stderr
+    root, demo_result = demo_run
+    assert demo_result.returncode == 0, demo_result.stdout + demo_result.stderr
     comfy_root = host.host_dir() / "ComfyUI"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -324,13 +316,13 @@ def test_server_mode_runs_and_reports_missing_models(demo_run, test_images, tmp_
         assert "step 2/2" in result.stdout
         assert "saved MoMA context: moma/context_" in result.stdout
 
-        broken = runner.load_workflow(API_DIR / "plain_sd15.json")
-        (loader,) = runner.ids_of(broken, "CheckpointLoaderSimple")
+        broken = graph.load_workflow(API_DIR / "plain_sd15.json")
+        (loader,) = graph.ids_of(broken, "CheckpointLoaderSimple")
         broken[loader]["inputs"]["ckpt_name"] = "not_downloaded_yet.safetensors"
         workflow = tmp_path / "broken.json"
         workflow.write_text(json.dumps(broken))
         result = run_cli(str(workflow), "--server", url, timeout=120)
-        assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+        assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
         assert "not_downloaded_yet.safetensors" in result.stderr
         assert str(root / "base" / "models" / "checkpoints" / "not_downloaded_yet.safetensors") in result.stderr
         assert "not in the pack's model table" in result.stderr
@@ -358,5 +350,5 @@ def test_readme_models_tables_match_models_json_and_the_workflows():
     assert rows == expected
     listed = {(name, folder) for name, (folder, _) in rows.items()}
     for workflow in sorted(API_DIR.glob("*.json")):
-        for use in runner.model_uses(runner.load_workflow(workflow), TABLE["loader_inputs"]):
+        for use in models.model_uses(graph.load_workflow(workflow), TABLE["loader_inputs"]):
             assert (use.name, use.folder) in listed, (workflow.name, use)

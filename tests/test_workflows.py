@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -36,6 +35,8 @@ from PIL import Image
 
 import comfy_exec
 import fixtures
+from moma_runner import demo, models
+from moma_runner import workflow as graph
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "workflows"
@@ -51,17 +52,6 @@ REFERENCE_NAME = "moma_reference.jpg"
 SAVED_CONTEXT = "moma/context_00001_.safetensors"  # what MomaSaveContext writes first (prefix moma/context)
 TEST_SIZE, TEST_STEPS, TEST_RESOLUTION = 64, 2, 128
 PACK = "comfyui_moma"
-
-
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("moma_run_workflow_for_workflow_tests", REPO / "scripts" / "run_workflow.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _load_runner()
 
 
 def load(path: Path) -> Any:
@@ -254,16 +244,16 @@ def example_host(comfy_host, sd15_checkpoint, llava_dir, clip_vision_dir, adapte
 
     by_folder = {
         "checkpoints": sd15_checkpoint,
-        "vae": runner.demo_model_builders()["vae"](),  # the fixture's VAE cut out as a VAE-only file
+        "vae": demo.demo_model_builders()["vae"](),  # the fixture's VAE cut out as a VAE-only file
         "loras": fixtures.cached("moma_test_sd15_lora.safetensors", lora.write_sd15_lora),
         "moma": adapter_file,
         "LLM": llava_dir,
         "clip_vision": clip_vision_dir,
         "rembg": fixtures.cached("u2net.onnx", rembg.write_u2net_onnx),
     }
-    table = runner.load_models_table()
+    table = models.load_models_table()
     for name in API_FILES:
-        for use in runner.model_uses(runner.load_workflow(API_DIR / name), table["loader_inputs"]):
+        for use in models.model_uses(graph.load_workflow(API_DIR / name), table["loader_inputs"]):
             _link(comfy_host.models_dir / use.folder / use.name, by_folder[use.folder])
     picture, _mask = test_images["rgb"]
     with Image.open(picture) as image:
