@@ -35,6 +35,7 @@ from PIL import Image
 
 import comfy_exec
 import fixtures
+from moma_demo import browser as browser_tools
 from moma_runner import demo, models
 from moma_runner import workflow as graph
 
@@ -414,53 +415,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def _frontend_round_trip(page_url: str, debug_port: int, workflows: dict[str, dict]) -> dict[str, dict]:
-    """Load each UI workflow in the web app (app.loadGraphData) and return what it exports for the server
-    (graphToPrompt) and what it saves (graph.serialize)."""
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                async with session.get(f"http://127.0.0.1:{debug_port}/json") as response:
-                    pages = [page for page in await response.json() if page["type"] == "page"]
-                if pages:
-                    break
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "Chromium did not open its debugging port"
-            await asyncio.sleep(0.5)
-        async with session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            calls = iter(range(1, 1_000_000))
-
-            async def evaluate(expression: str) -> Any:
-                call = next(calls)
-                await ws.send_json({"id": call, "method": "Runtime.evaluate", "params": {
-                    "expression": expression, "awaitPromise": True, "returnByValue": True}})
-                while True:
-                    message = await ws.receive_json(timeout=120)
-                    if message.get("id") == call:
-                        result = message["result"]
-                        assert "exceptionDetails" not in result, json.dumps(result["exceptionDetails"])[:2000]
-                        return result["result"].get("value")
-
-            deadline = time.monotonic() + 120
-            while not await evaluate("!!(window.app && window.app.graph && window.app.canvas)"):
-                assert time.monotonic() < deadline, f"the web app at {page_url} did not start"
-                await asyncio.sleep(1)
-            await asyncio.sleep(2)  # node definitions and extensions finish registering
-            results = {}
-            for name, workflow in workflows.items():
-                results[name] = json.loads(await evaluate(f"""(async () => {{
-                    await window.app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)});
-                    await new Promise(resolve => setTimeout(resolve, 1000));
-                    const prompt = await window.app.graphToPrompt();
-                    return JSON.stringify({{api: prompt.output, saved: window.app.graph.serialize()}});
-                }})()"""))
-            return results
-
-
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
 def test_the_web_app_loads_each_ui_file_and_exports_its_api_twin(example_host, tmp_path):
     """ComfyUI's frontend (the version the host serves) loads every UI file, exports exactly its API twin
@@ -488,7 +442,7 @@ def test_the_web_app_loads_each_ui_file_and_exports_its_api_twin(example_host, t
              f"--remote-debugging-port={debug_port}", "--window-size=1600,1000", url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(tmp_path)})
         workflows = {Path(name).stem: load(EXAMPLES / name) for name in UI_FILES}
-        results = asyncio.run(_frontend_round_trip(url, debug_port, workflows))
+        results = asyncio.run(browser_tools.frontend_round_trip(url, debug_port, workflows))
     finally:
         if browser is not None:
             browser.terminate()

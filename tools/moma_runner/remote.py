@@ -165,6 +165,8 @@ class ServerBackend(Backend):
 
     def validate(self, prompt: dict) -> list[str]:
         """ComfyUI's validation rules applied to the server's /object_info (validation.py)."""
+        if self.uploaded:  # the input-file choices now include the uploads
+            (self.object_info,) = self._fetch("/object_info")
         ok, error, outputs, node_errors = validate_with_object_info(prompt, self.object_info)
         if not ok or node_errors:
             raise RunnerError(format_validation_error(error, node_errors, prompt), EXIT_USAGE)
