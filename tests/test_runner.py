@@ -164,7 +164,9 @@ def test_missing_models_are_listed_with_folder_and_source(tmp_path):
     llava = next(e for e in TABLE["models"] if e["folder"] == "LLM")
     lacking = [f for f in llava["files"] if f != "config.json"]
     assert f"lacks: {', '.join(lacking)}" in out
-    assert "Input image 'moma_reference.jpg'" in out and "--image PATH" in out
+    # the example's reference picture is the sample the runner places in the base's input/
+    assert "Input image" not in out and (base / "input" / "moma_reference.jpg").is_file()
+    assert f"sample picture: {base / 'input' / 'moma_reference.jpg'}" in result.stdout
 
 
 def test_missing_models_of_the_plain_graph_only(tmp_path):
@@ -514,6 +516,39 @@ def test_server_mode_runs_the_demo(gui_server, tmp_path):
             assert img.size == (demo.DEMO_SIZE, demo.DEMO_SIZE)
     assert "step 2/2" in result.stdout and "saved MoMA context: moma/context_" in result.stdout
     assert "note: when it cuts the subject out with rembg" in result.stdout
+
+
+def test_download_offline_names_the_file_folder_and_url(tmp_path, capsys, monkeypatch):
+    """--download without a network: each entry's exact file, folder, URL and hand command (HF entries too)."""
+    from moma_runner import download
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for entry in TABLE["models"]:
+        if not entry.get("hf_repo"):
+            entry = {**entry, "url": "http://127.0.0.1:9/" + entry["name"]}  # nothing listens on port 9
+        assert download.download(entry, tmp_path / "models") is False
+        err = capsys.readouterr().err
+        target = tmp_path / "models" / entry["folder"] / entry["name"]
+        assert f"folder: {target.parent}" in err and entry["name"] in err
+        assert entry.get("url", entry["source"]) in err
+        assert entry["download"].replace("{dest}", str(target)) in err
+        assert not target.exists() or target.is_dir() and not any(target.iterdir())
+    with pytest.raises(common.RunnerError, match="not in the models table"):
+        download.download_command(["no_such_model.safetensors"], tmp_path)
+
+
+def test_every_model_has_one_download_command():
+    """A file gets one curl command to its direct URL; a folder one hf command naming exactly its files
+    (the adapter in the MoMA_llava_7b repository is not fetched twice)."""
+    for entry in TABLE["models"]:
+        if entry["type"] == "file":
+            assert entry["download"] == f"curl -L --fail -o {{dest}} '{entry['url']}'"
+        else:
+            assert entry["download"] == (f"hf download {entry['hf_repo']} {' '.join(entry['files'])} "
+                                         "--local-dir {dest}")
+        assert entry["licence"]
+    llava = next(e for e in TABLE["models"] if e["name"] == "MoMA_llava_7b")
+    assert "attn_adapters_projectors.th" not in llava["files"]
 
 
 def test_readme_models_tables_match_models_json_and_the_workflows():

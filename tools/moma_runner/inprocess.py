@@ -93,9 +93,13 @@ class InProcessBackend(Backend):
 
     def prepare(self) -> None:
         if self.base_dir is not None:
+            from .gui import place_samples
+
             link = boot.make_base_dir(self.base_dir)
             if link is not None:
                 print(f"linked the pack into {link}")
+            for placed in place_samples(self.base_dir / "input"):
+                print(f"sample picture: {placed} (what the example workflows load)")
         cpu = self.force_cpu or not has_accelerator()
         try:
             self.host = boot.configure(self.comfy_root, self.base_dir, cpu=cpu)

@@ -99,7 +99,8 @@ def format_missing(missing: list[MissingModel]) -> str:
         lines.append(f"   goes in:  {m.folder_label}  ->  {m.target or '(unknown folder)'}")
         if entry:
             download = entry["download"].replace("{dest}", m.target or m.use.name)
-            lines.append(f"   get it:   {download}")
+            lines.append(f"   get it:   bash scripts/run.sh --download {entry['name']}   (into the runner's own host)")
+            lines.append(f"   or:       {download}")
             lines.append(f"   source:   {entry['source']}")
             if kind == "folder":
                 lines.append(f"   contents: {', '.join(entry['files'])}")
