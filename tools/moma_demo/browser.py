@@ -90,6 +90,14 @@ async def frontend_round_trip(page_url: str, debug_port: int, workflows: dict[st
                     raise FrontendError(f"the web app at {page_url} did not start")
                 await asyncio.sleep(1)
             await asyncio.sleep(2)  # node definitions and extensions finish registering
+            if screenshots:  # first-run dialogs (the template browser) would cover the graph
+                await evaluate("""(async () => {
+                    for (let i = 0; i < 5; i++) {
+                        document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());
+                        await new Promise(resolve => setTimeout(resolve, 500));
+                    }
+                    return true;
+                })()""")
             results = {}
             for name, workflow in workflows.items():
                 results[name] = json.loads(await evaluate(f"""(async () => {{
@@ -101,10 +109,10 @@ async def frontend_round_trip(page_url: str, debug_port: int, workflows: dict[st
                 if name in screenshots:
                     await evaluate("""(async () => {
                         const canvas = window.app.canvas;
-                        if (canvas.fitViewToSelectionAnimated) { canvas.selectItems(); canvas.fitViewToSelectionAnimated({duration: 0}); canvas.deselectAll(); }
+                        if (canvas.fitViewToSelectionAnimated) { canvas.selectItems(); canvas.fitViewToSelectionAnimated({duration: 1}); canvas.deselectAll(); }
                         else if (canvas.ds && canvas.ds.fitToBounds) { canvas.ds.fitToBounds(window.app.graph.boundingRect ?? [0, 0, 2000, 1000]); }
                         canvas.setDirty(true, true);
-                        await new Promise(resolve => setTimeout(resolve, 800));
+                        await new Promise(resolve => setTimeout(resolve, 1200));
                         return true;
                     })()""")
                     shot = await call("Page.captureScreenshot", {"format": "png"})

@@ -47,6 +47,8 @@ def make_base_dir(base_dir: Path, link_name: str = PACK_LINK_NAME) -> Path | Non
     link = base_dir / "custom_nodes" / link_name
     if link.exists() or link.is_symlink():
         return None
+    if any(entry.resolve() == REPO for entry in (base_dir / "custom_nodes").iterdir()):
+        return None  # the pack is installed there already (e.g. a clone in the user's own ComfyUI)
     link.symlink_to(REPO, target_is_directory=True)
     return link
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .backend import Backend
-from .common import (API_DIR, DEFAULT_WORKFLOW, EXIT_FAILED, EXIT_MISSING, EXIT_OK, EXIT_USAGE, REPO, RunnerError,
+from .common import (DEFAULT_WORKFLOW, EXIT_FAILED, EXIT_MISSING, EXIT_OK, EXIT_USAGE, REPO, RunnerError,
                      host_dir, rel)
 from .models import MissingModel, format_missing, load_models_table, model_uses, table_entry
 from .progress import Progress

@@ -7,8 +7,8 @@ from typing import Iterable, TextIO
 
 # Nodes whose first run in a ComfyUI process is slow for a reason the user cannot see: said once per run.
 FIRST_RUN_NOTES = {
-    "MomaObjectMasker": "when it cuts the subject out with rembg, its first run imports rembg and opens the "
-                        "ONNX model (about 30 s on a CPU); later runs reuse them",
+    "MomaObjectMasker": "when it cuts the subject out with rembg, its first run imports rembg and opens its "
+                        "ONNX model: up to about 30 s on a CPU the first time, seconds once cached",
 }
 
 
