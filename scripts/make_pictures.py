@@ -109,19 +109,32 @@ def graph_screenshot(work: Path, target: Path) -> None:
                     raise SystemExit((work / "gui.log").read_text())
                 time.sleep(0.5)
         # a first visit opens the template browser over the graph; a returning user's setting does not
-        request = urllib.request.Request(url + "settings/Comfy.TutorialCompleted", data=b"true", method="POST",
-                                         headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=10).close()
+        for setting, value in (("Comfy.TutorialCompleted", b"true"), ("Comfy.Minimap.Visible", b"false")):
+            request = urllib.request.Request(url + f"settings/{setting}", data=value, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=10).close()
         ui = json.loads((REPO / "workflows" / "moma_context.json").read_text())
         raw = work / "graph_raw.png"
-        with browser.headless_chromium(url, debug_port, work / "profile", size=(1800, 1000)):
+        with browser.headless_chromium(url, debug_port, work / "profile", size=(2700, 1350)):
             asyncio.run(browser.frontend_round_trip(url, debug_port, {"moma_context": ui}, {"moma_context": raw}))
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
     with Image.open(raw) as picture:
-        picture.convert("RGB").resize((1350, 750), Image.LANCZOS).save(target, optimize=True)
+        picture = picture.convert("RGB")
+    # the graph without the empty canvas around it: the bounding box of what differs from the canvas colour
+    margin = 90  # the sidebar, the tab bar and the canvas controls stay out
+    inner = picture.crop((margin, margin, picture.width - margin, picture.height - margin)).convert("L")
+    background = sorted(inner.getdata())[len(inner.getdata()) // 2]
+    box = inner.point(lambda v: 255 if abs(v - background) > 12 else 0).getbbox()
+    if box:
+        pad = 24
+        picture = picture.crop((max(box[0] + margin - pad, 0), max(box[1] + margin - pad, 0),
+                                min(box[2] + margin + pad, picture.width), min(box[3] + margin + pad, picture.height)))
+    if picture.width > 1600:
+        picture = picture.resize((1600, round(picture.height * 1600 / picture.width)), Image.LANCZOS)
+    picture.save(target, optimize=True)
 
 
 def main() -> None:
