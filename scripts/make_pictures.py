@@ -126,7 +126,8 @@ def graph_screenshot(work: Path, target: Path) -> None:
     # the graph without the empty canvas around it: the bounding box of what differs from the canvas colour
     margin = 90  # the sidebar, the tab bar and the canvas controls stay out
     inner = picture.crop((margin, margin, picture.width - margin, picture.height - margin)).convert("L")
-    background = sorted(inner.getdata())[len(inner.getdata()) // 2]
+    histogram = inner.histogram()
+    background = max(range(256), key=histogram.__getitem__)  # the canvas: the commonest grey
     box = inner.point(lambda v: 255 if abs(v - background) > 12 else 0).getbbox()
     if box:
         pad = 24
