@@ -69,28 +69,12 @@ FIRST_STEP = 10
 
 
 def boot_comfy(device: str, attention: str) -> host.Host:
-    """tests/host.py's boot(); for ``--device cuda`` its ``--cpu`` is kept off, and ``--attention pytorch``
-    selects ComfyUI's SDPA backend (--use-pytorch-cross-attention) instead of its default for the device."""
-    if device != "cpu" or attention != "default":
-        sys.path.insert(0, str(host.host_dir() / "ComfyUI"))
-        import comfy.options
-
-        comfy.options.enable_args_parsing(False)
-        import comfy.cli_args
-
-        keep_gpu = device != "cpu"
-
-        class BenchmarkArgs(argparse.Namespace):
-            def __setattr__(self, name: str, value: Any) -> None:
-                if name == "cpu" and keep_gpu:
-                    value = False  # host.boot() forces --cpu for the tests
-                super().__setattr__(name, value)
-
-        args = BenchmarkArgs(**vars(comfy.cli_args.args))
-        if attention == "pytorch":
-            args.use_pytorch_cross_attention = True
-        comfy.cli_args.args = args
-    return host.boot()
+    """tests/host.py's boot() (the pack's one ComfyUI boot) on ``device``; ``--attention pytorch`` selects
+    ComfyUI's SDPA backend (--use-pytorch-cross-attention) instead of its default for the device."""
+    comfy_args = {"fp16_unet": False}  # the UNet in the dtype ComfyUI picks for users (the tests keep fp16 on CPU)
+    if attention == "pytorch":
+        comfy_args["use_pytorch_cross_attention"] = True
+    return host.boot(cpu=device == "cpu", comfy_args=comfy_args)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The headless workflow runner (scripts/run_workflow.py): overrides, the missing-model message, and
+"""The headless workflow runner (scripts/run_workflow.py -> tools/moma_runner): overrides, the missing-model message, and
 real runs through ComfyUI's executor, in process (--demo) and against a ComfyUI server (--server).
 
 Runs that execute a graph are subprocesses with this interpreter (the host venv), as a user runs the
@@ -7,10 +7,10 @@ script; they load the full-layout SD1.5 fixture (~7 GB RSS), one process at a ti
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +18,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import host
+import host  # noqa: F401  (puts tools/ on sys.path)
 import pytest
+from moma_runner import common, demo, models
+from moma_runner import workflow as graph
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,17 +29,8 @@ RUNNER = REPO / "scripts" / "run_workflow.py"
 API_DIR = REPO / "workflows" / "api"
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("moma_run_workflow", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _load_runner()
-TABLE = runner.load_models_table()
-assert runner.API_DIR == API_DIR
+TABLE = models.load_models_table()
+assert common.API_DIR == API_DIR
 
 
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -58,31 +51,31 @@ def printed_images(stdout: str) -> list[Path]:
 
 
 def test_overrides_touch_the_documented_nodes(tmp_path):
-    prompt = runner.load_workflow(API_DIR / "moma_context.json")
+    prompt = graph.load_workflow(API_DIR / "moma_context.json")
     before = copy.deepcopy(prompt)
     image, mask = tmp_path / "ref.png", tmp_path / "ref_mask.png"
-    ov = runner.Overrides(image=image, mask=mask, subject="teddy bear", prompt="A teddy bear on the moon.",
+    ov = graph.Overrides(image=image, mask=mask, subject="teddy bear", prompt="A teddy bear on the moon.",
                           seed=77, steps=9, width=320, height=256)
-    changes, staged = runner.apply_overrides(prompt, ov)
+    changes, staged = graph.apply_overrides(prompt, ov)
 
-    masker = runner.ids_of(prompt, "MomaObjectMasker")[0]
-    (mask_node,) = runner.ids_of(prompt, "LoadImageMask")
+    masker = graph.ids_of(prompt, "MomaObjectMasker")[0]
+    (mask_node,) = graph.ids_of(prompt, "LoadImageMask")
     assert mask_node not in before and prompt[mask_node]["inputs"]["channel"] == "red"
     assert prompt[masker]["inputs"]["mask"] == [mask_node, 0]
     assert {(s.node_id, s.input_name, s.source) for s in staged} == {
-        (runner.ids_of(prompt, "LoadImage")[0], "image", image), (mask_node, "image", mask)}
-    for nid in runner.ids_of(prompt, "MomaContextEncoder", "MomaFeatureGrab"):
+        (graph.ids_of(prompt, "LoadImage")[0], "image", image), (mask_node, "image", mask)}
+    for nid in graph.ids_of(prompt, "MomaContextEncoder", "MomaFeatureGrab"):
         assert prompt[nid]["inputs"]["subject"] == "teddy bear"
-    (encoder,) = runner.ids_of(prompt, "MomaContextEncoder")
+    (encoder,) = graph.ids_of(prompt, "MomaContextEncoder")
     assert prompt[encoder]["inputs"]["prompt"] == "A teddy bear on the moon."
     # the positive CLIPTextEncode keeps its link to the encoder's sd_prompt
-    positives = [n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and runner.is_link(n["inputs"]["text"])]
+    positives = [n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and graph.is_link(n["inputs"]["text"])]
     assert positives and all(p["inputs"]["text"][0] == encoder for p in positives)
-    (sampler,) = runner.ids_of(prompt, "KSampler")
-    (grab,) = runner.ids_of(prompt, "MomaFeatureGrab")
+    (sampler,) = graph.ids_of(prompt, "KSampler")
+    (grab,) = graph.ids_of(prompt, "MomaFeatureGrab")
     assert prompt[sampler]["inputs"]["seed"] == 77 and prompt[grab]["inputs"]["seed"] == 77
     assert prompt[sampler]["inputs"]["steps"] == 9
-    (latent,) = runner.ids_of(prompt, "EmptyLatentImage")
+    (latent,) = graph.ids_of(prompt, "EmptyLatentImage")
     assert (prompt[latent]["inputs"]["width"], prompt[latent]["inputs"]["height"]) == (320, 256)
     # nothing else changed
     untouched = {k for k in before if k not in (masker, encoder, grab, sampler, latent)}
@@ -91,11 +84,11 @@ def test_overrides_touch_the_documented_nodes(tmp_path):
 
 
 def test_prompt_override_on_plain_graph_hits_the_positive_text_only():
-    prompt = runner.load_workflow(API_DIR / "plain_sd15.json")
-    (sampler,) = runner.ids_of(prompt, "KSampler")
+    prompt = graph.load_workflow(API_DIR / "plain_sd15.json")
+    (sampler,) = graph.ids_of(prompt, "KSampler")
     positive, negative = prompt[sampler]["inputs"]["positive"][0], prompt[sampler]["inputs"]["negative"][0]
     negative_text = prompt[negative]["inputs"]["text"]
-    runner.apply_overrides(prompt, runner.Overrides(prompt="a red bicycle"))
+    graph.apply_overrides(prompt, graph.Overrides(prompt="a red bicycle"))
     assert prompt[positive]["inputs"]["text"] == "a red bicycle"
     assert prompt[negative]["inputs"]["text"] == negative_text
 
@@ -110,32 +103,32 @@ def test_prompt_override_on_plain_graph_hits_the_positive_text_only():
     (dict(reference_resolution=128), "--reference-resolution: no MomaFeatureGrab"),
 ])
 def test_overrides_without_a_target_are_errors(overrides, message):
-    prompt = runner.load_workflow(API_DIR / "plain_sd15.json")
-    with pytest.raises(runner.RunnerError, match=re.escape(message)):
-        runner.apply_overrides(prompt, runner.Overrides(**overrides))
+    prompt = graph.load_workflow(API_DIR / "plain_sd15.json")
+    with pytest.raises(common.RunnerError, match=re.escape(message)):
+        graph.apply_overrides(prompt, graph.Overrides(**overrides))
 
 
 def test_reference_resolution_and_context_overrides():
-    prompt = runner.load_workflow(API_DIR / "moma_saved_context.json")
-    (loader,) = runner.ids_of(prompt, "MomaLoadContext")
+    prompt = graph.load_workflow(API_DIR / "moma_saved_context.json")
+    (loader,) = graph.ids_of(prompt, "MomaLoadContext")
     prompt[loader]["inputs"]["path"] = "/somewhere/else.safetensors"
-    assert runner.context_file_inputs(prompt) == []  # a path overrides the file name
-    with pytest.raises(runner.RunnerError, match="multiple of 64"):
-        runner.apply_overrides(copy.deepcopy(prompt), runner.Overrides(reference_resolution=100))
+    assert graph.context_file_inputs(prompt) == []  # a path overrides the file name
+    with pytest.raises(common.RunnerError, match="multiple of 64"):
+        graph.apply_overrides(copy.deepcopy(prompt), graph.Overrides(reference_resolution=100))
     context = Path("saved.safetensors")
-    changes, staged = runner.apply_overrides(prompt, runner.Overrides(reference_resolution=256, context=context))
-    (grab,) = runner.ids_of(prompt, "MomaFeatureGrab")
+    changes, staged = graph.apply_overrides(prompt, graph.Overrides(reference_resolution=256, context=context))
+    (grab,) = graph.ids_of(prompt, "MomaFeatureGrab")
     assert prompt[grab]["inputs"]["resolution"] == 256
     assert prompt[loader]["inputs"]["path"] == ""
     assert [(s.node_id, s.input_name, s.source, s.annotate) for s in staged] == [(loader, "context_file", context, True)]
-    assert runner.context_file_inputs(prompt) == [(loader, prompt[loader]["inputs"]["context_file"])]
+    assert graph.context_file_inputs(prompt) == [(loader, prompt[loader]["inputs"]["context_file"])]
 
 
 def test_ui_format_is_rejected_with_advice(tmp_path):
     ui = tmp_path / "workflow.json"
     ui.write_text(json.dumps({"last_node_id": 2, "nodes": [{"id": 1, "type": "KSampler"}], "links": []}))
     result = run_cli(str(ui), timeout=60)
-    assert result.returncode == runner.EXIT_USAGE
+    assert result.returncode == common.EXIT_USAGE
     assert "UI-format workflow" in result.stderr and "Export (API)" in result.stderr
 
 
@@ -157,9 +150,9 @@ def test_missing_models_are_listed_with_folder_and_source(tmp_path):
     (partial / "config.json").write_text("{}")
 
     result = run_cli(str(API_DIR / "moma_context.json"), "--base-dir", str(base), timeout=300)
-    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+    assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
     out = result.stderr
-    uses = runner.model_uses(runner.load_workflow(API_DIR / "moma_context.json"), TABLE["loader_inputs"])
+    uses = models.model_uses(graph.load_workflow(API_DIR / "moma_context.json"), TABLE["loader_inputs"])
     used = {(use.folder, use.name) for use in uses}
     assert f"needs {len(used)} model file(s)" in out
     for entry in TABLE["models"]:
@@ -171,15 +164,17 @@ def test_missing_models_are_listed_with_folder_and_source(tmp_path):
     llava = next(e for e in TABLE["models"] if e["folder"] == "LLM")
     lacking = [f for f in llava["files"] if f != "config.json"]
     assert f"lacks: {', '.join(lacking)}" in out
-    assert "Input image 'moma_reference.jpg'" in out and "--image PATH" in out
+    # the example's reference picture is the sample the runner places in the base's input/
+    assert "Input image" not in out and (base / "input" / "moma_reference.jpg").is_file()
+    assert f"sample picture: {base / 'input' / 'moma_reference.jpg'}" in result.stdout
 
 
 def test_missing_models_of_the_plain_graph_only(tmp_path):
     base = tmp_path.resolve() / "base"
     result = run_cli(str(API_DIR / "plain_sd15.json"), "--base-dir", str(base), timeout=300)
-    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
+    assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
     needed = {n["inputs"].get("ckpt_name") or n["inputs"].get("vae_name")
-              for n in runner.load_workflow(API_DIR / "plain_sd15.json").values()} - {None}
+              for n in graph.load_workflow(API_DIR / "plain_sd15.json").values()} - {None}
     assert f"needs {len(needed)} model file(s)" in result.stderr
     for entry in TABLE["models"]:
         listed = entry["name"] in result.stderr
@@ -193,21 +188,21 @@ def test_missing_models_of_the_plain_graph_only(tmp_path):
 def test_every_model_of_the_table_is_used_by_an_example():
     used = set()
     for path in API_DIR.glob("*.json"):
-        used |= {(use.folder, use.name) for use in runner.model_uses(runner.load_workflow(path), TABLE["loader_inputs"])}
+        used |= {(use.folder, use.name) for use in models.model_uses(graph.load_workflow(path), TABLE["loader_inputs"])}
     assert used == {(entry["folder"], entry["name"]) for entry in TABLE["models"]}
 
 
 def test_missing_saved_context_is_explained(tmp_path):
     base = tmp_path.resolve() / "base"
     result = run_cli(str(API_DIR / "moma_saved_context.json"), "--base-dir", str(base), timeout=300)
-    assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
-    (node,) = runner.ids_of(runner.load_workflow(API_DIR / "moma_saved_context.json"), "MomaLoadContext")
+    assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
+    (node,) = graph.ids_of(graph.load_workflow(API_DIR / "moma_saved_context.json"), "MomaLoadContext")
     assert (f"Saved MoMA context 'moma/context_00001_.safetensors [output]' (node {node} MomaLoadContext) is not "
             "there") in result.stderr
     assert "workflows/api/moma_context.json first" in result.stderr and "--context PATH" in result.stderr
     assert "DreamShaper" not in result.stderr  # only the files this graph uses
     # MoMA Loader's llava_name / clip_vision_name are 'none' here: neither is asked for
-    uses = runner.model_uses(runner.load_workflow(API_DIR / "moma_saved_context.json"), TABLE["loader_inputs"])
+    uses = models.model_uses(graph.load_workflow(API_DIR / "moma_saved_context.json"), TABLE["loader_inputs"])
     assert {use.folder for use in uses} == {"checkpoints", "vae", "moma", "rembg"}
     assert f"needs {len(uses)} model file(s)" in result.stderr
     for folder in ("LLM", "clip_vision"):
@@ -216,13 +211,13 @@ def test_missing_saved_context_is_explained(tmp_path):
 
 
 def test_none_names_no_file():
-    prompt = runner.load_workflow(API_DIR / "moma_saved_context.json")
-    (loader,) = runner.ids_of(prompt, "MomaLoader")
+    prompt = graph.load_workflow(API_DIR / "moma_saved_context.json")
+    (loader,) = graph.ids_of(prompt, "MomaLoader")
     assert (prompt[loader]["inputs"]["llava_name"], prompt[loader]["inputs"]["clip_vision_name"]) == ("none", "none")
-    folders = {use.folder for use in runner.model_uses(prompt, TABLE["loader_inputs"])}
+    folders = {use.folder for use in models.model_uses(prompt, TABLE["loader_inputs"])}
     assert "moma" in folders and not folders & {"LLM", "clip_vision"}
     prompt[loader]["inputs"].update(llava_name="MoMA_llava_7b", clip_vision_name="clip-vit-large-patch14-336")
-    named = {(use.folder, use.name) for use in runner.model_uses(prompt, TABLE["loader_inputs"])}
+    named = {(use.folder, use.name) for use in models.model_uses(prompt, TABLE["loader_inputs"])}
     assert {("LLM", "MoMA_llava_7b"), ("clip_vision", "clip-vit-large-patch14-336")} <= named
 
 
@@ -270,17 +265,17 @@ def test_demo_runs_the_default_workflow(demo_run):
     for path in images:
         assert path.is_file() and path.parent == (root / "out").resolve()
         with Image.open(path) as img:
-            assert img.size == (runner.DEMO_SIZE, runner.DEMO_SIZE)
-    steps = f"step {runner.DEMO_STEPS}/{runner.DEMO_STEPS}"
+            assert img.size == (demo.DEMO_SIZE, demo.DEMO_SIZE)
+    steps = f"step {demo.DEMO_STEPS}/{demo.DEMO_STEPS}"
     assert "KSampler" in result.stdout and steps in result.stdout
-    assert runner.DEFAULT_WORKFLOW == API_DIR / "moma_context.json"
-    assert f"MomaFeatureGrab.resolution = {runner.DEMO_REFERENCE_RESOLUTION}" in result.stdout
-    assert "demo: reference image rgb.png (fixture)" in result.stdout
+    assert common.DEFAULT_WORKFLOW == API_DIR / "moma_context.json"
+    assert f"MomaFeatureGrab.resolution = {demo.DEMO_REFERENCE_RESOLUTION}" in result.stdout
+    assert "demo: reference image rgb.png (generated test picture)" in result.stdout
     (saved,) = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("saved MoMA context: ")]
     assert Path(saved).parent == (root / "out" / "moma").resolve() and Path(saved).is_file()
     # models are linked under the real file names of the workflow
-    prompt = runner.load_workflow(runner.DEFAULT_WORKFLOW)
-    for use in runner.model_uses(prompt, TABLE["loader_inputs"]):
+    prompt = graph.load_workflow(common.DEFAULT_WORKFLOW)
+    for use in models.model_uses(prompt, TABLE["loader_inputs"]):
         assert (root / "base" / "models" / use.folder / use.name).exists()
 
 
@@ -290,57 +285,270 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_server_mode_runs_and_reports_missing_models(demo_run, test_images, tmp_path):
-    """The same graph posted to a real ComfyUI server (main.py) on the demo base directory."""
-    root, demo = demo_run
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    comfy_root = host.host_dir() / "ComfyUI"
+# --------------------------------------------------------------------------------------------------
+# ComfyUI's validation in both modes
+
+
+def object_info_in_process() -> dict:
+    """/object_info as server.py's node_info builds it, for the fields ComfyUI's validation reads."""
+    import nodes
+
+    info = {}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            info[name] = cls.GET_NODE_INFO_V1()
+        else:
+            info[name] = {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES),
+                          "output_node": getattr(cls, "OUTPUT_NODE", False) is True}
+    return json.loads(json.dumps(info, default=str))  # as it travels: tuples become lists
+
+
+def _mutations(prompt: dict) -> dict[str, dict]:
+    """Broken variants of a MoMA example (each one mistake), and the graph as shipped."""
+    (apply_id,) = graph.ids_of(prompt, "MomaApply")
+    (grab_id,) = graph.ids_of(prompt, "MomaFeatureGrab")
+    (sampler_id,) = graph.ids_of(prompt, "KSampler")
+    variants: dict[str, dict] = {"as shipped": prompt}
+
+    def variant(name: str, node: str, **changes) -> None:
+        broken = copy.deepcopy(prompt)
+        for key, value in changes.items():
+            if value is None:
+                del broken[node]["inputs"][key]
+            else:
+                broken[node]["inputs"][key] = value
+        variants[name] = broken
+
+    variant("strength over max", apply_id, strength=2.5)
+    variant("resolution over max", grab_id, resolution=4096)
+    variant("resolution under min", grab_id, resolution=0)
+    variant("combo typo", apply_id, preset="contxt")
+    variant("required input missing", sampler_id, cfg=None)
+    variant("link of the wrong type", sampler_id, model=[grab_id, 0])
+    variant("not a number", sampler_id, steps="many")
+    variant("output index out of range", sampler_id, model=[grab_id, 7])
+    return variants
+
+
+@pytest.fixture(scope="module")
+def demo_models_in_host(comfy_host):
+    """The test host with the demo stand-ins under every name the examples use, and the sample picture."""
+    import folder_paths
+    from moma_runner import gui
+
+    uses = {}
+    for path in sorted(API_DIR.glob("*.json")):
+        for use in models.model_uses(graph.load_workflow(path), TABLE["loader_inputs"]):
+            uses.setdefault((use.folder, use.name), use)
+    demo.link_demo_models(comfy_host.models_dir, list(uses.values()), demo.demo_model_builders())
+    gui.place_samples(Path(folder_paths.get_input_directory()))
+    return comfy_host
+
+
+@pytest.mark.parametrize("workflow", ["moma_context.json", "moma_texture.json", "moma_community_lora.json"])
+def test_object_info_validation_agrees_with_comfyui(workflow, demo_models_in_host):
+    """The server-mode check (ComfyUI's rules on /object_info) rejects exactly what ComfyUI's own
+    validate_prompt rejects, with the same failing nodes; a graph that fails only some outputs counts as
+    rejected (ComfyUI would skip them)."""
+    import asyncio
+    import uuid
+
+    import execution
+    from moma_runner.validation import validate_with_object_info
+
+    info = object_info_in_process()
+    for name, prompt in _mutations(graph.load_workflow(API_DIR / workflow)).items():
+        ok, _error, _outputs, node_errors = asyncio.run(
+            execution.validate_prompt(uuid.uuid4().hex, copy.deepcopy(prompt), None))
+        ours_ok, _ours_error, _ours_outputs, ours_errors = validate_with_object_info(copy.deepcopy(prompt), info)
+        comfy_verdict = ok and not node_errors
+        assert (ours_ok and not ours_errors) == comfy_verdict, (name, node_errors, ours_errors)
+        assert comfy_verdict == (name == "as shipped"), (name, node_errors)
+        if node_errors and name != "output index out of range":  # (ComfyUI raises there: the output node errs)
+            assert set(ours_errors) == set(node_errors), (name, node_errors, ours_errors)
+            for nid in node_errors:
+                assert ({e["type"] for e in ours_errors[nid]["errors"]}
+                        == {e["type"] for e in node_errors[nid]["errors"]}), (name, nid)
+
+
+def test_in_process_check_rejects_a_value_over_its_max(tmp_path_factory, tmp_path):
+    """strength 2.5 (max 2.0) fails only the sampling branch: ComfyUI alone would run the rest and skip
+    sampling; --check says so and fails."""
+    broken = graph.load_workflow(API_DIR / "moma_context.json")
+    (apply_id,) = graph.ids_of(broken, "MomaApply")
+    broken[apply_id]["inputs"]["strength"] = 2.5
+    path = tmp_path / "strength.json"
+    path.write_text(json.dumps(broken))
+    base = tmp_path_factory.getbasetemp().resolve() / "check-base"
+    result = run_cli(str(path), "--demo", "--check", "--base-dir", str(base), timeout=600)
+    assert result.returncode == common.EXIT_USAGE, result.stdout + result.stderr
+    assert "Value 2.5 bigger than max of 2.0" in result.stderr and f"node {apply_id} MomaApply" in result.stderr
+    assert "would skip output node(s)" in result.stderr and "check passed" not in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# --gui, and the runner against that server
+
+
+@pytest.fixture(scope="module")
+def gui_server(tmp_path_factory):
+    """``run_workflow.py --gui --demo`` (what ``bash scripts/run.sh --gui --demo`` runs) on a free port."""
+    root = tmp_path_factory.mktemp("gui").resolve()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, str(comfy_root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(root / "base"), "--disable-api-nodes", "--database-url", "sqlite:///:memory:"],
-        stdout=log, stderr=subprocess.STDOUT)
+    log_path = root / "gui.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, str(RUNNER), "--gui", "--demo", "--cpu", "--port", str(port),
+                                   "--base-dir", str(root / "base")], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while True:
             try:
                 urllib.request.urlopen(url + "/system_stats", timeout=2)
                 break
             except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()
-                assert time.monotonic() < deadline, "server did not start"
+                assert server.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "the GUI server did not start:\n" + log_path.read_text()
                 time.sleep(0.5)
-
-        out = tmp_path / "out"
-        image, _mask = test_images["rgb"]
-        result = run_cli("--server", url, "--width", "64", "--height", "64", "--steps", "2",
-                         "--reference-resolution", "128", "--image", str(image), "--output", str(out))
-        assert result.returncode == 0, result.stdout + result.stderr
-        images = printed_images(result.stdout)
-        assert images and all(p.is_file() and p.parent == out.resolve() for p in images)
-        assert "step 2/2" in result.stdout
-        assert "saved MoMA context: moma/context_" in result.stdout
-
-        broken = runner.load_workflow(API_DIR / "plain_sd15.json")
-        (loader,) = runner.ids_of(broken, "CheckpointLoaderSimple")
-        broken[loader]["inputs"]["ckpt_name"] = "not_downloaded_yet.safetensors"
-        workflow = tmp_path / "broken.json"
-        workflow.write_text(json.dumps(broken))
-        result = run_cli(str(workflow), "--server", url, timeout=120)
-        assert result.returncode == runner.EXIT_MISSING, result.stdout + result.stderr
-        assert "not_downloaded_yet.safetensors" in result.stderr
-        assert str(root / "base" / "models" / "checkpoints" / "not_downloaded_yet.safetensors") in result.stderr
-        assert "not in the pack's model table" in result.stderr
+        yield type("Gui", (), {"url": url, "port": port, "base": root / "base", "log": log_path})
     finally:
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-        log.close()
+
+
+def test_gui_starts_comfyui_with_the_pack_and_a_clean_log(gui_server):
+    log = gui_server.log.read_text()
+    assert f"open http://127.0.0.1:{gui_server.port}" in log and "To see the GUI go to" in log
+    assert "IMPORT FAILED" not in log and "Cannot import" not in log and "Traceback" not in log
+    assert "Failed to initialize database" not in log and (gui_server.base / "user" / "comfyui.db").is_file()
+    assert "comfyui_moma" in log  # ComfyUI's import-time line for the pack
+    sample = REPO / "workflows" / "input" / "moma_reference.jpg"
+    assert (gui_server.base / "input" / sample.name).read_bytes() == sample.read_bytes()
+    with urllib.request.urlopen(f"{gui_server.url}/view?filename={sample.name}&type=input") as response:
+        assert response.read() == sample.read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
+def test_gui_web_app_opens_every_example_without_a_missing_file(gui_server, tmp_path):
+    """ComfyUI's frontend, served by --gui --demo, loads each example; what it exports passes ComfyUI's
+    validation against that server (every model and the reference picture are there)."""
+    import asyncio
+
+    from moma_demo import browser
+    from moma_runner.validation import validate_with_object_info
+
+    workflows = {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "workflows").glob("*.json"))}
+    debug_port = _free_port()
+    with browser.headless_chromium(gui_server.url + "/", debug_port, tmp_path / "profile"):
+        results = asyncio.run(browser.frontend_round_trip(gui_server.url + "/", debug_port, workflows))
+    with urllib.request.urlopen(gui_server.url + "/object_info") as response:
+        info = json.load(response)
+    for stem, result in results.items():
+        assert result["api"].keys() == graph.load_workflow(API_DIR / f"{stem}.json").keys(), stem
+        if stem == "moma_saved_context":
+            continue  # its context file is what moma_context writes first: not there before that run
+        ok, error, _outputs, node_errors = validate_with_object_info(result["api"], info)
+        assert ok and not node_errors, (stem, error, node_errors)
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in API_DIR.glob("*.json")))
+def test_server_check_passes_every_example_with_demo(workflow, gui_server):
+    """--check --server --demo: the server's model lists have every file (u2net.onnx included), the demo
+    picture and context are uploaded, and ComfyUI's validation on /object_info accepts the graph."""
+    result = run_cli(str(API_DIR / workflow), "--server", gui_server.url, "--demo", "--check", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "check passed" in result.stdout and "u2net.onnx" not in result.stdout + result.stderr
+
+
+def test_server_check_rejects_what_comfyui_rejects(gui_server, tmp_path):
+    broken = graph.load_workflow(API_DIR / "moma_context.json")
+    (apply_id,) = graph.ids_of(broken, "MomaApply")
+    broken[apply_id]["inputs"]["strength"] = 2.5
+    path = tmp_path / "strength.json"
+    path.write_text(json.dumps(broken))
+    result = run_cli(str(path), "--server", gui_server.url, "--check", timeout=300)
+    assert result.returncode == common.EXIT_USAGE, result.stdout + result.stderr
+    assert "Value 2.5 bigger than max of 2.0" in result.stderr and f"node {apply_id} MomaApply" in result.stderr
+
+
+def test_server_reports_missing_models_from_its_own_lists(gui_server, tmp_path):
+    broken = graph.load_workflow(API_DIR / "moma_context.json")
+    (loader,) = graph.ids_of(broken, "CheckpointLoaderSimple")
+    broken[loader]["inputs"]["ckpt_name"] = "not_downloaded_yet.safetensors"
+    (moma_loader,) = graph.ids_of(broken, "MomaLoader")
+    broken[moma_loader]["inputs"]["llava_name"] = "MoMA_llava_7b"
+    llava = gui_server.base / "models" / "LLM" / "MoMA_llava_7b"
+    half = tmp_path / "half_llava"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    llava.unlink()
+    llava.symlink_to(half, target_is_directory=True)  # a half-downloaded folder on the server
+    try:
+        path = tmp_path / "broken.json"
+        path.write_text(json.dumps(broken))
+        result = run_cli(str(path), "--server", gui_server.url, "--check", timeout=300)
+    finally:
+        llava.unlink()
+        llava.symlink_to(demo.demo_model_builders()["LLM"](), target_is_directory=True)
+    assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
+    err = result.stderr
+    assert str(gui_server.base / "models" / "checkpoints" / "not_downloaded_yet.safetensors") in err
+    assert "not in the pack's model table" in err and "u2net.onnx" not in err
+    entry = next(e for e in TABLE["models"] if e["folder"] == "LLM")
+    assert f"lacks: {', '.join(f for f in entry['files'] if f != 'config.json')}" in err
+    assert "needs 2 model file(s)" in err
+
+
+@pytest.mark.slow
+def test_server_mode_runs_the_demo(gui_server, tmp_path):
+    """--server --demo: the default graph on the --gui server, at the demo size, images downloaded."""
+    out = tmp_path / "out"
+    result = run_cli("--server", gui_server.url, "--demo", "--output", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    images = printed_images(result.stdout)
+    assert images and all(p.is_file() and p.parent == out.resolve() for p in images)
+    for path in images:
+        with Image.open(path) as img:
+            assert img.size == (demo.DEMO_SIZE, demo.DEMO_SIZE)
+    assert "step 2/2" in result.stdout and "saved MoMA context: moma/context_" in result.stdout
+    assert "note: when it cuts the subject out with rembg" in result.stdout
+
+
+def test_download_offline_names_the_file_folder_and_url(tmp_path, capsys, monkeypatch):
+    """--download without a network: each entry's exact file, folder, URL and hand command (HF entries too)."""
+    from moma_runner import download
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for entry in TABLE["models"]:
+        if not entry.get("hf_repo"):
+            entry = {**entry, "url": "http://127.0.0.1:9/" + entry["name"]}  # nothing listens on port 9
+        assert download.download(entry, tmp_path / "models") is False
+        err = capsys.readouterr().err
+        target = tmp_path / "models" / entry["folder"] / entry["name"]
+        assert f"folder: {target.parent}" in err and entry["name"] in err
+        assert entry.get("url", entry["source"]) in err
+        assert entry["download"].replace("{dest}", str(target)) in err
+        assert not target.exists() or target.is_dir() and not any(target.iterdir())
+    with pytest.raises(common.RunnerError, match="not in the models table"):
+        download.download_command(["no_such_model.safetensors"], tmp_path)
+
+
+def test_every_model_has_one_download_command():
+    """A file gets one curl command to its direct URL; a folder one hf command naming exactly its files
+    (the adapter in the MoMA_llava_7b repository is not fetched twice)."""
+    for entry in TABLE["models"]:
+        if entry["type"] == "file":
+            assert entry["download"] == f"curl -L --fail -o {{dest}} '{entry['url']}'"
+        else:
+            assert entry["download"] == (f"hf download {entry['hf_repo']} {' '.join(entry['files'])} "
+                                         "--local-dir {dest}")
+        assert entry["licence"]
+    llava = next(e for e in TABLE["models"] if e["name"] == "MoMA_llava_7b")
+    assert "attn_adapters_projectors.th" not in llava["files"]
 
 
 def test_readme_models_tables_match_models_json_and_the_workflows():
@@ -358,5 +566,5 @@ def test_readme_models_tables_match_models_json_and_the_workflows():
     assert rows == expected
     listed = {(name, folder) for name, (folder, _) in rows.items()}
     for workflow in sorted(API_DIR.glob("*.json")):
-        for use in runner.model_uses(runner.load_workflow(workflow), TABLE["loader_inputs"]):
+        for use in models.model_uses(graph.load_workflow(workflow), TABLE["loader_inputs"]):
             assert (use.name, use.folder) in listed, (workflow.name, use)

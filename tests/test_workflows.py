@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -36,6 +35,9 @@ from PIL import Image
 
 import comfy_exec
 import fixtures
+from moma_demo import browser as browser_tools
+from moma_runner import demo, models
+from moma_runner import workflow as graph
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "workflows"
@@ -51,17 +53,6 @@ REFERENCE_NAME = "moma_reference.jpg"
 SAVED_CONTEXT = "moma/context_00001_.safetensors"  # what MomaSaveContext writes first (prefix moma/context)
 TEST_SIZE, TEST_STEPS, TEST_RESOLUTION = 64, 2, 128
 PACK = "comfyui_moma"
-
-
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("moma_run_workflow_for_workflow_tests", REPO / "scripts" / "run_workflow.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _load_runner()
 
 
 def load(path: Path) -> Any:
@@ -259,16 +250,16 @@ def example_host(comfy_host, sd15_checkpoint, llava_dir, clip_vision_dir, adapte
 
     by_folder = {
         "checkpoints": sd15_checkpoint,
-        "vae": runner.demo_model_builders()["vae"](),  # the fixture's VAE cut out as a VAE-only file
+        "vae": demo.demo_model_builders()["vae"](),  # the fixture's VAE cut out as a VAE-only file
         "loras": fixtures.cached("moma_test_sd15_lora.safetensors", lora.write_sd15_lora),
         "moma": adapter_file,
         "LLM": llava_dir,
         "clip_vision": clip_vision_dir,
         "rembg": fixtures.cached("u2net.onnx", rembg.write_u2net_onnx),
     }
-    table = runner.load_models_table()
+    table = models.load_models_table()
     for name in API_FILES:
-        for use in runner.model_uses(runner.load_workflow(API_DIR / name), table["loader_inputs"]):
+        for use in models.model_uses(graph.load_workflow(API_DIR / name), table["loader_inputs"]):
             _link(comfy_host.models_dir / use.folder / use.name, by_folder[use.folder])
     picture, _mask = test_images["rgb"]
     with Image.open(picture) as image:
@@ -434,53 +425,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def _frontend_round_trip(page_url: str, debug_port: int, workflows: dict[str, dict]) -> dict[str, dict]:
-    """Load each UI workflow in the web app (app.loadGraphData) and return what it exports for the server
-    (graphToPrompt) and what it saves (graph.serialize)."""
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                async with session.get(f"http://127.0.0.1:{debug_port}/json") as response:
-                    pages = [page for page in await response.json() if page["type"] == "page"]
-                if pages:
-                    break
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "Chromium did not open its debugging port"
-            await asyncio.sleep(0.5)
-        async with session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            calls = iter(range(1, 1_000_000))
-
-            async def evaluate(expression: str) -> Any:
-                call = next(calls)
-                await ws.send_json({"id": call, "method": "Runtime.evaluate", "params": {
-                    "expression": expression, "awaitPromise": True, "returnByValue": True}})
-                while True:
-                    message = await ws.receive_json(timeout=120)
-                    if message.get("id") == call:
-                        result = message["result"]
-                        assert "exceptionDetails" not in result, json.dumps(result["exceptionDetails"])[:2000]
-                        return result["result"].get("value")
-
-            deadline = time.monotonic() + 120
-            while not await evaluate("!!(window.app && window.app.graph && window.app.canvas)"):
-                assert time.monotonic() < deadline, f"the web app at {page_url} did not start"
-                await asyncio.sleep(1)
-            await asyncio.sleep(2)  # node definitions and extensions finish registering
-            results = {}
-            for name, workflow in workflows.items():
-                results[name] = json.loads(await evaluate(f"""(async () => {{
-                    await window.app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)});
-                    await new Promise(resolve => setTimeout(resolve, 1000));
-                    const prompt = await window.app.graphToPrompt();
-                    return JSON.stringify({{api: prompt.output, saved: window.app.graph.serialize()}});
-                }})()"""))
-            return results
-
-
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
 def test_the_web_app_loads_each_ui_file_and_exports_its_api_twin(example_host, tmp_path):
     """ComfyUI's frontend (the version the host serves) loads every UI file, exports exactly its API twin
@@ -508,7 +452,7 @@ def test_the_web_app_loads_each_ui_file_and_exports_its_api_twin(example_host, t
              f"--remote-debugging-port={debug_port}", "--window-size=1600,1000", url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(tmp_path)})
         workflows = {Path(name).stem: load(EXAMPLES / name) for name in UI_FILES}
-        results = asyncio.run(_frontend_round_trip(url, debug_port, workflows))
+        results = asyncio.run(browser_tools.frontend_round_trip(url, debug_port, workflows))
     finally:
         if browser is not None:
             browser.terminate()

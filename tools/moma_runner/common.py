@@ -1,0 +1,38 @@
+"""Paths, exit codes and the user-facing error of the runner."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]  # the pack's checkout (tools/moma_runner -> repo root)
+# Example workflows: UI format (listed by ComfyUI's template browser) in workflows/, API format in its api/.
+EXAMPLES_DIR = REPO / "workflows"
+API_DIR = EXAMPLES_DIR / "api"
+DEFAULT_WORKFLOW = API_DIR / "moma_context.json"
+MODELS_TABLE = REPO / "models.json"
+PACK_LINK_NAME = "comfyui_moma"  # the pack's folder under custom_nodes/ in the bases the runner makes
+DEFAULT_COMFYUI = "0.30"  # the host version scripts/setup_host.sh installs by default
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING = 0, 1, 2, 3
+
+
+class RunnerError(Exception):
+    """A user-facing failure: printed without a traceback, exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def host_dir() -> Path:
+    """The host scripts/setup_host.sh installs (MOMA_HOST_DIR, default <repo>/.host/comfyui-<MOMA_COMFYUI|0.30>)."""
+    version = os.environ.get("MOMA_COMFYUI", DEFAULT_COMFYUI)
+    return Path(os.environ.get("MOMA_HOST_DIR", REPO / ".host" / f"comfyui-{version}"))
+
+
+def rel(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (for messages), else as given."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,98 @@
+"""``--gui``: ComfyUI's web UI with the pack, from the installed host, on 127.0.0.1.
+
+The base directory is the host's ``base/`` (``demo-base/`` with --demo, or --base-dir): the pack is linked
+into its custom_nodes/, the sample reference picture the example workflows load is copied into its input/
+(unless a file of that name is there), the database is a file in its user/ folder, and with --demo the
+tiny stand-in models are linked under every file name the example workflows use. ComfyUI's own main.py then
+replaces this process (through comfy_main.py, which explains the node files the host leaves out).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from . import boot
+from .common import API_DIR, EXAMPLES_DIR, REPO, RunnerError, host_dir
+
+SAMPLE_DIR = EXAMPLES_DIR / "input"  # moma_reference.jpg and its mask (tools/moma_demo/sample.py)
+LISTEN = "127.0.0.1"
+
+
+def place_samples(input_dir: Path) -> list[Path]:
+    """Copy the sample reference picture and mask into ``input_dir`` where no file of that name exists."""
+    placed = []
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for sample in sorted(SAMPLE_DIR.iterdir()):
+        target = input_dir / sample.name
+        if sample.is_file() and not target.exists():
+            shutil.copyfile(sample, target)
+            placed.append(target)
+    return placed
+
+
+def comfy_arguments(base_dir: Path, port: int, cpu: bool) -> list[str]:
+    """ComfyUI's main.py arguments for the GUI."""
+    arguments = ["--listen", LISTEN, "--port", str(port), "--base-directory", str(base_dir),
+                 "--database-url", f"sqlite:///{base_dir / 'user' / 'comfyui.db'}", "--disable-auto-launch"]
+    return arguments + (["--cpu"] if cpu else [])
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((LISTEN, port))
+        except OSError:
+            return False
+    return True
+
+
+def link_demo_models_for_examples(comfy_root: Path, base_dir: Path) -> None:
+    """--demo: the tiny stand-ins under every model name an example workflow uses."""
+    from .demo import demo_model_builders, link_demo_models
+    from .models import load_models_table, model_uses
+    from .workflow import load_workflow
+
+    boot.configure(comfy_root, base_dir, cpu=True)  # the checkpoint writer builds ComfyUI's own modules
+    table = load_models_table()
+    uses = {}
+    for path in sorted(API_DIR.glob("*.json")):
+        for use in model_uses(load_workflow(path), table["loader_inputs"]):
+            uses.setdefault((use.folder, use.name), use)
+    link_demo_models(base_dir / "models", list(uses.values()), demo_model_builders())
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start the GUI (replaces this process with ComfyUI; returns only on an error)."""
+    from .cli import default_base_dir
+    from .inprocess import has_accelerator
+
+    comfy_root = (args.comfyui or host_dir() / "ComfyUI").resolve()
+    if not (comfy_root / "main.py").is_file():
+        raise RunnerError(f"No ComfyUI found at {comfy_root}. Run `bash scripts/setup_host.sh` (or pass --comfyui "
+                          "with your ComfyUI folder).")
+    base_dir = default_base_dir(args) or comfy_root
+    if not port_free(args.port):
+        raise RunnerError(f"Port {args.port} on {LISTEN} is in use (another ComfyUI?). Open "
+                          f"http://{LISTEN}:{args.port} or pass --port N.")
+    link = boot.make_base_dir(base_dir)
+    if link is not None:
+        print(f"linked the pack into {link}")
+    for placed in place_samples(base_dir / "input"):
+        print(f"sample picture: {placed}")
+    if args.demo:
+        print(f"demo: tiny random-weight models in {base_dir / 'models'} (images are noise)")
+        link_demo_models_for_examples(comfy_root, base_dir)
+    cpu = args.cpu or not has_accelerator()
+    command = [sys.executable, "-m", "moma_runner.comfy_main", str(comfy_root), *comfy_arguments(base_dir, args.port, cpu)]
+    print(f"ComfyUI {comfy_root} with the pack, base directory {base_dir}, on {'CPU' if cpu else 'GPU'}")
+    print(f"open http://{LISTEN}:{args.port}  (the example workflows: Workflow > Browse Templates > comfyui_moma; "
+          "Ctrl-C stops the server)", flush=True)
+    tools = str(REPO / "tools")
+    env = {**os.environ, "PYTHONPATH": tools + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    os.chdir(tools)  # `-m` puts the working directory first on sys.path: tools/, never the pack's root
+    os.execve(sys.executable, command, env)
+    return 1  # not reached
