@@ -141,6 +141,15 @@ class LayerStreamer:
         return max((unit.nbytes for unit in self._units), default=0)
 
     def _pin(self) -> None:
+        """Page-lock the host weights (faster, asynchronous copies); where the OS refuses (e.g. Windows' pinned
+        memory budget), the rest stays pageable: slower copies, the same results."""
+        try:
+            self._pin_all()
+        except RuntimeError as error:
+            log.warning("LLaVA streaming: could not pin the weights in RAM (%s); copying from pageable memory.",
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    def _pin_all(self) -> None:
         for unit in [self._resident, *self._units]:
             for slot in unit.slots:
                 if not slot.host.is_pinned():
@@ -221,13 +230,15 @@ class LayerStreamer:
         finally:
             for hook in hooks:
                 hook.remove()
-            if self._cuda:  # nothing of ours may still be in flight when the device copies are released
-                torch.cuda.current_stream(self.device).synchronize()
-                if self._stream is not None:
-                    self._stream.synchronize()
-            for unit in [*self._units, self._resident]:
-                self._drop(unit)
-            self._active = False
+            try:
+                if self._cuda:  # nothing of ours may still be in flight when the device copies are released
+                    torch.cuda.current_stream(self.device).synchronize()
+                    if self._stream is not None:
+                        self._stream.synchronize()
+            finally:  # even after a CUDA error: the modules point at the host weights again, the next encode works
+                for unit in [*self._units, self._resident]:
+                    self._drop(unit)
+                self._active = False
 
     def _pre_hook(self, index: int) -> Callable:
         def hook(*_) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+import comfy.cli_args
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
@@ -112,6 +113,7 @@ def _loaded_encoder(moma_model: MomaModelObject, device: torch.device, placement
 
         host = sum(file.stat().st_size for file in LlavaFolder.open(moma_model.llava_dir).weight_files)  # ~fp16
         pin = comfy.model_management.get_free_memory(torch.device("cpu")) > 2 * host
+        pin = pin and not getattr(comfy.cli_args.args, "disable_pinned_memory", False)  # the user's --disable-pinned-memory
     return moma_model.load_encoder(device, progress=progress, interrupt=interrupt, placement=placement, pin=pin)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+import comfy.model_patcher
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
 
@@ -66,19 +67,26 @@ def _latent_grid(extra_options: dict) -> tuple[int, int]:
 RUN_STATES_KEY = "moma_run_states"  # transformer_options key: run key -> MomaRunState, per sampling run
 
 
+def _window_frames(extra_options: dict) -> Optional[list[int]]:
+    """The frames of the current animation context window: AnimateDiff-Evolved's ``ad_params["sub_idxs"]`` or
+    ComfyUI's own context windows' ``context_window.index_list``; None outside a window."""
+    sub_idxs = (extra_options.get("ad_params") or {}).get("sub_idxs")
+    if sub_idxs is None:
+        sub_idxs = getattr(extra_options.get("context_window"), "index_list", None)
+    return list(sub_idxs) if sub_idxs is not None else None
+
+
 def _rows_of(masks: torch.Tensor, batch: int, extra_options: dict) -> torch.Tensor:
     """Per-item masks [N, ...] for the ``batch`` items of this call: one mask for all, one per item, the frames
-    of an AnimateDiff context window (``ad_params["sub_idxs"]``), or else repeated/cut to the batch as
-    IPAdapter does."""
+    of an animation context window, or else repeated/cut to the batch as IPAdapter does."""
     count = masks.shape[0]
-    if count == batch:
-        return masks
     if count == 1:
         return masks.expand(batch, *masks.shape[1:])
-    ad_params = extra_options.get("ad_params") or {}
-    sub_idxs = ad_params.get("sub_idxs")
+    sub_idxs = _window_frames(extra_options)
     if sub_idxs is not None and len(sub_idxs) == batch and count >= max(sub_idxs) + 1:
         return masks[list(sub_idxs)]
+    if count == batch:
+        return masks
     if count > batch:
         return masks[:batch]
     return torch.cat([masks, masks[-1:].expand(batch - count, *masks.shape[1:])])
@@ -135,7 +143,7 @@ class MomaRun:
             values = F.linear(tokens, v_w)
             self.context_kv_master[layer.block] = (F.linear(tokens, k_w), values if gain == 1.0 else values * gain)
         self.last_subject_mask: Optional[torch.Tensor] = None  # [B, H, W] on the CPU, from the last finished run
-        self.idle = MomaRunState(self, model_sampling)
+        self.idle = MomaRunState(self, model_sampling, idle=True)
 
     def __deepcopy__(self, memo: dict) -> "MomaRun":
         return self
@@ -203,7 +211,8 @@ class MomaRun:
         model_sampling = patcher.get_model_object("model_sampling") if patcher is not None else self.model_sampling
         state = MomaRunState(self, model_sampling)
         # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, ...): the schedule, still on the host
-        state.plan = self.schedule_plan(kwargs.get("sigmas", args[3] if len(args) > 3 else None), model_sampling)
+        sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
+        state.plan = self.schedule_plan(sigmas, model_sampling)
         original = getattr(guider, "model_options", None)
         if original is not None:
             options = comfy.model_patcher.create_model_options_clone(original)
@@ -211,11 +220,12 @@ class MomaRun:
             transformer_options[RUN_STATES_KEY] = {**transformer_options.get(RUN_STATES_KEY, {}), self.key: state}
             guider.model_options = options
         try:
-            return executor(*args, **kwargs)
+            result = executor(*args, **kwargs)
         finally:
             if original is not None:
                 guider.model_options = original
-            self.last_subject_mask = state.tracker.final_mask_on_cpu()
+        self.last_subject_mask = state.tracker.final_mask_on_cpu()  # only after a run that finished
+        return result
 
     def calc_cond_batch(self, executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: Any,
                         model_options: dict) -> Any:
@@ -249,19 +259,25 @@ class MomaRun:
 class MomaRunState:
     """What one sampling run of one Apply node changes: the subject mask, device copies, the gates."""
 
-    def __init__(self, run: MomaRun, model_sampling: Any) -> None:
+    def __init__(self, run: MomaRun, model_sampling: Any, idle: bool = False) -> None:
         self.run = run
         self.model_sampling = model_sampling
         (self.object_sigmas, self.context_sigmas) = run.sigma_windows(model_sampling)
         self.tracker = SubjectMaskTracker()
         self.device_cache: dict[tuple, Any] = {}  # device tensors (heads-split bank, tokens, masks)
         self.call_cache: dict[tuple, tuple] = {}  # per UNet call: gated masks
-        self._gate_sigmas: Optional[torch.Tensor] = None
-        self._gate_value: tuple[Gate, Gate] = (False, False)
+        # per device (ComfyUI 0.30 may evaluate cond and uncond in threads, one per GPU): the sigmas of the
+        # last call and its gates
+        self._gates: dict[torch.device, tuple[torch.Tensor, tuple[Gate, Gate]]] = {}
         # (object, context) gates decided from the sampler's schedule (None where they change during the
         # run), or None outside a sampling run
         self.plan: Optional[tuple[Optional[bool], Optional[bool]]] = None
+        self.plan_schedule: Any = None  # the schedule tensor the plan was read from (None: outer_sample's)
+        self.idle = idle
         self.cfg_seen = False  # this run evaluates cond and uncond (a CFG guider)
+
+    def __deepcopy__(self, memo: dict) -> "MomaRunState":
+        return self  # one state per run, whatever copies the run's options
 
     def gates(self, extra_options: dict) -> tuple[Gate, Gate]:
         """(object path, context path) for this UNet call; computed once per call, not per layer. Inside a
@@ -269,15 +285,19 @@ class MomaRunState:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
             return False, False
-        if sigmas is not self._gate_sigmas:
-            schedule, plan = extra_options.get("sample_sigmas"), None
-            if schedule is not None:  # inside a sampling run
-                if self.plan is None:  # outer_sample did not see the schedule: read it, once per run
-                    self.plan = self.run.schedule_plan(schedule, self.model_sampling)
-                plan = self.plan
-            self._gate_value = self._decide_gates(sigmas, plan)
-            self._gate_sigmas = sigmas
-        return self._gate_value
+        cached = self._gates.get(sigmas.device)
+        if cached is not None and cached[0] is sigmas:
+            return cached[1]
+        schedule, plan = extra_options.get("sample_sigmas"), None
+        if schedule is not None:  # inside a sampling run
+            if self.plan is None or (self.idle and self.plan_schedule is not schedule):
+                # outer_sample did not see the schedule: read it, once per run (the idle state, which serves
+                # calls outside a run, once per schedule)
+                self.plan, self.plan_schedule = self.run.schedule_plan(schedule, self.model_sampling), schedule
+            plan = self.plan
+        value = self._decide_gates(sigmas, plan)
+        self._gates[sigmas.device] = (sigmas, value)
+        return value
 
     def _decide_gates(self, sigmas: torch.Tensor, plan: Optional[tuple[Optional[bool], Optional[bool]]]
                       ) -> tuple[Gate, Gate]:
@@ -359,7 +379,7 @@ class MomaRunState:
         if self.run.attn_mask is None:
             return mask
 
-        sub_idxs = (extra_options.get("ad_params") or {}).get("sub_idxs")
+        sub_idxs = _window_frames(extra_options)
 
         def build() -> torch.Tensor:
             user = self.run.attn_mask.float()
@@ -490,8 +510,9 @@ class _ChainedPatch:
                 )
         self.callback.append(callback)
         self.kwargs.append(kwargs)
+        self.multigpu_kwargs = {}  # per-device copies are rebuilt for the new list at the next .to(device)
         for key, value in kwargs.items():
-            if not key.startswith("_moma_"):
+            if not key.startswith("_") and not hasattr(type(self), key) and key not in ("callback", "kwargs"):
                 setattr(self, key, value)
 
     def _with_added(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -501,7 +522,9 @@ class _ChainedPatch:
         sigmas = extra_options.get("sigmas")
         # the protocol's own reading of sigma (one host read per call, only when a pack added callbacks)
         sigma = float(sigmas.detach().cpu().reshape(-1)[0]) if sigmas is not None else 999999999.9
-        device_kwargs = self.multigpu_kwargs.get(q.device, self.kwargs)
+        device_kwargs = self.multigpu_kwargs.get(q.device)
+        if device_kwargs is None or len(device_kwargs) != len(self.kwargs):
+            device_kwargs = self.kwargs
         dtype = out.dtype
         for callback, window, kwargs in zip(self.callback, self.kwargs, device_kwargs):
             if window["sigma_start"] >= sigma >= window["sigma_end"]:

@@ -72,6 +72,8 @@ def relative_name(input_name: str, value: str, roots: Sequence[str | Path], what
         refused = "contains a NUL character"
     elif unified.startswith(("/", "~")) or os.path.isabs(value) or windows.drive or windows.root:
         refused = "is an absolute path"
+    elif any(part.rstrip(". ") == "" and part not in ("", ".", "..") for part in unified.split("/")):
+        refused = "has a part made only of dots and spaces (Windows reads such a part as '..' or '.')"
     else:
         normal = posixpath.normpath(unified)
         if normal == ".." or normal.startswith("../"):
@@ -104,6 +106,10 @@ def find_inside(input_name: str, value: str, roots: Sequence[str | Path], kind: 
     relative = relative_name(input_name, value, roots, what)
     for root in roots:
         candidate = Path(root) / relative
+        # the OS's own normalisation (abspath: Windows trims trailing dots/spaces) must stay inside the root too;
+        # symlinks placed inside are not resolved here, so they keep working
+        if os.path.commonpath([os.path.abspath(root), os.path.abspath(candidate)]) != os.path.abspath(root):
+            continue
         if (candidate.is_dir() if kind == "dir" else candidate.is_file()):
             return candidate
     return None

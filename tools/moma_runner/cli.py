@@ -138,7 +138,7 @@ def make_backend(args: argparse.Namespace) -> Backend:
     from .inprocess import InProcessBackend
 
     comfy_root = (args.comfyui or host_dir() / "ComfyUI").resolve()
-    return InProcessBackend(comfy_root, default_base_dir(args), args.cpu, args.verbose)
+    return InProcessBackend(comfy_root, default_base_dir(args), args.cpu, args.verbose, demo=args.demo)
 
 
 def report_problems(backend: Backend, prompt: dict, unknown: list[str], missing: list[MissingModel],
