@@ -1,6 +1,7 @@
 """Session set-up: a real ComfyUI host with the pack loaded, and the tiny real-format model fixtures."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,28 +15,59 @@ import host  # noqa: E402
 HOST = host.boot()
 
 
+_LOADED_CHECKPOINTS: dict = {}
+
+
 def _share_loaded_checkpoints() -> None:
-    """One loaded copy of each checkpoint for the whole test run: ComfyUI's own loader runs once per file and
-    options, and every later CheckpointLoaderSimple (graphs, fixtures) gets the same MODEL/CLIP/VAE objects,
-    which MoMA only ever clones. Without this, each executor run loaded a second full SD1.5 beside the
-    fixture's (the suite peaked at 10-12 GB of RSS)."""
+    """One loaded copy of each checkpoint per test module: ComfyUI's own loader runs once per file and options,
+    and every later CheckpointLoaderSimple in the module (graphs, fixtures) gets the same MODEL/CLIP/VAE
+    objects, which MoMA only ever clones. Without this each executor run loaded a second full SD1.5 beside the
+    fixture's (the suite peaked at 10-12 GB of RSS). Between modules the copies are dropped
+    (``_fresh_models_per_module``): a LoRA graph patches the shared weights in place while its clone is
+    loaded, and no module should see another's patched weights."""
     import os
 
     import comfy.sd
 
     load = comfy.sd.load_checkpoint_guess_config
-    loaded: dict = {}
 
     def load_once(ckpt_path, *args, **kwargs):
         key = (os.path.realpath(ckpt_path), repr(args), repr(sorted(kwargs.items(), key=lambda item: item[0])))
-        if key not in loaded:
-            loaded[key] = load(ckpt_path, *args, **kwargs)
-        return loaded[key]
+        if key not in _LOADED_CHECKPOINTS:
+            _LOADED_CHECKPOINTS[key] = load(ckpt_path, *args, **kwargs)
+        return _LOADED_CHECKPOINTS[key]
 
     comfy.sd.load_checkpoint_guess_config = load_once
 
 
 _share_loaded_checkpoints()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_models_per_module():
+    yield
+    import gc
+
+    import comfy.model_management
+
+    _LOADED_CHECKPOINTS.clear()
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+
+
+# The pure-method tests (tests/moma/) never touch ComfyUI: they run on the default host only, so CI's second
+# host (0.3.75) spends its time on what differs between ComfyUI versions.
+HOST_INDEPENDENT = Path(__file__).resolve().parent / "moma"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("MOMA_COMFYUI", host.DEFAULT_COMFYUI) == host.DEFAULT_COMFYUI:
+        return
+    skip = pytest.mark.skip(reason=f"host-independent (pure torch): run on the default host, ComfyUI {host.DEFAULT_COMFYUI}")
+    for item in items:
+        if HOST_INDEPENDENT in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +121,7 @@ def test_images() -> dict:
     return images.index(folder)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sd15_models(sd15_checkpoint, comfy_host):
     """(model, clip, vae) of the SD1.5 fixture, loaded once through ComfyUI's CheckpointLoaderSimple
     from the host's models/checkpoints folder, as a user's file is."""

@@ -267,7 +267,7 @@ CASES: list[tuple[str, Callable[[dict], dict], tuple]] = [
     ("strength-at-max", setting("apply", preset="custom", strength=2.0), ("ok", None)),
     ("strength-zero", setting("apply", preset="custom", strength=0.0), ("ok", None)),
     ("start-past-max", setting("apply", start_percent=1.5), ("invalid", "apply", r"bigger than max")),
-    ("start-after-end", setting("apply", start_percent=0.8, end_percent=0.2), ("error", "apply", r"start_percent \(0.8\) is after end_percent \(0.2\)")),
+    ("start-after-end", setting("apply", start_percent=0.8, end_percent=0.2), ("error", "apply", r"start_percent/end_percent: the start \(0.8\) is after the end \(0.2\)")),
     ("start-equals-end", setting("apply", start_percent=0.5, end_percent=0.5), ("ok", None)),
     ("preset-unknown", setting("apply", preset="portrait"), ("invalid-or-error", "apply", r"portrait")),
     ("texture-preset", setting("apply", preset="texture"), ("ok", None)),

@@ -27,6 +27,7 @@ PUBLIC_NODES = {  # node id -> display name
     "MomaObjectMasker": "MoMA Object Masker",
     "MomaFeatureGrab": "Self-Attention Feature Grab",
     "MomaApply": "Apply MoMA Attention",
+    "MomaSubjectMaskPreview": "MoMA Subject Mask Preview",
 }
 
 

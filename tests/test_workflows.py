@@ -467,6 +467,8 @@ def test_the_web_app_loads_each_ui_file_and_exports_its_api_twin(example_host, t
     if dump:
         for stem, result in results.items():
             Path(dump, f"{stem}.json").write_text(json.dumps(result["saved"], indent=2) + "\n")
+            Path(dump, "api").mkdir(exist_ok=True)
+            Path(dump, "api", f"{stem}.json").write_text(json.dumps(result["api"], indent=2) + "\n")
     for stem, result in results.items():
         assert result["api"] == load(API_DIR / f"{stem}.json"), f"{stem}: the web app exports another graph"
         assert result["saved"] == workflows[stem], f"{stem}: the web app saves it differently"
