@@ -202,8 +202,10 @@ def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context,
         k_full, v_full, bias = full_bank[layer.block]
         keep = bias > 0
         assert keep.any() and not keep.all(), "the test image's mask should cover part of every grid"
-        torch.testing.assert_close(bank.keys[layer.block], k_full[keep].to(bank.keys[layer.block].device), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(bank.values[layer.block], v_full[keep].to(bank.values[layer.block].device), rtol=1e-4, atol=1e-5)
+        # atol: the keys are O(1); in a full test run one near-zero element of the 26k came out 1.1e-5 off (CPU
+        # reduction order in the VAE's GroupNorm), alone it matches to 1e-5: the floor is 2e-5, rtol stays 1e-4
+        torch.testing.assert_close(bank.keys[layer.block], k_full[keep].to(bank.keys[layer.block].device), rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(bank.values[layer.block], v_full[keep].to(bank.values[layer.block].device), rtol=1e-4, atol=2e-5)
 
     patched = apply_moma(model, moma_model, moma_context, bank, strength, 0.0, 1.0)
     run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
