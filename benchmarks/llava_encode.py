@@ -16,7 +16,7 @@ overhead alone), ``cpu`` = resident on the CPU. ``--memory-cap-gb`` caps this pr
 CUDA also streaming and resident under 6 and 8 GB caps), checks every row's tokens against the resident row of
 its precision, and prints a Markdown table.
 
-Default: the test fixtures (tests/fixtures: the original-format LLaVA folder with hidden 4096 and 2 layers, a
+Default: the test fixtures (tools/moma_demo: the original-format LLaVA folder with hidden 4096 and 2 layers, a
 3-layer CLIP ViT-L/14-336-shaped vision tower, the adapter file), built once into the tests' fixture cache.
 
 ``--full-width``: a random LLaVA-1.5-7B-shaped folder (hidden 4096, MLP 11008, 32 heads, vocab 32000, one
@@ -48,7 +48,7 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # tests/fixtures: the writers of the real-format test models
+sys.path.append(str(REPO / "tools"))  # tools/moma_demo: the writers of the real-format test models
 sys.path.insert(0, str(REPO))  # the pack's `moma` package (pure torch + transformers, no ComfyUI)
 
 import torch  # noqa: E402
@@ -95,12 +95,12 @@ def rss() -> int:
 
 
 def fixture_files() -> tuple[Path, Path, Path]:
-    import fixtures
-    from fixtures import adapter, clip_vision, llava
+    import moma_demo
+    from moma_demo import adapter, clip_vision, llava
 
-    return (fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
-            fixtures.cached("MoMA_llava_7b", llava.write_llava_folder),
-            fixtures.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder))
+    return (moma_demo.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
+            moma_demo.cached("MoMA_llava_7b", llava.write_llava_folder),
+            moma_demo.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder))
 
 
 def full_width_layers(requested: int | None, dtype_bytes: int) -> int:
@@ -115,7 +115,7 @@ def full_width_layers(requested: int | None, dtype_bytes: int) -> int:
 
 def write_full_width(root: Path, layers: int) -> tuple[Path, Path]:
     """A LLaVA-1.5-7B-shaped folder with ``layers`` decoder layers (one shard each) and a full CLIP-L/336."""
-    from fixtures import llava
+    from moma_demo import llava
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     folder = root / "MoMA_llava_7b_full_width"
@@ -160,7 +160,7 @@ def write_full_width(root: Path, layers: int) -> tuple[Path, Path]:
     clip_folder = root / "clip-vit-large-patch14-336"
     vision = CLIPVisionModel(CLIPVisionConfig(**CLIP_FULL))
     vision.save_pretrained(str(clip_folder))
-    from fixtures.clip_vision import PREPROCESSOR_CONFIG
+    from moma_demo.clip_vision import PREPROCESSOR_CONFIG
 
     (clip_folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
     return folder, clip_folder
@@ -368,7 +368,7 @@ def run_matrix(args: argparse.Namespace, adapter: Path, llava_dir: Path, clip: P
             result = json.loads(out.read_text())
             result.update(precision=precision, cap=cap)
             if tokens.is_file():
-                result["_tokens"] = torch.load(tokens)
+                result["_tokens"] = torch.load(tokens, weights_only=True)
             rows.append(result)
     reference = {row["precision"]: row["_tokens"] for row in rows
                  if row["placement"] == "gpu" and not row["cap"] and "_tokens" in row}

@@ -5,7 +5,7 @@
                                                  [--json out.json] [--device cpu|cuda] [--profile]
 
 Boots the ComfyUI the tests use (tests/host.py), loads an SD1.5 checkpoint through ComfyUI's own
-``CheckpointLoaderSimple`` (default: the full-layout random-weight test checkpoint from tests/fixtures, the
+``CheckpointLoaderSimple`` (default: the full-layout random-weight test checkpoint from tools/moma_demo, the
 same shapes as a real SD1.5 file; ``--checkpoint`` for a real one), runs the pack's Feature Grab on a
 synthetic 512x512 reference and patches the model with the pack's ``apply_moma``. Then, per size, it samples
 with ComfyUI's ``sample_custom`` (sampler euler, CFG 7.5, same seed and noise) the plain model, MoMA with a
@@ -51,9 +51,9 @@ from typing import Any, Iterator, Optional
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # tests/host.py (boots ComfyUI) and tests/fixtures (test models)
+sys.path.insert(0, str(REPO / "tests"))  # tests/host.py: the ComfyUI boot the tests use (tools/moma_runner/boot.py)
 
-import host  # noqa: E402
+import host  # noqa: E402  (also puts tools/ on sys.path, last)
 
 TARGETS = {"30%": {256: 1.05, 512: 1.20}, "full": {256: 1.5, 512: 1.5}}
 MEMORY_TARGET_MB = 250.0
@@ -137,13 +137,13 @@ def synchronize(device: Any) -> None:
 
 def load_checkpoint(hostinfo: host.Host, checkpoint: Optional[Path]) -> tuple[Any, Any, Any, str]:
     """(model, clip, vae, file name) through ComfyUI's CheckpointLoaderSimple, from models/checkpoints."""
-    import fixtures
+    import moma_demo
     import nodes
 
     if checkpoint is None:
-        from fixtures import sd15
+        from moma_demo import sd15
 
-        checkpoint = fixtures.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
+        checkpoint = moma_demo.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
     target = hostinfo.models_dir / "checkpoints" / checkpoint.name
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
@@ -154,13 +154,13 @@ def load_checkpoint(hostinfo: host.Host, checkpoint: Optional[Path]) -> tuple[An
 
 def load_moma_model(adapter_path: Optional[Path]) -> Any:
     """A MOMA_MODEL holding the adapter (default: the upstream-layout random test adapter)."""
-    import fixtures
+    import moma_demo
     from comfyui_moma.moma.weights import load_adapter
 
     if adapter_path is None:
-        from fixtures import adapter
+        from moma_demo import adapter
 
-        adapter_path = fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th)
+        adapter_path = moma_demo.cached("attn_adapters_projectors.th", adapter.write_adapter_th)
     weights = load_adapter(adapter_path)
     try:
         from comfyui_moma.moma.model import MomaModel
@@ -393,17 +393,17 @@ def rerun_check(hostinfo: host.Host, checkpoint_name: str) -> dict:
 
 def run_rerun_graph(hostinfo: host.Host, checkpoint_name: str) -> dict:
     import execution
-    import fixtures
+    import moma_demo
     import folder_paths
     import numpy as np
     from PIL import Image
     from comfy_exec import place_model
-    from fixtures import adapter, clip_vision, llava
+    from moma_demo import adapter, clip_vision, llava
 
-    adapter_name = place_model("moma", fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
+    adapter_name = place_model("moma", moma_demo.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
                                hostinfo.models_dir)
-    folders = {"LLM": fixtures.cached("MoMA_llava_7b", llava.write_llava_folder),
-               "clip_vision": fixtures.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder)}
+    folders = {"LLM": moma_demo.cached("MoMA_llava_7b", llava.write_llava_folder),
+               "clip_vision": moma_demo.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder)}
     for folder, source in folders.items():  # model folders, which place_model (files only) does not take
         link = hostinfo.models_dir / folder / source.name
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -693,10 +693,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.rerun_only:
-        import fixtures
-        from fixtures import sd15
+        import moma_demo
+        from moma_demo import sd15
 
-        checkpoint = opts.checkpoint or fixtures.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
+        checkpoint = opts.checkpoint or moma_demo.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
         result = rerun_check(hostinfo, place_model("checkpoints", checkpoint, hostinfo.models_dir))
         print(json.dumps(result, indent=2))
         return 0 if result["status"] == "pass" else 1
