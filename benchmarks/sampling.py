@@ -4,7 +4,7 @@
     .host/venv/bin/python benchmarks/sampling.py [--sizes 256 512] [--steps 3] [--repeats 2]
                                                  [--json out.json] [--device cpu|cuda] [--profile]
 
-Boots the ComfyUI the tests use (tests/host.py), loads an SD1.5 checkpoint through ComfyUI's own
+Boots the installed ComfyUI through the pack's one boot (tools/moma_runner/boot.py), loads an SD1.5 checkpoint through ComfyUI's own
 ``CheckpointLoaderSimple`` (default: the full-layout random-weight test checkpoint from tools/moma_demo, the
 same shapes as a real SD1.5 file; ``--checkpoint`` for a real one), runs the pack's Feature Grab on a
 synthetic 512x512 reference and patches the model with the pack's ``apply_moma``. Then, per size, it samples
@@ -15,7 +15,7 @@ from a Feature Grab with the generation's LATENT connected, "ref@SIZE"), interle
 - per-step time (the fastest steady step: the first step of every run is left out, and interference from
   other processes only adds time) as wall clock and as process CPU time, and the ratio MoMA / plain;
 - aten ops and host reads (host-device syncs on CUDA) per UNet call and per model evaluation, counted at
-  64x64 with a dispatch-mode counter (tests/op_count.py); ``--count-only`` prints only these;
+  64x64 with a dispatch-mode counter (tools/op_count.py); ``--count-only`` prints only these;
 - the Feature Grab (reference pass) time in units of one plain CFG step;
 - peak RSS of the process while sampling (a thread polls RSS every few ms; and peak CUDA memory on a GPU);
 - the re-run check: the same workflow executed twice through ComfyUI's executor does not run the LLaVA
@@ -43,6 +43,7 @@ import platform
 import pstats
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -51,9 +52,10 @@ from typing import Any, Iterator, Optional
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # tests/host.py: the ComfyUI boot the tests use (tools/moma_runner/boot.py)
+sys.path.append(str(REPO / "tools"))  # last: the pack's one ComfyUI boot and the real-format model writers
 
-import host  # noqa: E402  (also puts tools/ on sys.path, last)
+from moma_runner import boot  # noqa: E402
+from moma_runner.common import host_dir  # noqa: E402
 
 TARGETS = {"30%": {256: 1.05, 512: 1.20}, "full": {256: 1.5, 512: 1.5}}
 MEMORY_TARGET_MB = 250.0
@@ -68,13 +70,26 @@ FIRST_STEP = 10
 # host
 
 
-def boot_comfy(device: str, attention: str) -> host.Host:
-    """tests/host.py's boot() (the pack's one ComfyUI boot) on ``device``; ``--attention pytorch`` selects
-    ComfyUI's SDPA backend (--use-pytorch-cross-attention) instead of its default for the device."""
+def place_model(folder: str, source: Path, models_dir: Path) -> str:
+    """Link ``source`` (a file or folder) into ``models_dir/folder`` and return the name ComfyUI lists."""
+    link = models_dir / folder / source.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(source.resolve(), target_is_directory=source.is_dir())
+    return source.name
+
+
+def boot_comfy(device: str, attention: str) -> boot.ComfyHost:
+    """The pack's one ComfyUI boot (tools/moma_runner/boot.py), with a fresh base directory, on ``device``;
+    ``--attention pytorch`` selects ComfyUI's SDPA backend (--use-pytorch-cross-attention)."""
     comfy_args = {"fp16_unet": False}  # the UNet in the dtype ComfyUI picks for users (the tests keep fp16 on CPU)
     if attention == "pytorch":
         comfy_args["use_pytorch_cross_attention"] = True
-    return host.boot(cpu=device == "cpu", comfy_args=comfy_args)
+    base_dir = Path(tempfile.mkdtemp(prefix="moma-bench-base-"))
+    hostinfo = boot.boot(host_dir() / "ComfyUI", base_dir, cpu=device == "cpu", comfy_args=comfy_args)
+    if hostinfo.pack_module_name is None:
+        raise SystemExit("ComfyUI did not import the pack from custom_nodes/ (see its log for IMPORT FAILED)")
+    return hostinfo
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,7 +150,7 @@ def synchronize(device: Any) -> None:
 # models and inputs
 
 
-def load_checkpoint(hostinfo: host.Host, checkpoint: Optional[Path]) -> tuple[Any, Any, Any, str]:
+def load_checkpoint(hostinfo: boot.ComfyHost, checkpoint: Optional[Path]) -> tuple[Any, Any, Any, str]:
     """(model, clip, vae, file name) through ComfyUI's CheckpointLoaderSimple, from models/checkpoints."""
     import moma_demo
     import nodes
@@ -301,7 +316,7 @@ COUNT_SIZE = 64  # image side for the op counts (latent 8x8): the counts do not 
 
 
 def count_ops(variants: dict[str, Any], sampling: "Sampling", steps: int = 3) -> dict:
-    """aten ops and host reads per UNet call and per model evaluation for each variant (tests/op_count.py).
+    """aten ops and host reads per UNet call and per model evaluation for each variant (tools/op_count.py).
 
     A ``steps``-step run per variant (euler, one UNet call per step with cond and uncond batched); the first
     call builds each run's device caches and has no subject mask yet, so the figures are the median of the
@@ -378,7 +393,7 @@ class _MessageSink:
         pass
 
 
-def rerun_check(hostinfo: host.Host, checkpoint_name: str) -> dict:
+def rerun_check(hostinfo: boot.ComfyHost, checkpoint_name: str) -> dict:
     """Execute the MoMA graph twice through ComfyUI's PromptExecutor (the 2nd time with a new sampler seed,
     reference and prompt unchanged); the 2nd run must take the LLaVA context encoder and the Feature Grab
     from the executor's cache."""
@@ -391,24 +406,20 @@ def rerun_check(hostinfo: host.Host, checkpoint_name: str) -> dict:
     return run_rerun_graph(hostinfo, checkpoint_name)
 
 
-def run_rerun_graph(hostinfo: host.Host, checkpoint_name: str) -> dict:
+def run_rerun_graph(hostinfo: boot.ComfyHost, checkpoint_name: str) -> dict:
     import execution
     import moma_demo
     import folder_paths
     import numpy as np
     from PIL import Image
-    from comfy_exec import place_model
     from moma_demo import adapter, clip_vision, llava
 
     adapter_name = place_model("moma", moma_demo.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
                                hostinfo.models_dir)
     folders = {"LLM": moma_demo.cached("MoMA_llava_7b", llava.write_llava_folder),
                "clip_vision": moma_demo.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder)}
-    for folder, source in folders.items():  # model folders, which place_model (files only) does not take
-        link = hostinfo.models_dir / folder / source.name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(source.resolve(), target_is_directory=True)
+    for folder, source in folders.items():
+        place_model(folder, source, hostinfo.models_dir)
     llava_name, clip_name = folders["LLM"].name, folders["clip_vision"].name
     image, masks = reference_inputs(64)
     alpha = 1.0 - masks["30%"][0, ..., None].numpy()  # LoadImage's MASK output is 1 - alpha
@@ -530,7 +541,7 @@ def machine_info(device: Any, load_before: tuple[float, ...]) -> dict:
     }
 
 
-def measure(opts: argparse.Namespace, hostinfo: host.Host, monitor: RssMonitor) -> tuple[dict, str]:
+def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMonitor) -> tuple[dict, str]:
     """Everything but the re-run check; returns (report, profile text). Its models are freed on return."""
     import torch
     import comfy.ldm.modules.attention as comfy_attention
@@ -688,7 +699,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         handler.removeFilter(quiet)
     import torch
     import comfy.model_management
-    from comfy_exec import place_model
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
