@@ -601,6 +601,12 @@ def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMoni
             bank, info = time_reference_pass(model, moma_model, vae, clip, image, masks["30%"], latent_size=size)
             matched_reference[f"30% ref@{size}"] = {**info, "bank_tokens_top": bank.layer_token_counts()[("input", 1)]}
             matched[size] = apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)
+    # Feature Grab with every setting at its default (resolution 0, auto): the reference pass runs when sampling
+    # starts, at the size sampled (its time is in each run's first step, which the per-step figures leave out)
+    from comfyui_moma.nodes.feature_grab import MomaFeatureGrab
+
+    auto_reference = MomaFeatureGrab.execute(model, moma_model, vae, clip, image, masks["30%"], SUBJECT, 0).result[0]
+    auto_model = apply_moma(model, moma_model, context, auto_reference, 1.0, 0.0, 1.0)
 
     results: dict[str, Any] = {}
     for size, sampling in samplings.items():
@@ -609,6 +615,7 @@ def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMoni
         size_variants = dict(variants)
         if size in matched:
             size_variants[f"moma 30% ref@{size}"] = matched[size]
+            size_variants["moma 30% default (auto)"] = auto_model
         wall: dict[str, list[list[float]]] = {name: [] for name in size_variants}
         cpu: dict[str, list[list[float]]] = {name: [] for name in size_variants}
         memory: dict[str, list[dict]] = {name: [] for name in size_variants}

@@ -6,10 +6,13 @@ the object's positions (nearest-resized binary object mask).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from .errors import MomaError
 log = logging.getLogger(__name__)
 
 REFERENCE_RESOLUTION = 512  # the reference stretches every reference picture to 512x512
+AUTO_RESOLUTION = 0  # Feature Grab's 'resolution' 0: the generation's size, read when sampling starts
 SIZE_MULTIPLE = 64  # latent /8, three UNet downsamplings /8: keeps every layer grid whole
 MAX_SIDE = 1024  # extreme aspect ratios are stretched rather than giving a huge bank
 # The reference pass sees only the first 73 of the 77 subject-prompt tokens: every reference cross
@@ -115,8 +119,10 @@ class ReferenceBank:
     values: dict[tuple[str, int], torch.Tensor]
     grids: dict[tuple[str, int], tuple[int, int]]
     pixel_size: tuple[int, int]
-    object_mask: torch.Tensor  # bool [h, w] at pixel_size
+    object_mask: torch.Tensor  # bool [h, w] at pixel_size (of several views: where any view has the object)
     subject: str
+    resolution: int = REFERENCE_RESOLUTION  # the 'resolution' the reference was encoded at
+    views: int = 1  # pictures of the object whose keys/values the bank holds (concatenated in batch order)
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def on(self, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -157,3 +163,49 @@ def capture_reference_layer(
     k_ref = F.linear(k[0], to_k_ip.to(device=k.device, dtype=k.dtype))
     v_ref = F.linear(v[0], to_v_ip.to(device=v.device, dtype=v.dtype))
     return k_ref, v_ref
+
+
+# What an AutoReferenceBank needs to run its reference pass (the MODEL, the VAE) is kept here, not in the bank:
+# the bank travels inside ComfyUI's transformer_options, where only small tensors belong. Each entry lives as
+# long as its bank.
+_REFERENCE_PASSES: dict[int, Callable[[int], ReferenceBank]] = {}
+_pass_ids = itertools.count()
+
+
+class AutoReferenceBank:
+    """MOMA_REF for Feature Grab's ``resolution`` 0 ("auto"): the bank is made when sampling starts, at the
+    generation's size (``generation_resolution`` of the latent being sampled), as MoMA's own pipeline encodes
+    its reference at the size it generates. A 512x512 generation gets exactly the ``resolution`` 512 bank.
+    Banks are kept per size (a hires pass at another size gets its own)."""
+
+    KEPT_SIZES = 4
+
+    def __init__(self, reference_pass: Callable[[int], ReferenceBank], subject: str, views: int = 1) -> None:
+        self.subject = subject
+        self.views = views
+        self._banks: "OrderedDict[int, ReferenceBank]" = OrderedDict()
+        self._pass_id = next(_pass_ids)
+        _REFERENCE_PASSES[self._pass_id] = reference_pass
+        weakref.finalize(self, _REFERENCE_PASSES.pop, self._pass_id, None)
+
+    def __deepcopy__(self, memo: dict) -> "AutoReferenceBank":
+        return self
+
+    def bank_for_latent(self, latent_height: int, latent_width: int) -> ReferenceBank:
+        """The bank for a generation of this latent size (made on first use, then kept)."""
+        return self.bank_at(generation_resolution(latent_height, latent_width))
+
+    def bank_at(self, resolution: int) -> ReferenceBank:
+        bank = self._banks.get(resolution)
+        if bank is None:
+            reference_pass = _REFERENCE_PASSES.get(self._pass_id)
+            if reference_pass is None:
+                raise MomaError("Feature Grab (resolution auto): its inputs are gone; run the workflow again.")
+            log.info("Feature Grab: reference pass at resolution %d (auto, the size being sampled).", resolution)
+            bank = reference_pass(resolution)
+            self._banks[resolution] = bank
+            while len(self._banks) > self.KEPT_SIZES:
+                self._banks.popitem(last=False)
+        else:
+            self._banks.move_to_end(resolution)
+        return bank

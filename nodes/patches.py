@@ -20,7 +20,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..moma import attention as moma_attention
 from ..moma.errors import MomaError
-from ..moma.reference import ReferenceBank, capture_reference_layer, object_token_index
+from ..moma.reference import AutoReferenceBank, ReferenceBank, capture_reference_layer, object_token_index
 from ..moma.sd15 import LAYER_BY_BLOCK, LAYERS, AttentionLayer
 from ..moma.subject_mask import COND, SubjectMaskTracker
 
@@ -46,6 +46,15 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, ex
 # head-split tensors that are built once per run: one kernel per term. (ComfyUI's CPU default, sub-quadratic,
 # would also materialise the [B*heads, N, M] scores: ~400 MB more for a full-frame bank at 256x256.)
 _sdpa = F.scaled_dot_product_attention
+
+
+def _latent_size(latent: Any) -> tuple[int, int]:
+    """(height, width) of a latent tensor or shape [B, C, H, W] (what Feature Grab 'auto' matches)."""
+    shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else tuple(latent or ())
+    if len(shape) < 4:
+        raise MomaError(f"Feature Grab (resolution auto): cannot read the generation's size from a latent of shape "
+                        f"{shape}; set Feature Grab's resolution (e.g. 512) or connect its latent input.")
+    return int(shape[-2]), int(shape[-1])
 
 
 def _layer_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
@@ -110,7 +119,7 @@ class MomaRun:
         object_gains: dict[tuple[str, int], float],
         cond_tokens: torch.Tensor,
         uncond_tokens: torch.Tensor,
-        bank: Optional[ReferenceBank],
+        bank: Union[ReferenceBank, AutoReferenceBank, None],
         subject_positions: list[int],
         prompt_length: int,
         model_sampling: Any,
@@ -213,6 +222,9 @@ class MomaRun:
         # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, ...): the schedule, still on the host
         sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
         state.plan = self.schedule_plan(sigmas, model_sampling)
+        if isinstance(self.bank, AutoReferenceBank):  # Feature Grab 'auto': the reference pass at this run's size
+            noise = kwargs.get("noise", args[0] if args else None)
+            state.bank = self.bank.bank_for_latent(*_latent_size(noise))
         original = getattr(guider, "model_options", None)
         if original is not None:
             options = comfy.model_patcher.create_model_options_clone(original)
@@ -275,6 +287,8 @@ class MomaRunState:
         self.plan_schedule: Any = None  # the schedule tensor the plan was read from (None: outer_sample's)
         self.idle = idle
         self.cfg_seen = False  # this run evaluates cond and uncond (a CFG guider)
+        # the reference bank of this run (Feature Grab 'auto': set by outer_sample, or per call when idle)
+        self.bank: Optional[ReferenceBank] = run.bank if isinstance(run.bank, ReferenceBank) else None
 
     def __deepcopy__(self, memo: dict) -> "MomaRunState":
         return self  # one state per run, whatever copies the run's options
@@ -355,12 +369,19 @@ class MomaRunState:
     def bank_heads(self, block: tuple[str, int], heads: int, device: torch.device, dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference bank of one layer on device, split into heads: [1, H, M, D] (once per run)."""
+        bank = self.bank
+
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            bank = self.run.bank
             return tuple(moma_attention.split_heads(t[block].to(device, dtype).unsqueeze(0), heads).contiguous()
                          for t in (bank.keys, bank.values))
 
-        return self._cached(("bank", block, heads, str(device), dtype), build)
+        return self._cached(("bank", id(bank), block, heads, str(device), dtype), build)
+
+    def reference_bank(self, extra_options: dict) -> Optional[ReferenceBank]:
+        """This call's bank; for Feature Grab 'auto' outside a sampling run, the one for this call's latent size."""
+        if isinstance(self.run.bank, AutoReferenceBank) and (self.bank is None or self.idle):
+            self.bank = self.run.bank.bank_for_latent(*_latent_size(extra_options.get("original_shape")))
+        return self.bank
 
     def subject_indicator(self, text_length: int, rows: int, heads: int, dim_head: int, device: torch.device,
                           dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -414,7 +435,7 @@ class MomaRunState:
         if self.run.bank is None or gain == 0.0:
             return out
         gate = self.gates(extra_options)[0]
-        if gate is False:
+        if gate is False or self.reference_bank(extra_options) is None:
             return out
         ref_k, ref_v = self.bank_heads(layer.block, extra_options["n_heads"], q.device, q.dtype)
         ref_out = moma_attention.reference_attention_heads(q, ref_k, ref_v, sdpa=_sdpa)

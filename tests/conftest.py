@@ -179,3 +179,20 @@ def moma_context(moma_model, test_images, load_image_tensor):
     context = encode_context(encoder, moma_model, image[0], mask[0], MOMA_SUBJECT, MOMA_PROMPT)
     del encoder
     return context
+
+
+# MOMA_TEST_MEMORY_LOG=path: after each test, its id, this process's RSS now and the process's peak so far
+# (GiB), to find which test raises the suite's peak.
+_MEMORY_LOG = os.environ.get("MOMA_TEST_MEMORY_LOG")
+if _MEMORY_LOG:
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logfinish(nodeid, location):
+        import resource
+
+        import psutil
+
+        rss = psutil.Process().memory_info().rss / 2**30
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        with open(_MEMORY_LOG, "a") as log:
+            log.write(f"{rss:.2f}\t{peak:.2f}\t{children:.2f}\t{nodeid}\n")

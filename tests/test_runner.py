@@ -321,7 +321,7 @@ def _mutations(prompt: dict) -> dict[str, dict]:
 
     variant("strength over max", apply_id, strength=2.5)
     variant("resolution over max", grab_id, resolution=4096)
-    variant("resolution under min", grab_id, resolution=0)
+    variant("resolution under min", grab_id, resolution=-64)
     variant("combo typo", apply_id, preset="contxt")
     variant("required input missing", sampler_id, cfg=None)
     variant("link of the wrong type", sampler_id, model=[grab_id, 0])
@@ -527,7 +527,12 @@ def test_download_offline_names_the_file_folder_and_url(tmp_path, capsys, monkey
     """--download without a network: each entry's exact file, folder, URL and hand command (HF entries too)."""
     from moma_runner import download
 
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read when huggingface_hub is first imported, which the host (transformers) has done already: without this
+    # the hub calls wait out their network timeouts (1.5 minutes here)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     for entry in TABLE["models"]:
         if not entry.get("hf_repo"):
             entry = {**entry, "url": "http://127.0.0.1:9/" + entry["name"]}  # nothing listens on port 9

@@ -506,7 +506,7 @@ def test_checks_catch_bad_workflows(example_host):
     broken[sampler_id]["inputs"]["model"] = [grab_id, 0]
     problems = "\n".join(api_problems(broken))
     for expected in ("MomaApply.preset = 'contxt': not one of", "unknown input 'strenght'",
-                     "MomaFeatureGrab.resolution = 4096: outside 64..1024", "required input 'cfg' missing",
+                     "MomaFeatureGrab.resolution = 4096: outside 0..1024", "required input 'cfg' missing",
                      "KSampler.model", "gets MOMA_REF, needs MODEL"):
         assert expected in problems, problems
 

@@ -115,9 +115,10 @@ class ExplicitMoMA:
         self.mask_prev = mask[cond_row:cond_row + 1].unsqueeze(1)
 
 
-def explicit_reference_pass(model, adapter, vae, clip, image, mask, subject, seed, pixel_size):
+def explicit_reference_pass(model, adapter, vae, clip, image, mask, subject, seed, pixel_size, generator=None):
     """The reference pass re-derived: resize, VAE posterior sample, t=0 noise, 73 subject tokens, and the
-    full K_ref/V_ref with the object-mask bias at every attn1 layer."""
+    full K_ref/V_ref with the object-mask bias at every attn1 layer. ``generator``: a random stream to continue
+    (several views draw from one stream, in order) instead of a new one seeded with ``seed``."""
     import comfy.model_management
 
     device = comfy.model_management.get_torch_device()
@@ -125,7 +126,7 @@ def explicit_reference_pass(model, adapter, vae, clip, image, mask, subject, see
     # the reference: 8-bit mask picture, PIL bilinear (antialiased) resize, then "> 0"
     mask8 = Image.fromarray((mask[0].numpy() * 255).round().astype(np.uint8)).resize(pixel_size[::-1], Image.BILINEAR)
     obj = torch.from_numpy(np.asarray(mask8) > 0)[None, None]  # [1,1,H,W]
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     comfy.model_management.load_models_gpu([vae.patcher])
     fs = vae.first_stage_model
     vae_dtype = next(fs.parameters()).dtype
@@ -185,6 +186,29 @@ def scene(sd15_models, moma_model, moma_context, test_images, load_image_tensor)
     image, mask = load_image_tensor(*test_images["rgb"])
     subject = moma_context.subject
     return model, clip, vae, image, mask, subject
+
+
+def test_several_views_give_one_bank_of_every_views_object_keys(scene, moma_model):
+    """A batch of pictures of one object (here a picture and its mirror image, each with its own mask): one bank
+    holding each view's object keys/values in batch order, the views drawing their VAE sample and t=0 noise from
+    one stream seeded once; its first part is exactly the bank of the first picture alone."""
+    model, clip, vae, image, mask, subject = scene
+    views, view_masks = torch.cat([image, image.flip(2)]), torch.cat([mask, mask.flip(-1)])
+    seed = 7
+    bank = grab_reference_features(model, moma_model, vae, clip, views, view_masks, subject, seed, resolution=128)
+    single = grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed, resolution=128)
+    stream = torch.Generator().manual_seed(seed)
+    explicit = [explicit_reference_pass(model, moma_model.adapter, vae, clip, views[i:i + 1], view_masks[i:i + 1],
+                                        subject, seed, bank.pixel_size, generator=stream)[0] for i in range(2)]
+    assert bank.views == 2 and single.views == 1
+    for layer in LAYERS:
+        for index, name in ((0, "keys"), (1, "values")):
+            ours = getattr(bank, name)[layer.block]
+            expected = torch.cat([e[layer.block][index][e[layer.block][2] > 0] for e in explicit]).to(ours.device)
+            torch.testing.assert_close(ours, expected, rtol=1e-4, atol=2e-5)
+            first = getattr(single, name)[layer.block]
+            assert torch.equal(ours[:first.shape[0]], first)
+            assert ours.shape[0] > first.shape[0]
 
 
 @pytest.mark.parametrize("latent_hw", [(16, 16), (16, 24)])

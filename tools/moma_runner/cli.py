@@ -61,7 +61,7 @@ Overrides (each one touches the nodes named here; an override the graph has no n
   --seed     KSampler.seed, KSamplerAdvanced/SamplerCustom/RandomNoise.noise_seed, MomaFeatureGrab.seed
   --steps    KSampler/KSamplerAdvanced/BasicScheduler.steps
   --width / --height   EmptyLatentImage.width / .height (multiples of 8)
-  --reference-resolution   MomaFeatureGrab.resolution (multiple of 64, 64..1024; 512 is MoMA's own)
+  --reference-resolution   MomaFeatureGrab.resolution (0 = auto, the size sampled; or a multiple of 64, 64..1024)
 
 Exit status: 0 images written (or check passed), 1 execution failed, 2 bad arguments or workflow,
 3 model or input files missing.
@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, help="image width (EmptyLatentImage)")
     parser.add_argument("--height", type=int, help="image height (EmptyLatentImage)")
     parser.add_argument("--reference-resolution", type=int, metavar="N",
-                        help="side the reference is encoded at (MomaFeatureGrab.resolution; 512 is MoMA's, "
-                             "--demo uses 128)")
+                        help="side the reference is encoded at (MomaFeatureGrab.resolution; 0 = auto, the "
+                             "size being sampled; --demo uses 128)")
     parser.add_argument("--output", type=Path,
                         help="folder for the images (default: ComfyUI's output folder; ./out with --server)")
     parser.add_argument("--base-dir", type=Path,

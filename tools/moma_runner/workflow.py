@@ -195,8 +195,8 @@ def apply_overrides(prompt: dict, ov: Overrides) -> tuple[list[str], list[Staged
             raise RunnerError(f"--{name}: no EmptyLatentImage node in this workflow.")
     if ov.reference_resolution is not None:
         value = ov.reference_resolution
-        if value % 64 or not 64 <= value <= 1024:
-            raise RunnerError(f"--reference-resolution must be a multiple of 64 from 64 to 1024 (got {value}).")
+        if value != 0 and (value % 64 or not 64 <= value <= 1024):
+            raise RunnerError(f"--reference-resolution must be 0 (auto) or a multiple of 64 from 64 to 1024 (got {value}).")
         if not _set_literal(prompt, {"MomaFeatureGrab": "resolution"}, value, changes):
             raise RunnerError("--reference-resolution: no MomaFeatureGrab (Self-Attention Feature Grab) in this workflow.")
     return changes, staged
