@@ -94,6 +94,11 @@ class SubjectMaskTracker:
     for every row of the model batch; after a whole model evaluation (cond and uncond, whether they came
     in one UNet call or several) ``finish_evaluation`` turns the layer means into the mask that the *next*
     evaluation uses. One tracker per Apply node; ``reset`` at the start of every sampling run.
+
+    Animation context windows (``begin_evaluation`` with the window's frame indices): each window is one
+    evaluation of some frames of the clip, so the mask is kept per frame of the whole clip: a window's masks
+    are written at its frames and the next window reads the latest mask of each of its own frames (frames not
+    evaluated yet are unmasked, as every frame is at the first step).
     """
 
     def __init__(self) -> None:
@@ -105,6 +110,13 @@ class SubjectMaskTracker:
         self._counts: dict[int, int] = {}
         self._pending: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int], tuple[int, ...]]] = []
         self._rows_cache: dict[tuple, torch.Tensor] = {}
+        self._frames: Optional[tuple[int, ...]] = None  # the current evaluation's frames of the clip, or None
+        self._clip: Optional[torch.Tensor] = None  # [frames of the clip, H, W], 1 where no mask is known
+
+    def begin_evaluation(self, frames: Optional[list[int]]) -> None:
+        """Start a model evaluation of these frames of the clip (an animation context window), or of the whole
+        batch (None)."""
+        self._frames = tuple(frames) if frames is not None else None
 
     @property
     def mask(self) -> Optional[torch.Tensor]:
@@ -115,8 +127,9 @@ class SubjectMaskTracker:
         return self._mask
 
     def final_mask_on_cpu(self) -> Optional[torch.Tensor]:
-        """The last mask [B, H, W] as a CPU float tensor, or None (one host copy: at the end of a run)."""
-        mask = self.mask
+        """The last mask [B, H, W] (with context windows: of every frame of the clip) as a CPU float tensor, or
+        None (one host copy: at the end of a run)."""
+        mask = self._clip if self._clip is not None else self.mask
         return None if mask is None else mask.detach().float().cpu()
 
     def reset(self) -> None:
@@ -126,6 +139,8 @@ class SubjectMaskTracker:
         self._counts.clear()
         self._pending.clear()
         self._rows_cache.clear()
+        self._frames = None
+        self._clip = None
 
     def add(self, layer_maps: torch.Tensor, chunk_kinds: list[int], layers: int = 1) -> None:
         """layer_maps: [len(chunk_kinds) * B, H, W], rows chunk-major as ComfyUI batches them (the sum of
@@ -181,17 +196,40 @@ class SubjectMaskTracker:
                 uncond = uncond.to(cond.device)
             mask, self._valid = subject_mask_and_validity(cond, uncond)
             self._mask = torch.where(self._valid, mask, 1.0)
+            if self._frames is not None and len(self._frames) == self._mask.shape[0]:
+                self._store_frames(self._mask, self._frames)
             self._rows_cache.clear()
         self._sums.clear()
         self._counts.clear()
+
+    def _store_frames(self, mask: torch.Tensor, frames: tuple[int, ...]) -> None:
+        """Write a window's masks [len(frames), H, W] at its frames of the clip (device ops only)."""
+        length = max(frames) + 1
+        if self._clip is None or self._clip.shape[0] < length or self._clip.shape[1:] != mask.shape[1:]:
+            grown = torch.ones((length, *mask.shape[1:]), device=mask.device, dtype=mask.dtype)
+            if self._clip is not None and self._clip.shape[1:] == mask.shape[1:]:
+                grown[:self._clip.shape[0]] = self._clip.to(mask.device)
+            self._clip = grown
+        self._clip[list(frames)] = mask.to(self._clip.dtype)
+
+    def _current(self) -> Optional[torch.Tensor]:
+        """The mask for the current evaluation's batch: of its frames when it is a context window."""
+        if self._frames is not None and self._clip is not None:
+            if max(self._frames) < self._clip.shape[0]:
+                return self._clip[list(self._frames)]
+            return None
+        return self._mask
 
     def rows(self, grid: tuple[int, int], chunks: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The current mask for a layer: [chunks * B, h*w, 1] (same mask for cond and uncond rows), or None."""
         if self._mask is None:
             return None
-        key = (tuple(grid), chunks, str(device), dtype)
+        key = (tuple(grid), chunks, str(device), dtype, self._frames)
         rows = self._rows_cache.get(key)
         if rows is None:
-            rows = mask_to_grid(self._mask, grid).to(device=device, dtype=dtype).repeat(chunks, 1, 1)
+            current = self._current()
+            if current is None:
+                return None
+            rows = mask_to_grid(current, grid).to(device=device, dtype=dtype).repeat(chunks, 1, 1)
             self._rows_cache[key] = rows
         return rows

@@ -81,7 +81,11 @@ def _window_frames(extra_options: dict) -> Optional[list[int]]:
     ComfyUI's own context windows' ``context_window.index_list``; None outside a window."""
     sub_idxs = (extra_options.get("ad_params") or {}).get("sub_idxs")
     if sub_idxs is None:
-        sub_idxs = getattr(extra_options.get("context_window"), "index_list", None)
+        window = extra_options.get("context_window")
+        sub_idxs = getattr(window, "index_list", None)
+        anchor = getattr(window, "causal_anchor_index", None)  # ComfyUI 0.30 prepends the frame before the window
+        if sub_idxs is not None and isinstance(anchor, int) and anchor >= 0:
+            sub_idxs = [anchor, *sub_idxs]
     return list(sub_idxs) if sub_idxs is not None else None
 
 
@@ -250,6 +254,8 @@ class MomaRun:
         state = self.state(model_options.get("transformer_options", {}))
         tracker = state.tracker
         tracker.discard_partial()
+        frames = _window_frames(model_options.get("transformer_options", {}))
+        tracker.begin_evaluation(frames if frames is not None and len(frames) == x_in.shape[0] else None)
         out = executor(model, conds, x_in, timestep, model_options)
         has_uncond = len(conds) > 1 and conds[1] is not None
         state.cfg_seen = state.cfg_seen or has_uncond

@@ -517,6 +517,47 @@ def test_per_frame_attn_masks_in_a_16_frame_batch(sd15_models, moma_model, moma_
     assert all(_rel(moma_out[i], plain_out[i]) > 1e-4 for i in torch.nonzero(on).flatten().tolist())
 
 
+def test_context_windows_keep_the_subject_mask_per_frame_of_the_clip(sd15_models, moma_model, moma_context,
+                                                                     reference_bank):
+    """ComfyUI's own context windows over an 8-frame clip (2 windows of 4, no overlap, no anchor frame): each
+    window is an evaluation of its own frames, so each frame's subject mask must come from that frame's previous
+    evaluation, not from the other window's frames. Oracle: sampling each window's frames alone, with their
+    slice of the same noise, gives the same latents; the preview's mask covers all 8 frames."""
+    import inspect
+
+    import comfy.context_windows as windows
+    import comfy.sample
+    import comfy.samplers
+    import nodes
+
+    model, clip, _ = sd15_models
+    frames = 8
+    patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
+    run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
+    windowed = patched.clone()
+    options = dict(context_schedule=windows.get_matching_context_schedule(windows.ContextSchedules.STATIC_STANDARD),
+                   fuse_method=windows.get_matching_fuse_method(windows.ContextFuseMethods.FLAT),
+                   context_length=4, context_overlap=0, dim=0)
+    if "causal_window_fix" in inspect.signature(windows.IndexListContextHandler).parameters:
+        options["causal_window_fix"] = False
+    windowed.model_options["context_handler"] = windows.IndexListContextHandler(**options)
+    positive = nodes.CLIPTextEncode().encode(clip, moma_context.sd_prompt)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = torch.zeros(frames, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(4))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 10)[4:7].cpu()
+    sampler = comfy.samplers.sampler_object("euler")
+
+    def sample(m, part):
+        return comfy.sample.sample_custom(m, noise[part], 7.5, sampler, sigmas, positive, negative, latent[part],
+                                          disable_pbar=True, seed=4)
+
+    clip_latents = sample(windowed, slice(0, frames))
+    assert run.last_subject_mask is not None and run.last_subject_mask.shape == (frames, 8, 8)
+    alone = torch.cat([sample(patched, slice(0, 4)), sample(patched, slice(4, frames))])
+    torch.testing.assert_close(clip_latents, alone, rtol=1e-5, atol=1e-5)
+
+
 def test_two_samplers_on_one_patched_model_in_one_prompt(graph_setup, sd15_checkpoint):
     """One patched MODEL feeding two KSamplers (different seeds) in one graph: each gives exactly what it gives
     alone, so no run sees the other's subject mask."""

@@ -1,0 +1,89 @@
+"""Run a command and report the peak resident memory of its whole process tree (stdlib only, Linux /proc).
+
+    python3 tools/rss_peak.py [--label NAME] [--interval S] -- COMMAND [ARGS...]
+
+Samples every process descended from COMMAND and prints, when it ends, the peak of their summed RSS and the
+largest single process seen. Exits with COMMAND's status. Used by .ci/run to measure the test runs' memory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, RSS bytes, command name) of every process readable in /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        found[int(entry)] = (int(fields[1]), int(fields[21]) * PAGE, name)  # ppid, rss pages
+    return found
+
+
+def tree_rss(root: int) -> tuple[int, int, str]:
+    """(summed RSS of root and its descendants, the largest one's RSS, its name)."""
+    processes = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _rss, _name) in processes.items():
+        children.setdefault(parent, []).append(pid)
+    total, largest, largest_name = 0, 0, ""
+    pending = [root]
+    while pending:
+        pid = pending.pop()
+        if pid in processes:
+            _parent, rss, name = processes[pid]
+            total += rss
+            if rss > largest:
+                largest, largest_name = rss, name
+        pending.extend(children.get(pid, []))
+    return total, largest, largest_name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="command")
+    parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command after --")
+    process = subprocess.Popen(command)
+    peak = {"total": 0, "largest": 0, "name": ""}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total, largest, name = tree_rss(process.pid)
+            peak["total"] = max(peak["total"], total)
+            if largest > peak["largest"]:
+                peak["largest"], peak["name"] = largest, name
+            done.wait(args.interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    status = process.wait()
+    done.set()
+    sampler.join()
+    gib = 2 ** 30
+    print(f"[rss_peak] {args.label}: peak RSS of the process tree {peak['total'] / gib:.2f} GiB, largest process "
+          f"{peak['largest'] / gib:.2f} GiB ({peak['name']})", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
