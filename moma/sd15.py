@@ -1,6 +1,7 @@
 """SD1.5 attention layout: ComfyUI block keys <-> MoMA adapter indices (diffusers order down, up, mid)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 CROSS_ATTENTION_DIM = 768
@@ -59,15 +60,16 @@ def parse_block_weights(text: str) -> dict[tuple[str, int], float]:
     """Per-layer weights from a ``block_weights`` string; every layer not named gets 1.0.
 
     Two forms: 16 numbers in the order of ``LAYERS`` (input_1 input_2 input_4 input_5 input_7 input_8,
-    output_3 ... output_11, middle_0), separated by commas or spaces; or ``name=value`` pairs where the name is
-    a group (``input``, ``middle``, ``output``) or one block (``output_5``); a block overrides its group.
-    Raises ValueError with what is wrong.
+    output_3 ... output_11, middle_0), separated by commas, semicolons or spaces; or ``name=value`` pairs
+    where the name is a group (``input``, ``middle``, ``output``) or one block (``output_5``); a block
+    overrides its group. Spaces around ``=`` or ``:``, a trailing separator and upper case names are fine,
+    e.g. ``Input = 1, MIDDLE: 0.5,``. Raises ValueError with what is wrong.
     """
     weights = {layer.block: 1.0 for layer in LAYERS}
-    text = text.strip()
-    if not text:
+    text = re.sub(r"\s*[=:]\s*", "=", text.strip())  # 'input = 1' / 'input: 1' -> 'input=1'
+    parts = [part for part in re.split(r"[\s,;]+", text) if part]
+    if not parts:
         return weights
-    parts = [part for part in text.replace(",", " ").split() if part]
     if all("=" not in part for part in parts):
         if len(parts) != len(LAYERS):
             raise ValueError(f"{len(parts)} numbers given; write all {len(LAYERS)} (one per layer, in the order "
@@ -81,7 +83,15 @@ def parse_block_weights(text: str) -> dict[tuple[str, int], float]:
         name, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"'{part}' is not name=value (mixing plain numbers and name=value pairs is not allowed)")
-        name = name.strip().lower()
+        name = name.lower()
+        if not name:
+            raise ValueError(f"'{part}' has no block name before '='")
+        if not value:
+            raise ValueError(f"'{name}=' has no value")
+        if "=" in value:
+            raise ValueError(f"'{part}' is missing a value or a separator (write name=value, name=value)")
+        if name in groups or by_name.get(name) in blocks:
+            raise ValueError(f"'{name}' is given twice")
         if name in BLOCK_GROUPS:
             groups[name] = _weight(value)
         elif name in by_name:

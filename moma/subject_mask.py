@@ -7,7 +7,8 @@ non-square and non-512 sizes work and the work is 64x smaller.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,31 @@ def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 def subject_token_positions(token_ids: list[int], subject_ids: set[int]) -> list[int]:
     """Every position whose id is one of the subject words' first BPE ids (reference `get_subject_idx`)."""
     return [i for i, token in enumerate(token_ids) if token in subject_ids]
+
+
+@dataclass(frozen=True)
+class SubjectTokens:
+    """One Apply node's subject: its words' first BPE ids and the text it looked them up in when applied."""
+
+    subject: str
+    ids: frozenset
+    prompt: str
+
+    def positions(self, token_ids: Sequence[int]) -> list[int]:
+        return subject_token_positions(list(token_ids), set(self.ids))
+
+
+@dataclass(frozen=True, eq=False)
+class PromptTokens:
+    """The text a conditioning was encoded from and its CLIP token ids as the encoder saw them (77-token
+    chunks with BOS, EOS and padding; -1 where an embedding stands). MoMA Text Encode tags its conditioning
+    with it, so sampling finds the subject tokens in the text the UNet really gets."""
+
+    text: str
+    token_ids: tuple
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
 
 
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values

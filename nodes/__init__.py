@@ -10,6 +10,7 @@ from .feature_grab import MomaFeatureGrab
 from .loader import MomaLoader
 from .masker import MomaObjectMasker
 from .preview import MomaSubjectMaskPreview
+from .text_encode import MomaTextEncode
 
 NODES: list[type[io.ComfyNode]] = [
     MomaLoader,
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     MomaLoadContext,
     MomaObjectMasker,
     MomaFeatureGrab,
+    MomaTextEncode,
     MomaApply,
     MomaSubjectMaskPreview,
 ]

@@ -6,45 +6,27 @@ from typing import Any, Optional
 
 import torch
 
-import folder_paths
-from comfy.sd1_clip import SDTokenizer
 from comfy_api.latest import io
 
 from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank
 from ..moma.sd15 import LAYERS, parse_block_weights
-from ..moma.subject_mask import subject_token_positions
 from .common import adapter_of, advanced_input, require_sd15, warn_if_other_adapter
 from .patches import MomaRun, install_moma_patches
+from .text_encode import clip_token_ids, sd_tokenizer, subject_tokens
 from .types import MomaContext, MomaModel, MomaRef
 
 log = logging.getLogger(__name__)
 ADVANCED = advanced_input()  # ComfyUI 0.30 folds these inputs away as "advanced"; 0.3.75 shows them all
 
 PRESET_STRENGTH = {"context": 1.0, "texture": 0.4}  # the reference README's recommended values
-_TOKENIZER: Optional[SDTokenizer] = None
-
-
-def _sd_tokenizer() -> SDTokenizer:
-    """ComfyUI's SD1.5 CLIP tokenizer, with the embeddings folder, as CLIPTextEncode tokenises for SD1.5."""
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        _TOKENIZER = SDTokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    return _TOKENIZER
 
 
 def subject_positions_in_prompt(sd_prompt: str, subject: str) -> tuple[list[int], int]:
     """Subject-token positions in the SD prompt as ComfyUI tokenises it (77-token chunks, BOS at 0) and the
     prompt's token length. As the reference: the first BPE id of each subject word, every occurrence."""
-    tokenizer = _sd_tokenizer()
-    chunks = tokenizer.tokenize_with_weights(sd_prompt)
-    token_ids = [int(token[0]) if not torch.is_tensor(token[0]) else -1 for chunk in chunks for token in chunk]
-    subject_ids = set()
-    for word in subject.split():
-        ids = tokenizer.tokenizer(word, add_special_tokens=False)["input_ids"]
-        if ids:
-            subject_ids.add(int(ids[0]))
-    return subject_token_positions(token_ids, subject_ids), len(token_ids)
+    token_ids = clip_token_ids(sd_tokenizer().tokenize_with_weights(sd_prompt))
+    return subject_tokens(subject, sd_prompt).positions(token_ids), len(token_ids)
 
 
 def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[ReferenceBank], strength: float,
@@ -77,6 +59,7 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
         raise MomaError(f"Apply MoMA Attention: block_weights {block_weights!r}: {error}.") from None
     prompt_text = prompt if prompt and prompt.strip() else context.sd_prompt
     positions, prompt_length = subject_positions_in_prompt(prompt_text, context.subject)
+    subject = subject_tokens(context.subject, prompt_text)
     if not positions:
         log.warning("Apply MoMA Attention: subject %r not found in the prompt %r; the MoMA terms stay unmasked.",
                     context.subject, prompt_text)
@@ -100,6 +83,7 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
         context_gains=context_gains,
         object_window=tuple(object_window),
         context_window=tuple(context_window),
+        subject=subject,
     )
     patched = model.clone()
     install_moma_patches(patched, run)
@@ -118,8 +102,8 @@ class MomaApply(io.ComfyNode):
                 "reference object's features in every self-attention (off for t >= 950), both restricted to a "
                 "subject mask found on the fly from the prompt's subject tokens. Presets: context = strength 1.0 "
                 "(new scene, same object; up to 1.2 for more exact details), texture = 0.4 (new texture; up to 0.6, "
-                "lower follows the prompt better). Feed the positive CLIPTextEncode with the Context Encoder's "
-                "sd_prompt so the subject tokens are found."
+                "lower follows the prompt better). Encode the positive prompt with MoMA Text Encode (its text is where "
+                "the subject tokens are looked up), or feed the positive CLIPTextEncode the Context Encoder's sd_prompt."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5 model (any checkpoint, LoRAs, other patches); it is cloned, not changed."),
@@ -159,7 +143,7 @@ class MomaApply(io.ComfyNode):
                 io.String.Input("prompt", optional=True, force_input=True,
                                 tooltip="Optional: the positive prompt's text, when it is not this context's sd_prompt "
                                         "(e.g. one prompt naming two subjects, each with its own Apply node): the "
-                                        "subject's tokens are looked up in it."),
+                                        "subject's tokens are looked up in it. Not needed with MoMA Text Encode, whose text wins."),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )

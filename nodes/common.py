@@ -73,3 +73,14 @@ def advanced_input() -> dict[str, Any]:
     from comfy_api.latest import io
 
     return {"advanced": True} if "advanced" in inspect.signature(io.Float.Input.__init__).parameters else {}
+
+
+def schema_extras(**fields: Any) -> dict[str, Any]:
+    """The ``io.Schema`` fields among ``fields`` that this host's V3 API has (ComfyUI 0.30 added
+    ``search_aliases``; 0.3.75 has no such field and gets nothing)."""
+    import dataclasses
+
+    from comfy_api.latest import io
+
+    known = {field.name for field in dataclasses.fields(io.Schema)}
+    return {name: value for name, value in fields.items() if name in known}

@@ -22,7 +22,8 @@ from ..moma import attention as moma_attention
 from ..moma.errors import MomaError
 from ..moma.reference import AutoReferenceBank, ReferenceBank, capture_reference_layer, object_token_index
 from ..moma.sd15 import LAYER_BY_BLOCK, LAYERS, AttentionLayer
-from ..moma.subject_mask import COND, SubjectMaskTracker
+from ..moma.subject_mask import COND, SubjectMaskTracker, SubjectTokens
+from .text_encode import prompt_tag
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class MomaRun:
         context_gains: Optional[dict[tuple[str, int], float]] = None,
         object_window: tuple[float, float] = (0.0, 1.0),
         context_window: tuple[float, float] = (0.0, 1.0),
+        subject: Optional[SubjectTokens] = None,
     ) -> None:
         self.key = f"moma-{uuid.uuid4().hex[:8]}"
         self.bank = bank
@@ -140,6 +142,7 @@ class MomaRun:
         self.context_gains = context_gains if context_gains is not None else {layer.block: 1.0 for layer in LAYERS}
         self.subject_positions = subject_positions
         self.prompt_length = prompt_length
+        self.subject = subject  # the subject's token ids, to find them in a tagged positive conditioning's text
         # each path acts inside the node's start/end window and its own (percent of sampling)
         self.object_percent = (max(start_percent, object_window[0]), min(end_percent, object_window[1]))
         self.context_percent = (max(start_percent, context_window[0]), min(end_percent, context_window[1]))
@@ -252,6 +255,8 @@ class MomaRun:
         are dropped, so they neither skew nor replace the mask.
         """
         state = self.state(model_options.get("transformer_options", {}))
+        if len(conds) > 1:  # the sampler's own evaluation, [positive, negative]; add-ons pass one list
+            state.follow_positive_prompt(conds[0])
         tracker = state.tracker
         tracker.discard_partial()
         frames = _window_frames(model_options.get("transformer_options", {}))
@@ -295,6 +300,10 @@ class MomaRunState:
         self.cfg_seen = False  # this run evaluates cond and uncond (a CFG guider)
         # the reference bank of this run (Feature Grab 'auto': set by outer_sample, or per call when idle)
         self.bank: Optional[ReferenceBank] = run.bank if isinstance(run.bank, ReferenceBank) else None
+        # where the subject's tokens are in the positive text (follow_positive_prompt may move them)
+        self.subject_positions, self.prompt_length = run.subject_positions, run.prompt_length
+        self._positive_seen: Optional[list] = None
+        self._notes: set[str] = set()
 
     def __deepcopy__(self, memo: dict) -> "MomaRunState":
         return self  # one state per run, whatever copies the run's options
@@ -342,6 +351,59 @@ class MomaRunState:
         """MoMA is off for this whole sampling run (its windows miss the schedule): no subject maps needed."""
         return self.plan == (False, False)
 
+    def follow_positive_prompt(self, positive: Optional[list]) -> None:
+        """Check, once per list of positive conds (once per run), which text the positive conditioning was made
+        from. Tagged by MoMA Text Encode: the subject's tokens are looked up in that text, so they are right
+        by design. Untagged (CLIPTextEncode): the positions Apply found stay; a token count that differs from
+        its text's says the text was another one, which is warned about (host-side work only, no device read)."""
+        if positive is None or positive is self._positive_seen or self.run.subject is None:
+            return
+        self._positive_seen = positive
+        run, subject = self.run, self.run.subject
+        node = f"Apply MoMA Attention (subject {subject.subject!r})"
+        tagged = [(tag, _token_count(cond)) for cond in positive if (tag := prompt_tag(cond)) is not None]
+        if not tagged:
+            positions, length = run.subject_positions, run.prompt_length
+            other = sorted({count for count in map(_token_count, positive) if count not in (None, length)})
+            if other:
+                self._note(logging.WARNING, (
+                    f"{node}: the positive conditioning has {other[0]} tokens, but the text the subject's tokens "
+                    f"were looked up in, {subject.prompt!r}, has {length}: the positive prompt was encoded from "
+                    f"another text, so MoMA's subject mask follows unrelated tokens. Encode the positive prompt "
+                    f"with MoMA Text Encode, or wire its text into Apply MoMA Attention's 'prompt' input."))
+        else:
+            tag, count = tagged[0]
+            positions, length = subject.positions(tag.token_ids), len(tag.token_ids)
+            texts = list(dict.fromkeys(t.text for t, _ in tagged))
+            if len(texts) > 1:
+                self._note(logging.WARNING, (
+                    f"{node}: the positive conditioning combines {len(texts)} MoMA Text Encode texts; the subject's "
+                    f"tokens are looked up in the first, {tag.text!r}, for all of them."))
+            if count is not None and count != length:
+                self._note(logging.WARNING, (
+                    f"{node}: the positive conditioning has {count} tokens but its MoMA Text Encode text "
+                    f"{tag.text!r} has {length}: a node in between changed it (e.g. Conditioning Concat); the "
+                    f"subject's tokens are looked up in that text only."))
+            if not positions:
+                self._note(logging.WARNING, (
+                    f"{node}: the subject is not in the positive prompt {tag.text!r} (from MoMA Text Encode); "
+                    f"the MoMA terms stay unmasked."))
+            elif (positions, length) != (run.subject_positions, run.prompt_length):
+                self._note(logging.INFO, (
+                    f"{node}: the subject's tokens are taken from the positive prompt MoMA Text Encode encoded, "
+                    f"{tag.text!r} (positions {positions}), not from {subject.prompt!r} (positions "
+                    f"{run.subject_positions})."))
+        if (positions, length) != (self.subject_positions, self.prompt_length):
+            self.subject_positions, self.prompt_length = positions, length
+            for key in [key for key in self.device_cache if key[0] in ("cols", "subject")]:
+                del self.device_cache[key]  # built from the old positions
+
+    def _note(self, level: int, message: str) -> None:
+        """Log ``message`` once per sampling run."""
+        if message not in self._notes:
+            self._notes.add(message)
+            log.log(level, message)
+
     def _cached(self, key: tuple, build: Callable[[], Any]) -> Any:
         value = self.device_cache.get(key)
         if value is None:
@@ -351,7 +413,7 @@ class MomaRunState:
 
     def subject_columns(self, text_length: int, device: torch.device) -> Optional[torch.Tensor]:
         """Subject-token columns in a context of ``text_length`` tokens (every repeat of the prompt)."""
-        positions, prompt_length = self.run.subject_positions, self.run.prompt_length
+        positions, prompt_length = self.subject_positions, self.prompt_length
         if not positions:
             return None
 
@@ -610,6 +672,12 @@ def _existing_replace(model_options: dict, kind: str, block: tuple[str, int]) ->
         if key in patches:
             return patches[key], key
     return None, block
+
+
+def _token_count(cond: Any) -> Optional[int]:
+    """Text tokens of one positive cond as the sampler holds it (its ``cross_attn`` [B, tokens, 768])."""
+    cross_attn = cond.get("cross_attn") if isinstance(cond, dict) else None
+    return int(cross_attn.shape[1]) if isinstance(cross_attn, torch.Tensor) and cross_attn.ndim == 3 else None
 
 
 CLONE_CALLBACK_KEY = "moma"

@@ -306,6 +306,18 @@ CASES: list[tuple[str, Callable[[dict], dict], tuple]] = [
     ("context-other-adapter", setting("ctx", context_file="moma/matrix_other_adapter.safetensors [output]"), ("ok", r"another MoMA adapter")),
     ("context-without-fingerprint", setting("ctx", context_file="moma/matrix_old.safetensors [output]"), ("ok", None)),
     ("context-into-moma-model", setting("apply", moma_model=["ctx", 0]), ("invalid", "apply", r"mismatch|MOMA")),
+    # block_weights as people type them
+    ("block-weights-spaced", setting("apply", block_weights="Input = 0.5, MIDDLE: 1,"), ("ok", None)),
+    ("block-weights-unknown", setting("apply", block_weights="input=1, elbow=2"),
+     ("error", "apply", r"block_weights 'input=1, elbow=2': unknown block 'elbow'")),
+    # the positive prompt's text vs the text Apply looked the subject up in
+    ("positive-other-length", setting("pos", text="photo of a car. " + "autumn leaves, " * 40),
+     ("ok", r"the positive conditioning has 154 tokens.*has 77: the positive prompt was encoded from another text")),
+    ("text-encode-empty", then(add_node("mte", "MomaTextEncode", clip=["ckpt", 1], text=""),
+                               setting("ks", positive=["mte", 0])), ("error", "mte", r"'text' is empty")),
+    ("text-encode-no-subject", then(add_node("mte", "MomaTextEncode", clip=["ckpt", 1], text="a dog on a beach",
+                                             context=["ctx", 0]), setting("ks", positive=["mte", 0])),
+     ("ok", r"'a dog on a beach' does not contain the context's subject 'car'")),
 ]
 
 

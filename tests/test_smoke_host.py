@@ -28,6 +28,7 @@ PUBLIC_NODES = {  # node id -> display name
     "MomaFeatureGrab": "Self-Attention Feature Grab",
     "MomaApply": "Apply MoMA Attention",
     "MomaSubjectMaskPreview": "MoMA Subject Mask Preview",
+    "MomaTextEncode": "MoMA Text Encode",
 }
 
 
