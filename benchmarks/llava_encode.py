@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """LLaVA context encoder benchmark (issues 4, 12): load time, encode time, peak RSS and peak CUDA memory.
 
-    .host/venv/bin/python benchmarks/llava_encode.py [--precision auto|fp16|bf16|fp32] [--device cpu|cuda]
+    .host/comfyui-0.30/venv/bin/python benchmarks/llava_encode.py [--precision auto|fp16|bf16|fp32] [--device cpu|cuda]
                                                      [--placement gpu|stream|cpu] [--memory-cap-gb 6]
                                                      [--repeats 2] [--json out.json]
-    .host/venv/bin/python benchmarks/llava_encode.py --full-width [--layers N] [--keep-files DIR]
-    .host/venv/bin/python benchmarks/llava_encode.py --device cuda --quantization 8bit|4bit   (bitsandbytes)
-    .host/venv/bin/python benchmarks/llava_encode.py --matrix [--device cuda] [--full-width ...]
+    .host/comfyui-0.30/venv/bin/python benchmarks/llava_encode.py --full-width [--layers N] [--keep-files DIR]
+    .host/comfyui-0.30/venv/bin/python benchmarks/llava_encode.py --device cuda --quantization 8bit|4bit   (bitsandbytes)
+    .host/comfyui-0.30/venv/bin/python benchmarks/llava_encode.py --matrix [--device cuda] [--full-width ...]
 
 ``--placement``: ``gpu`` = the whole encoder resident on ``--device`` (the default), ``stream`` = weights in
 RAM, each layer copied to ``--device`` just before it runs (on the CPU: cpu -> cpu copies, the streaming

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """MoMA sampling benchmark (issue 7): plain SD1.5 vs the same model with MoMA applied, side by side.
 
-    .host/venv/bin/python benchmarks/sampling.py [--sizes 256 512] [--steps 3] [--repeats 2]
+    .host/comfyui-0.30/venv/bin/python benchmarks/sampling.py [--sizes 256 512] [--steps 3] [--repeats 2]
                                                  [--json out.json] [--device cpu|cuda] [--profile]
 
 Boots the installed ComfyUI through the pack's one boot (tools/moma_runner/boot.py), loads an SD1.5 checkpoint through ComfyUI's own
