@@ -21,6 +21,10 @@ from a Feature Grab with the generation's LATENT connected, "ref@SIZE"), interle
 - the re-run check: the same workflow executed twice through ComfyUI's executor does not run the LLaVA
   context encoder (nor the reference pass) again.
 
+``--batch-growth`` measures only how the cost grows with the latent batch: plain and MoMA (30% bank, Feature
+Grab with the LATENT connected) at ``--batches`` (default 1 4 16) on ``--batch-image-size`` (default 128) images:
+time per step and per batch item, MoMA / plain per batch size, peak RSS (the polling thread) per variant.
+
 The measured steps are taken from the middle of a 50-step "normal" schedule (steps 10..), where MoMA's
 object path is on (it is off for t >= 950, i.e. the first ~2 of 50 steps), so the ratio is that of a
 typical step. ``--profile`` adds a torch.profiler table and the pack's Python hot spots for one step.
@@ -227,14 +231,14 @@ class Sampling:
     """One size: the latent, noise, sigmas and conditioning shared by every variant."""
 
     def __init__(self, model: Any, positive: Any, negative: Any, size: int, steps: int, sampler_name: str,
-                 cfg: float, seed: int) -> None:
+                 cfg: float, seed: int, batch: int = 1) -> None:
         import comfy.sample
         import comfy.samplers
         import torch
 
-        self.size = size
+        self.size, self.batch = size, batch
         self.positive, self.negative, self.cfg, self.seed = positive, negative, cfg, seed
-        self.latent = torch.zeros(1, 4, size // 8, size // 8)
+        self.latent = torch.zeros(batch, 4, size // 8, size // 8)
         self.noise = comfy.sample.prepare_noise(self.latent, seed)
         self.sampler = comfy.samplers.sampler_object(sampler_name)
         model_sampling = model.get_model_object("model_sampling")
@@ -482,6 +486,118 @@ def run_rerun_graph(hostinfo: boot.ComfyHost, checkpoint_name: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# batch growth: the same step at batch sizes 1, 4, 16 (cost per item should stay flat)
+
+
+def measure_batch_growth(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMonitor) -> dict:
+    """Plain vs MoMA (30% object bank, Feature Grab with the generation's LATENT connected) at each of
+    ``opts.batches`` latent batch sizes, ``opts.batch_image_size`` square: the fastest steady step, the time per
+    batch item, MoMA / plain, and the peak RSS while sampling above the RSS before (both models are loaded)."""
+    import torch
+    import nodes
+    from comfyui_moma.nodes.apply import apply_moma
+
+    started = datetime.datetime.now().astimezone()
+    load_before = os.getloadavg()
+    model, clip, vae, checkpoint_name = load_checkpoint(hostinfo, opts.checkpoint)
+    moma_model = load_moma_model(opts.adapter)
+    context = make_context(opts.seed)
+    positive = nodes.CLIPTextEncode().encode(clip, SD_PROMPT)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    device = model.load_device
+    on_cuda = getattr(device, "type", "") == "cuda"
+    size = opts.batch_image_size
+    samplings = {batch: Sampling(model, positive, negative, size, opts.steps, opts.sampler, opts.cfg, opts.seed,
+                                 batch=batch) for batch in opts.batches}
+    print(f"Batch growth at {size}x{size}: loading {checkpoint_name} and warming up ({device}, "
+          f"{torch.get_num_threads()} threads)...", flush=True)
+    samplings[opts.batches[0]].run(model, steps=1)  # loads the model
+    image, masks = reference_inputs(512)
+    bank, reference = time_reference_pass(model, moma_model, vae, clip, image, masks["30%"], latent_size=size)
+    variants = {"plain": model, "moma": apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)}
+    rows: dict[int, dict] = {}
+    for batch, sampling in samplings.items():
+        for patched in variants.values():
+            sampling.run(patched, steps=1)  # first use of this batch's shapes
+        wall: dict[str, list[list[float]]] = {name: [] for name in variants}
+        cpu: dict[str, list[list[float]]] = {name: [] for name in variants}
+        memory: dict[str, list[dict]] = {name: [] for name in variants}
+        for repeat in range(opts.repeats):
+            for name in (list(variants) if repeat % 2 == 0 else list(variants)[::-1]):  # alternate the order
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                with monitor.window() as window:
+                    wall_times, cpu_times = sampling.run(variants[name])
+                if on_cuda:
+                    window["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+                wall[name].append(wall_times)
+                cpu[name].append(cpu_times)
+                memory[name].append(window)
+                print(f"  batch {batch:2d} {name:5s} run {repeat + 1}: wall " + " ".join(f"{t:.3f}" for t in wall_times)
+                      + " s, cpu " + " ".join(f"{t:.2f}" for t in cpu_times) + " s", flush=True)
+        row: dict[str, Any] = {}
+        for name in variants:
+            per_wall, per_cpu = min(steady(wall[name])), min(steady(cpu[name]))
+            row[name] = {
+                "per_step_s": round(per_wall, 4), "per_step_cpu_s": round(per_cpu, 4),
+                "per_item_s": round(per_wall / batch, 4), "per_item_cpu_s": round(per_cpu / batch, 4),
+                "peak_rss_mb": mb(max(w["peak"] for w in memory[name])),
+                "peak_rss_over_start_mb": mb(max(w["peak"] - w["start"] for w in memory[name])),
+                "peak_cuda_mb": mb(max(w["cuda_peak"] for w in memory[name])) if on_cuda else None,
+                "step_times_s": [[round(t, 4) for t in run] for run in wall[name]],
+                "step_cpu_s": [[round(t, 4) for t in run] for run in cpu[name]],
+            }
+        row["ratio"] = round(row["moma"]["per_step_s"] / row["plain"]["per_step_s"], 3)
+        row["ratio_cpu"] = round(row["moma"]["per_step_cpu_s"] / row["plain"]["per_step_cpu_s"], 3)
+        rows[batch] = row
+    metric = "per_item_s" if opts.metric == "wall" else "per_item_cpu_s"
+    ratio_key = "ratio" if opts.metric == "wall" else "ratio_cpu"
+    first = rows[opts.batches[0]]
+    growth = {name: {batch: round(rows[batch][name][metric] / first[name][metric], 3) for batch in rows}
+              for name in variants}
+    ratios = [rows[batch][ratio_key] for batch in rows]
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine_info(device, load_before),
+        "settings": {"metric": opts.metric, "sampler": opts.sampler, "cfg": opts.cfg, "seed": opts.seed,
+                     "image_size": size, "batches": opts.batches, "steps_per_run": opts.steps,
+                     "repeats": opts.repeats, "checkpoint": checkpoint_name, "dtype": str(model.model.get_dtype()),
+                     "moma": "30% object bank, Feature Grab with the generation's LATENT connected, strength 1.0"},
+        "reference_pass": reference,
+        "batch_growth": {
+            "rows": rows,
+            # time per item relative to the first batch size (1.0 = linear growth of the step's cost)
+            "per_item_relative_to_first": growth,
+            "ratio_spread": round(max(ratios) - min(ratios), 3),
+        },
+    }
+
+
+def format_batch_table(report: dict) -> str:
+    """The batch-growth rows as a Markdown table."""
+    settings, growth = report["settings"], report["batch_growth"]
+    lines = [f"batch growth at {settings['image_size']}x{settings['image_size']} ({settings['metric']} metric):", "",
+             "| batch | plain s/step | MoMA s/step | plain s/item | MoMA s/item | MoMA / plain (wall, CPU) | "
+             "peak RSS plain / MoMA MB (over start) |",
+             "|---|---|---|---|---|---|---|"]
+    for batch, row in growth["rows"].items():
+        plain, moma = row["plain"], row["moma"]
+        per = "per_item_s" if settings["metric"] == "wall" else "per_item_cpu_s"
+        step = "per_step_s" if settings["metric"] == "wall" else "per_step_cpu_s"
+        lines.append(f"| {batch} | {plain[step]:.3f} | {moma[step]:.3f} | {plain[per]:.3f} | {moma[per]:.3f} | "
+                     f"{row['ratio']:.3f}, {row['ratio_cpu']:.3f} | {plain['peak_rss_mb']:.0f} "
+                     f"(+{plain['peak_rss_over_start_mb']:.0f}) / {moma['peak_rss_mb']:.0f} "
+                     f"(+{moma['peak_rss_over_start_mb']:.0f}) |")
+    machine = report["machine"]
+    lines.append(f"\nper item relative to batch {settings['batches'][0]}: {growth['per_item_relative_to_first']}; "
+                 f"MoMA/plain spread {growth['ratio_spread']}")
+    lines.append(f"machine: {machine['cpu']} x{machine['cpu_count']} ({machine['torch_threads']} torch threads), "
+                 f"{machine['ram_gb']} GB RAM, {machine['device']}, torch {machine['torch']}, ComfyUI attention "
+                 f"{machine['comfyui_attention']}, load average {machine['load_average_start_end']}; {report['date']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # main
 
 
@@ -509,6 +625,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--rerun-only", action="store_true", help="only the executor re-run check")
     parser.add_argument("--count-only", action="store_true",
                         help=f"only the aten op / host read counts per UNet call (at {COUNT_SIZE}x{COUNT_SIZE})")
+    parser.add_argument("--batch-growth", action="store_true",
+                        help="only the batch-growth rows: plain and MoMA at each --batches latent batch size")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="batch sizes for --batch-growth")
+    parser.add_argument("--batch-image-size", type=int, default=128, help="image side for --batch-growth")
     parser.add_argument("--min-free-gb", type=float, default=8.0, help="refuse to start with less RAM available")
     return parser.parse_args(argv)
 
@@ -693,7 +813,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"Only {available_gb:.1f} GB RAM available (need {opts.min_free_gb} GB for a full SD1.5 in fp32); "
               f"try again later or pass --min-free-gb.", file=sys.stderr)
         return 2
-    if any(size % 64 for size in opts.sizes):
+    if any(size % 64 for size in opts.sizes) or opts.batch_image_size % 64:
         print("--sizes must be multiples of 64", file=sys.stderr)
         return 2
 
@@ -719,6 +839,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if result["status"] == "pass" else 1
 
     monitor = RssMonitor()
+    if opts.batch_growth:
+        report = measure_batch_growth(opts, hostinfo, monitor)
+        monitor.close()
+        print()
+        print(format_batch_table(report))
+        if opts.json:
+            opts.json.parent.mkdir(parents=True, exist_ok=True)
+            opts.json.write_text(json.dumps(report, indent=2, default=str))
+            print(f"\nJSON written to {opts.json}")
+        return 0
     report, profile_text = measure(opts, hostinfo, monitor)
     monitor.close()
     if opts.count_only:

@@ -36,7 +36,7 @@ class MomaContext:
 
     cond_tokens: torch.Tensor  # [1, 4, 768] float32
     uncond_tokens: torch.Tensor  # [1, 4, 768] float32, projector(zeros)
-    llava_emb: torch.Tensor  # [1, 1024] float32
+    llava_emb: torch.Tensor  # [1, 1024] float32 (several views of the object: the mean of theirs)
     subject: str
     prompt: str
     sd_prompt: str

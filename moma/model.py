@@ -15,6 +15,7 @@ from .images import llava_pixel_values, load_clip_image_processor
 from .clip_vision import CLIP_WHERE_TO_GET
 from .errors import MomaError
 from .llava import PRECISIONS, QUANTIZATIONS, InterruptFn, LlavaContextEncoder, LlavaFolder, ProgressFn, load_context_encoder
+from .projection import build_projector, context_tokens, mean_llava_embedding
 from .prompt import LlavaTokenizer, llava_prompt, sd_prompt
 from .streaming import PLACEMENTS, resolve_placement
 from .weights import MomaAdapterWeights, adapter_fingerprint, load_adapter
@@ -155,6 +156,36 @@ def encode_context(encoder: LlavaContextEncoder, moma_model: MomaModel, image: t
     return MomaContext(cond_tokens=cond, uncond_tokens=uncond, llava_emb=llava_emb, subject=subject,
                        prompt=prompt, sd_prompt=sd_prompt(subject, prompt),
                        adapter_sha256=adapter_fingerprint(moma_model.adapter))
+
+
+def encode_context_views(encoder: LlavaContextEncoder, moma_model: MomaModel, images: torch.Tensor,
+                         masks: torch.Tensor, subject: str, prompt: str, progress: ProgressFn | None = None,
+                         interrupt: InterruptFn | None = None) -> MomaContext:
+    """B views of one object (pictures [B, H, W, C], their masks [B, H, W]) + texts -> one MomaContext.
+
+    Each view is encoded alone with the same subject and prompt (``encode_context``); the context's ``llava_emb``
+    is the mean of theirs (``mean_llava_embedding``), its cond tokens the adapter's projector of that mean
+    (computed in float32 on the CPU), its uncond tokens the encoder's projector(zeros), the same for every view.
+    One view gives exactly ``encode_context``'s context. ``progress(done, total)`` counts the steps of all views."""
+    if images.ndim != 4 or masks.ndim != 3 or images.shape[0] != masks.shape[0] or images.shape[0] < 1:
+        raise MomaError(f"Internal: views {tuple(images.shape)} and masks {tuple(masks.shape)}; expected "
+                        f"[B, H, W, C] and [B, H, W] with the same B >= 1.")
+    count = images.shape[0]
+    views = []
+    for index in range(count):
+        def view_progress(done: int, total: int, index: int = index) -> None:
+            if progress is not None:
+                progress(index * total + done, count * total)
+
+        views.append(encode_context(encoder, moma_model, images[index], masks[index], subject, prompt,
+                                    view_progress, interrupt))
+    if count == 1:
+        return views[0]
+    llava_emb = mean_llava_embedding([view.llava_emb for view in views])
+    cond, _ = context_tokens(build_projector(moma_model.adapter), llava_emb)
+    first = views[0]
+    return MomaContext(cond_tokens=cond, uncond_tokens=first.uncond_tokens, llava_emb=llava_emb, subject=subject,
+                       prompt=prompt, sd_prompt=first.sd_prompt, adapter_sha256=first.adapter_sha256)
 
 
 def check_texts(subject: str, prompt: str) -> None:

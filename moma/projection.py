@@ -4,13 +4,18 @@
   no biases; its unused tanh is left out. Output = ``llava_emb`` [B, 1024].
 - ``ImageProjModel`` (IP-Adapter's): Linear(1024 -> 4*768, bias) -> reshape [B, 4, 768] -> LayerNorm(768).
   The cond tokens are projector(llava_emb); the uncond tokens are projector(zeros): bias -> LayerNorm, not zeros.
+- ``mean_llava_embedding``: several pictures (views) of one object -> the mean of their ``llava_emb`` (the pack's
+  extension; MoMA itself encodes one picture), which the projector turns into the cond tokens.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MomaError
 from .sd15 import CROSS_ATTENTION_DIM, NUM_MOMA_TOKENS
 from .weights import LLAVA_EMBED_DIM, LLM_HIDDEN, MomaAdapterWeights
 
@@ -68,3 +73,16 @@ def build_projector(weights: MomaAdapterWeights, dtype: torch.dtype = torch.floa
 def context_tokens(projector: ImageProjModel, llava_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond [B, 4, 768], uncond [B, 4, 768]) = (projector(llava_emb), projector(zeros_like(llava_emb)))."""
     return projector(llava_emb), projector(torch.zeros_like(llava_emb))
+
+
+def mean_llava_embedding(embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The element-wise mean [1, 1024] (float32) of several views' ``llava_emb`` [1, 1024] (each view of one object
+    encoded by LLaVA with the same subject and prompt). One embedding comes back unchanged (as float32)."""
+    if not embeddings:
+        raise MomaError("Internal: no llava_emb to average (a batch of 0 reference pictures).")
+    shapes = {tuple(embedding.shape) for embedding in embeddings}
+    if shapes != {(1, LLAVA_EMBED_DIM)}:
+        raise MomaError(f"Internal: llava_emb shapes {sorted(shapes)}; expected (1, {LLAVA_EMBED_DIM}) each.")
+    if len(embeddings) == 1:
+        return embeddings[0].float()
+    return torch.cat([embedding.float() for embedding in embeddings]).mean(dim=0, keepdim=True)

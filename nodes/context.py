@@ -21,7 +21,7 @@ from comfy_api.latest import io
 from ..moma.context import CONTEXT_FORMAT, MomaContext as MomaContextObject, load_context, save_context
 from ..moma.errors import MomaError
 from ..moma.llava import LlavaContextEncoder
-from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context
+from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context_views
 from ..moma.streaming import resolve_placement, stream_device_bytes
 from .common import warn_if_constant_picture
 from .paths import output_prefix, resolve_inside
@@ -30,28 +30,38 @@ from .types import MomaContext, MomaModel
 log = logging.getLogger(__name__)
 
 REFERENCE_NOTES = (
-    "The first picture and mask of a batch are used (MoMA encodes one reference per subject). Any size or aspect "
+    "A batch of pictures is several views of the same object: LLaVA encodes each with the same subject and "
+    "prompt, and the context is the mean of their LLaVA embeddings (cond tokens = the projector of that mean; "
+    "one picture gives MoMA's own context). Give one mask per picture, or one mask for all. Any size or aspect "
     "is stretched to 512x512 like the reference; RGBA loses its alpha (not composited), grey is repeated to RGB, "
     "deeper than 8-bit pictures are rounded to 8 bit; the mask counts every pixel > 0 after resizing as object, "
     "an empty mask gives an all-white picture."
 )
 
 
-def first_reference(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """IMAGE [B, H, W, C] and MASK [B, H, W] or [H, W] -> the first picture [H, W, C] and its mask [H, W]."""
-    if image.ndim != 4:
-        raise MomaError(f"LLaVA Context Encoder: image has shape {tuple(image.shape)}; expected an IMAGE [B, H, W, C].")
+def reference_views(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE [B, H, W, C] and MASK [B, H, W] (or one mask, [1, H, W] / [H, W], for every view) -> the views
+    [B, H, W, C] and one mask per view [B, H, W]; warns about single-colour pictures and empty masks per view."""
+    node = "LLaVA Context Encoder"
+    if image.ndim != 4 or image.shape[0] < 1:
+        raise MomaError(f"{node}: image has shape {tuple(image.shape)}; expected an IMAGE [B, H, W, C] (B pictures "
+                        f"of the object).")
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3:
-        raise MomaError(f"LLaVA Context Encoder: mask has shape {tuple(mask.shape)}; expected a MASK [B, H, W].")
-    if image.shape[0] > 1 or mask.shape[0] > 1:
-        log.warning("LLaVA Context Encoder: batch of %d pictures / %d masks; using the first of each.",
-                    image.shape[0], mask.shape[0])
-    warn_if_constant_picture(image[0], "LLaVA Context Encoder")
-    if not bool((mask[0] > 0).any()):
-        log.warning("LLaVA Context Encoder: the object mask is empty, so LLaVA sees an all-white picture.")
-    return image[0], mask[0]
+        raise MomaError(f"{node}: mask has shape {tuple(mask.shape)}; expected a MASK [B, H, W].")
+    views, masks = image.shape[0], mask.shape[0]
+    if masks == 1 and views > 1:
+        mask = mask.expand(views, -1, -1)
+    elif masks != views:
+        raise MomaError(f"{node}: image is a batch of {views} picture(s) but mask a batch of {masks}; give one mask "
+                        f"per picture ({views}) or a single mask for all of them.")
+    for index in range(views):
+        where = node if views == 1 else f"{node} (view {index + 1} of {views})"
+        warn_if_constant_picture(image[index], where)
+        if not bool((mask[index] > 0).any()):
+            log.warning("%s: the object mask is empty, so LLaVA sees an all-white picture.", where)
+    return image, mask
 
 
 def _estimated_bytes(moma_model: MomaModelObject, device: torch.device) -> int:
@@ -143,9 +153,10 @@ def _resident_encoder(moma_model: MomaModelObject, device: torch.device, placeme
     return held
 
 
-def run_context_encoder(moma_model: MomaModelObject, picture: torch.Tensor, object_mask: torch.Tensor,
+def run_context_encoder(moma_model: MomaModelObject, pictures: torch.Tensor, object_masks: torch.Tensor,
                         subject: str, prompt: str) -> MomaContextObject:
-    """Encode with LLaVA (loaded for this call unless the model keeps it), with progress bar and interrupt."""
+    """Encode the views [B, H, W, C] with masks [B, H, W] with LLaVA (loaded for this call unless the model keeps
+    it), with one progress bar over loading and then over all views, and interrupt."""
     bar = comfy.utils.ProgressBar(1)
 
     def progress(done: int, total: int) -> None:
@@ -160,7 +171,8 @@ def run_context_encoder(moma_model: MomaModelObject, picture: torch.Tensor, obje
             encoder = _resident_encoder(moma_model, device, placement, progress, interrupt)
         else:
             encoder = _loaded_encoder(moma_model, device, placement, progress, interrupt)
-        return encode_context(encoder, moma_model, picture, object_mask, subject, prompt, progress, interrupt)
+        return encode_context_views(encoder, moma_model, pictures, object_masks, subject, prompt, progress,
+                                    interrupt)
     except torch.cuda.OutOfMemoryError:
         raise MomaError(
             f"LLaVA ({moma_model.precision}, quantization {moma_model.quantization}, llava_placement "
@@ -190,8 +202,10 @@ class MomaContextEncoder(io.ComfyNode):
             ),
             inputs=[
                 MomaModel.Input("moma_model", tooltip="From MoMA Loader."),
-                io.Image.Input("image", tooltip="The reference picture of the object."),
-                io.Mask.Input("mask", tooltip="The object's mask (white = object), e.g. from MoMA Object Masker."),
+                io.Image.Input("image", tooltip="The reference picture of the object; a batch = several views of "
+                                                "the same object (their LLaVA embeddings are averaged)."),
+                io.Mask.Input("mask", tooltip="The object's mask (white = object), e.g. from MoMA Object Masker: one "
+                                              "per picture of the batch, or one for all."),
                 io.String.Input("subject", default="car", tooltip="The object's class word(s), e.g. 'car', 'teddy bear'."),
                 io.String.Input("prompt", multiline=True, default="A car in autumn with falling leaves.",
                                 tooltip="The new scene or texture. A prompt already starting with 'photo of a "
@@ -210,11 +224,11 @@ class MomaContextEncoder(io.ComfyNode):
             raise MomaError("LLaVA Context Encoder: moma_model must come from a 'MoMA Loader' node.")
         moma_model.require_encoder()  # a loader set to 'none' (saved contexts only) cannot encode
         check_texts(subject, prompt)
-        picture, object_mask = first_reference(image, mask)
-        key = moma_model.context_key(picture, object_mask, subject, prompt)
+        pictures, object_masks = reference_views(image, mask)
+        key = moma_model.context_key(pictures, object_masks, subject, prompt)  # all views and masks
         context = moma_model.remembered_context(key)
         if context is None:
-            context = run_context_encoder(moma_model, picture, object_mask, subject, prompt)
+            context = run_context_encoder(moma_model, pictures, object_masks, subject, prompt)
             moma_model.remember_context(key, context)
         return io.NodeOutput(context, context.sd_prompt)
 

@@ -264,6 +264,9 @@ def example_host(comfy_host, sd15_checkpoint, llava_dir, clip_vision_dir, adapte
     picture, _mask = test_images["rgb"]
     with Image.open(picture) as image:
         image.convert("RGB").save(Path(folder_paths.get_input_directory()) / REFERENCE_NAME, quality=95)
+    for sample in sorted((EXAMPLES / "input").iterdir()):  # the other pictures they load (a second subject's)
+        if sample.name != REFERENCE_NAME:
+            shutil.copyfile(sample, Path(folder_paths.get_input_directory()) / sample.name)
     save_context(moma_context, Path(folder_paths.get_output_directory()) / SAVED_CONTEXT)
     return comfy_host
 

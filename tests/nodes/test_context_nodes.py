@@ -22,7 +22,7 @@ import comfy_exec
 from llava_reference import expected_context
 from comfyui_moma.moma.context import load_context
 from comfyui_moma.moma.model import MomaModel, encode_context
-from comfyui_moma.nodes.context import first_reference
+from comfyui_moma.nodes.context import reference_views
 from comfyui_moma.nodes.loader import MomaLoader
 
 LLAVA_NAME = "MoMA_llava_7b"
@@ -53,7 +53,14 @@ def placed(comfy_host, llava_dir: Path, clip_vision_dir: Path, adapter_file: Pat
     mask[60:240, 90:330] = 255
     Image.fromarray(picture).save(input_dir / "moma_ref.png")
     Image.fromarray(mask).save(input_dir / "moma_ref_mask.png")
-    return {"picture": input_dir / "moma_ref.png", "mask": input_dir / "moma_ref_mask.png"}
+    # a second view of the same size (ImageBatch would resize another size), with its own mask
+    side = np.asarray(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300)))
+    side_mask = np.zeros((300, 400), np.uint8)
+    side_mask[30:270, 40:220] = 255
+    Image.fromarray(side).save(input_dir / "moma_ref_side.png")
+    Image.fromarray(side_mask).save(input_dir / "moma_ref_side_mask.png")
+    return {"picture": input_dir / "moma_ref.png", "mask": input_dir / "moma_ref_mask.png",
+            "side": input_dir / "moma_ref_side.png", "side_mask": input_dir / "moma_ref_side_mask.png"}
 
 
 def _graph(prompt: str = PROMPT, keep: bool = False, prefix: str = "moma/test", adapter: str = ADAPTER_NAME) -> dict:
@@ -219,17 +226,90 @@ def test_save_and_load_context_nodes_round_trip(placed, tmp_path: Path) -> None:
         comfy_exec.run_api_workflow(graph)
 
 
-def test_batches_use_the_first_picture_and_mask() -> None:
+def test_reference_views_pair_one_mask_with_each_picture(caplog) -> None:
     images = torch.rand(3, 20, 30, 4)
-    masks = torch.rand(2, 10, 10)
-    picture, mask = first_reference(images, masks)
-    assert torch.equal(picture, images[0]) and torch.equal(mask, masks[0])
-    picture, mask = first_reference(images[:1], masks[0])
-    assert torch.equal(mask, masks[0])
+    masks = torch.rand(3, 10, 10)
+    pictures, view_masks = reference_views(images, masks)
+    assert torch.equal(pictures, images) and torch.equal(view_masks, masks)
+    pictures, view_masks = reference_views(images, masks[0])  # one mask ([H, W] or [1, H, W]) for every view
+    assert view_masks.shape == (3, 10, 10) and all(torch.equal(m, masks[0]) for m in view_masks)
+    assert torch.equal(reference_views(images, masks[:1])[1], view_masks)
     from comfyui_moma.moma.errors import MomaError
 
+    for mask_count, image_count in ((2, 3), (3, 1)):
+        with pytest.raises(MomaError, match=rf"image is a batch of {image_count} picture\(s\) but mask a batch of "
+                                            rf"{mask_count}; give one mask per picture \({image_count}\) or a single"):
+            reference_views(images[:image_count], masks[:mask_count])
     with pytest.raises(MomaError, match="expected an IMAGE"):
-        first_reference(torch.rand(20, 30, 3), masks)
+        reference_views(torch.rand(20, 30, 3), masks)
+    with pytest.raises(MomaError, match="expected a MASK"):
+        reference_views(images, torch.rand(3, 1, 10, 10))
+    # the warnings name the view: a single-colour second picture, an empty third mask
+    images[1] = 0.5
+    masks[2] = 0.0
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        reference_views(images, masks)
+    text = caplog.text
+    assert "(view 2 of 3): the reference picture is a single colour" in text
+    assert "(view 3 of 3): the object mask is empty" in text
+    assert "view 1 of 3" not in text
+
+
+def _views_graph(masks: str, prefix: str) -> dict:
+    """Two views (LoadImage x2 -> ImageBatch) into the encoder; ``masks``: 'each' (two masks batched with core
+    nodes), 'one' (one mask for both) or 'three' (a count that fits neither)."""
+    graph = _graph(prefix=prefix)
+    graph["2b"] = {"class_type": "LoadImage", "inputs": {"image": "moma_ref_side.png"}}
+    graph["views"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["2b", 0]}}
+    graph["4"]["inputs"]["image"] = ["views", 0]
+    if masks in ("each", "three"):
+        graph["m1"] = {"class_type": "LoadImage", "inputs": {"image": "moma_ref_mask.png"}}
+        graph["m2"] = {"class_type": "LoadImage", "inputs": {"image": "moma_ref_side_mask.png"}}
+        graph["mb"] = {"class_type": "ImageBatch", "inputs": {"image1": ["m1", 0], "image2": ["m2", 0]}}
+        if masks == "three":
+            graph["mb3"] = {"class_type": "ImageBatch", "inputs": {"image1": ["mb", 0], "image2": ["m1", 0]}}
+        graph["mask_batch"] = {"class_type": "ImageToMask",
+                               "inputs": {"image": ["mb3" if masks == "three" else "mb", 0], "channel": "red"}}
+        graph["4"]["inputs"]["mask"] = ["mask_batch", 0]
+    return graph
+
+
+def test_a_batch_of_views_through_the_executor_is_their_mean(placed, adapter_file: Path, llava_dir: Path,
+                                                             clip_vision_dir: Path) -> None:
+    """Two views of the object through the real executor: the context equals the independent re-derivation
+    (tests/llava_reference.py) of each view, llava_emb averaged and the projector applied by hand."""
+    import torch.nn.functional as F
+
+    def grey(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("L"))
+
+    expected = {name: expected_context(llava_dir, clip_vision_dir, adapter_file,
+                                       np.asarray(Image.open(placed[picture]).convert("RGB")),
+                                       grey(placed[mask]), SUBJECT, PROMPT)
+                for name, picture, mask in (("front", "picture", "mask"), ("side", "side", "side_mask"),
+                                            ("side_front_mask", "side", "mask"))}
+    projector = {key: value.float() for key, value in
+                 torch.load(adapter_file, map_location="cpu", weights_only=True)["projectors"].items()}
+
+    def tokens(llava_emb: torch.Tensor) -> torch.Tensor:
+        y = F.linear(llava_emb, projector["proj.weight"], projector["proj.bias"]).reshape(1, 4, 768)
+        return F.layer_norm(y, (768,), projector["norm.weight"], projector["norm.bias"], eps=1e-5)
+
+    for masks, second in (("each", "side"), ("one", "side_front_mask")):
+        context = load_context(_saved(comfy_exec.run_api_workflow(_views_graph(masks, f"moma/views_{masks}"))))
+        mean = (expected["front"]["llava_emb"] + expected[second]["llava_emb"]) / 2
+        assert float((expected["front"]["llava_emb"] - mean).abs().max()) > 1e-3 * float(mean.abs().max())
+        torch.testing.assert_close(context.llava_emb, mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(context.cond_tokens, tokens(mean), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(context.uncond_tokens, expected["front"]["uncond"], rtol=1e-5, atol=1e-5)
+        assert context.sd_prompt == f"photo of a {SUBJECT}. {PROMPT}"
+
+    with pytest.raises(comfy_exec.WorkflowError) as error:
+        comfy_exec.run_api_workflow(_views_graph("three", "moma/views_three"))
+    failure = error.value.execution_error
+    assert failure["node_type"] == "MomaContextEncoder" and failure["exception_type"].endswith("MomaError")
+    assert "image is a batch of 2 picture(s) but mask a batch of 3" in failure["exception_message"]
 
 
 # ------------------------------------------------------------------- MoMA Loader set to 'none'
