@@ -74,12 +74,16 @@ HOST_INDEPENDENT = Path(__file__).resolve().parent / "moma"
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("MOMA_COMFYUI", host.DEFAULT_COMFYUI) == host.DEFAULT_COMFYUI:
+    if host.on_default_host():
         return
     skip = pytest.mark.skip(reason=f"host-independent (pure torch): run on the default host, ComfyUI {host.DEFAULT_COMFYUI}")
+    covered = pytest.mark.skip(reason=f"the same on every ComfyUI version: run on the default host, ComfyUI "
+                                      f"{host.DEFAULT_COMFYUI} (other cases cover this host)")
     for item in items:
         if HOST_INDEPENDENT in Path(str(item.fspath)).resolve().parents:
             item.add_marker(skip)
+        elif item.get_closest_marker("default_host_only") is not None:
+            item.add_marker(covered)
 
 
 @pytest.fixture(scope="session")

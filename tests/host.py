@@ -62,3 +62,21 @@ def boot(cpu: bool | None = None, comfy_args: dict[str, Any] | None = None) -> H
         raise RuntimeError("ComfyUI did not import the pack from custom_nodes/ (see the log above for IMPORT FAILED).")
     _HOST = host
     return _HOST
+
+
+def on_default_host() -> bool:
+    """Whether this run's ComfyUI is the default version (CI's second host is the oldest supported one)."""
+    return os.environ.get("MOMA_COMFYUI", DEFAULT_COMFYUI) == DEFAULT_COMFYUI
+
+
+def cases_for_hosts(values: list, older_host: set) -> list:
+    """Parametrize values; on an older host only those in ``older_host`` run (they cover what differs between
+    ComfyUI versions), the rest are marked ``default_host_only``."""
+    import pytest
+
+    def name(value: Any) -> Any:
+        return value[0] if isinstance(value, tuple) else value
+
+    return [pytest.param(*(value if isinstance(value, tuple) else (value,)), id=str(name(value)),
+                         marks=() if name(value) in older_host else pytest.mark.default_host_only)
+            for value in values]

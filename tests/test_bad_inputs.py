@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+import host
 import torch
 from PIL import Image
 
@@ -331,7 +333,19 @@ def test_baseline_runs(matrix: Session, caplog) -> None:
     assert result.outputs["out"]["images"]
 
 
-@pytest.mark.parametrize("case_id,change,expected", CASES, ids=[case[0] for case in CASES])
+# On the older host (CI's second run), the cases whose outcome goes through what differs between ComfyUI versions:
+# ComfyUI's own validation (ranges, V3 combos, the nodes' validate_inputs), its image loading, its executor's
+# error path and the conditioning it builds; the others check the pack's own logic, the same on both.
+OLDER_HOST_CASES = {
+    "adapter-absolute", "context-file-dotdot", "save-prefix-dotdot", "llava-no-tokenizer", "adapter-text-file",
+    "strength-past-max", "start-after-end", "preset-unknown", "precision-unknown", "resolution-below-min",
+    "resolution-between-auto-and-64", "image-16bit-png", "image-all-white", "image-grey", "image-batch-of-2",
+    "mask-empty", "attn-mask-odd-size", "latent-non-square-batch-2", "context-other-adapter",
+    "context-into-moma-model", "text-encode-empty", "positive-other-length",
+}
+
+
+@pytest.mark.parametrize("case_id,change,expected", host.cases_for_hosts(CASES, OLDER_HOST_CASES))
 def test_bad_input(matrix: Session, caplog, case_id: str, change, expected: tuple) -> None:
     if matrix.checkpoint_model() is None:
         assert matrix.run(base_graph(), caplog).status == "ok"

@@ -225,7 +225,8 @@ def test_none_names_no_file():
 # --check: ComfyUI's validation of every shipped API workflow on the demo models (nothing is executed)
 
 
-@pytest.mark.parametrize("workflow", sorted(p.name for p in API_DIR.glob("*.json")))
+@pytest.mark.parametrize("workflow", host.cases_for_hosts(sorted(p.name for p in API_DIR.glob("*.json")),
+                                                          {"moma_context.json", "moma_saved_context.json"}))
 def test_every_api_workflow_passes_the_check_on_demo_models(workflow, tmp_path_factory):
     base = tmp_path_factory.getbasetemp().resolve() / "check-base"  # shared: links are made once
     result = run_cli(str(API_DIR / workflow), "--demo", "--check", "--base-dir", str(base), timeout=600)
@@ -460,7 +461,8 @@ def test_gui_web_app_opens_every_example_without_a_missing_file(gui_server, tmp_
         assert ok and not node_errors, (stem, error, node_errors)
 
 
-@pytest.mark.parametrize("workflow", sorted(p.name for p in API_DIR.glob("*.json")))
+@pytest.mark.parametrize("workflow", host.cases_for_hosts(sorted(p.name for p in API_DIR.glob("*.json")),
+                                                          {"moma_context.json", "moma_saved_context.json"}))
 def test_server_check_passes_every_example_with_demo(workflow, gui_server):
     """--check --server --demo: the server's model lists have every file (u2net.onnx included), the demo
     picture and context are uploaded, and ComfyUI's validation on /object_info accepts the graph."""

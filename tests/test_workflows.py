@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import host
 from PIL import Image
 
 import comfy_exec
@@ -525,7 +527,7 @@ def test_checks_catch_bad_workflows(example_host):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", API_FILES)
+@pytest.mark.parametrize("name", host.cases_for_hosts(API_FILES, {"moma_context.json", "moma_saved_context.json"}))
 def test_api_workflow_executes_on_fixtures(name, example_host, caplog):
     import folder_paths
 
