@@ -39,6 +39,19 @@ def _state_dict_from_file(path: Path, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
+def _fp16_unet_weights(model, path: Path) -> dict[str, torch.Tensor]:
+    """The file's fp16 UNet tensors. When ComfyUI keeps them as they are (the CPU tests' --fp16-unet), its own
+    copies are those very values: shared rather than read again (a second 1.7 GB UNet in the process)."""
+    from_comfy = model.model.diffusion_model.state_dict()
+    with safe_open(path, "pt") as f:
+        file_keys = {k[len(sd15.UNET_PREFIX):] for k in f.keys() if k.startswith(sd15.UNET_PREFIX)}
+        same = set(from_comfy) == file_keys and all(t.dtype == torch.float16 for t in from_comfy.values())
+        if same:  # spot-check that they are the file's values
+            key = sorted(file_keys)[len(file_keys) // 2]
+            same = torch.equal(f.get_tensor(sd15.UNET_PREFIX + key), from_comfy[key].cpu())
+    return dict(from_comfy) if same else _state_dict_from_file(path, sd15.UNET_PREFIX)
+
+
 # --- the checkpoint file itself (cheap: reads the header and a few tensors) ---
 
 
@@ -172,7 +185,7 @@ def test_fp16_activations_stay_finite_and_match_fp32(loaded_sd15, sd15_checkpoin
     timestep = torch.tensor([999.0])
 
     unet16 = modules[sd15.UNET_PREFIX]
-    unet16.load_state_dict(_state_dict_from_file(sd15_checkpoint, sd15.UNET_PREFIX), strict=True, assign=True)
+    unet16.load_state_dict(_fp16_unet_weights(model, sd15_checkpoint), strict=True, assign=True)
     with torch.no_grad():
         eps16 = unet16(latent.half(), timestep.half(), context=context.half()).float()
         eps32 = model.model.diffusion_model(latent, timestep, context=context)

@@ -525,6 +525,11 @@ def test_context_windows_keep_the_subject_mask_per_frame_of_the_clip(sd15_models
     slice of the same noise, gives the same latents; the preview's mask covers all 8 frames."""
     import inspect
 
+    import host
+
+    if not host.on_default_host():
+        pytest.skip("ComfyUI 0.3.75's context windows cannot window a batch of images (its set_step compares the "
+                    "per-item timesteps with the schedule and fails for batches over 1)")
     import comfy.context_windows as windows
     import comfy.sample
     import comfy.samplers
