@@ -9,12 +9,14 @@ import copy
 import logging
 import math
 import uuid
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
 
@@ -34,6 +36,39 @@ SCHEDULE_MARGIN = math.sqrt(2.0)
 ReplacePatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 # A gate for one UNet call: True/False when known on the host, else a bool device tensor [1] (a multiplier).
 Gate = Union[bool, torch.Tensor]
+
+
+_TIMESTEP_CEILINGS: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+
+
+def object_timestep_ceiling(model_sampling: Any) -> float:
+    """The timestep below which the object path runs, on this model-sampling's own timestep scale.
+
+    SD1.5's discrete schedule (and any other whose timesteps reach the 0..999 scale, as LCM's): 950, as the
+    reference. A model-sampling whose timesteps are on another scale (core ModelSamplingContinuousEDM/V, the
+    discrete "edm" variant: t = ln(sigma) / 4) has no t = 950; there the gate sits at the same place in its
+    schedule, 5% of the way down from its highest sigma (ComfyUI's percent_to_sigma, as start/end percents are
+    read), so the first steps still run without the object path instead of the gate being always on. Decided
+    once per model-sampling object (the plain discrete one without reading any tensor)."""
+    if type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep:
+        return float(SELF_PATH_MAX_TIMESTEP)
+    try:
+        return _TIMESTEP_CEILINGS[model_sampling]
+    except (KeyError, TypeError):
+        pass
+    ceiling = float(SELF_PATH_MAX_TIMESTEP)
+    try:
+        top = float(model_sampling.timestep(torch.as_tensor([float(model_sampling.sigma_max)])).reshape(-1)[0])
+        if top < SELF_PATH_MAX_TIMESTEP:
+            sigma = float(model_sampling.percent_to_sigma(1.0 - SELF_PATH_MAX_TIMESTEP / 1000.0))
+            ceiling = float(model_sampling.timestep(torch.as_tensor([sigma])).reshape(-1)[0])
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # a model-sampling without these: the reference's
+        pass
+    try:
+        _TIMESTEP_CEILINGS[model_sampling] = ceiling
+    except TypeError:  # not weak-referenceable
+        pass
+    return ceiling
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
@@ -195,9 +230,11 @@ class MomaRun:
         else:
             context = True if c_low <= low and high <= c_high else None
 
+        ceiling = object_timestep_ceiling(model_sampling)
+
         def object_on(sigma: float) -> bool:
             timestep = model_sampling.timestep(torch.tensor([sigma], dtype=torch.float32))
-            return o_low <= sigma <= o_high and int(timestep.reshape(-1)[0]) < SELF_PATH_MAX_TIMESTEP
+            return o_low <= sigma <= o_high and float(timestep.reshape(-1)[0]) < ceiling
 
         low_on = object_on(low)
         if high < o_low or low > o_high:
@@ -286,6 +323,7 @@ class MomaRunState:
         self.run = run
         self.model_sampling = model_sampling
         (self.object_sigmas, self.context_sigmas) = run.sigma_windows(model_sampling)
+        self.object_timestep_ceiling = object_timestep_ceiling(model_sampling)
         self.tracker = SubjectMaskTracker()
         self.device_cache: dict[tuple, Any] = {}  # device tensors (heads-split bank, tokens, masks)
         self.call_cache: dict[tuple, tuple] = {}  # per UNet call: gated masks
@@ -334,14 +372,14 @@ class MomaRunState:
         (o_low, o_high), (c_low, c_high) = self.object_sigmas, self.context_sigmas
         if plan is None:  # a lone UNet call outside a sampling run: read the sigma
             value = float(sigma.item())
-            timestep = int(self.model_sampling.timestep(sigma).reshape(-1)[0].item())
-            return o_low <= value <= o_high and timestep < SELF_PATH_MAX_TIMESTEP, c_low <= value <= c_high
+            timestep = float(self.model_sampling.timestep(sigma).reshape(-1)[0].item())
+            return o_low <= value <= o_high and timestep < self.object_timestep_ceiling, c_low <= value <= c_high
         object_on, context_on = plan
         if object_on is not None and context_on is not None:
             return object_on, context_on
         context: Gate = context_on if context_on is not None else (sigma >= c_low) & (sigma <= c_high)
         if object_on is None:
-            below = self.model_sampling.timestep(sigma) < SELF_PATH_MAX_TIMESTEP
+            below = self.model_sampling.timestep(sigma) < self.object_timestep_ceiling
             if (o_low, o_high) == (c_low, c_high):  # one window for both paths (the default)
                 return (below if context is True else below & context), context
             return below & (sigma >= o_low) & (sigma <= o_high), context
