@@ -2,8 +2,11 @@
 
     python3 tools/rss_peak.py [--label NAME] [--interval S] -- COMMAND [ARGS...]
 
-Samples every process descended from COMMAND and prints, when it ends, the peak of their summed RSS and the
-largest single process seen. Exits with COMMAND's status. Used by .ci/run to measure the test runs' memory.
+Samples every process descended from COMMAND and prints, when it ends, the peak of their summed RSS (a page
+shared by several processes, such as torch's libraries or a model file two processes read, counts once per
+process), the peak of their summed PSS (each shared page split between its processes: what the tree really
+holds) and the largest single process's RSS. Exits with COMMAND's status. Used by .ci/run to measure the test
+runs' memory.
 """
 from __future__ import annotations
 
@@ -34,23 +37,36 @@ def _processes() -> dict[int, tuple[int, int, str]]:
     return found
 
 
-def tree_rss(root: int) -> tuple[int, int, str]:
-    """(summed RSS of root and its descendants, the largest one's RSS, its name)."""
+def _pss(pid: int) -> int:
+    """The process's proportional set size in bytes (0 if it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss(root: int) -> tuple[int, int, int, str]:
+    """(summed RSS of root and its descendants, their summed PSS, the largest one's RSS, its name)."""
     processes = _processes()
     children: dict[int, list[int]] = {}
     for pid, (parent, _rss, _name) in processes.items():
         children.setdefault(parent, []).append(pid)
-    total, largest, largest_name = 0, 0, ""
+    total, proportional, largest, largest_name = 0, 0, 0, ""
     pending = [root]
     while pending:
         pid = pending.pop()
         if pid in processes:
             _parent, rss, name = processes[pid]
             total += rss
+            proportional += _pss(pid)
             if rss > largest:
                 largest, largest_name = rss, name
         pending.extend(children.get(pid, []))
-    return total, largest, largest_name
+    return total, proportional, largest, largest_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("give the command after --")
     process = subprocess.Popen(command)
-    peak = {"total": 0, "largest": 0, "name": ""}
+    peak = {"total": 0, "pss": 0, "largest": 0, "name": ""}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            total, largest, name = tree_rss(process.pid)
+            total, proportional, largest, name = tree_rss(process.pid)
             peak["total"] = max(peak["total"], total)
+            peak["pss"] = max(peak["pss"], proportional)
             if largest > peak["largest"]:
                 peak["largest"], peak["name"] = largest, name
             done.wait(args.interval)
@@ -80,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     done.set()
     sampler.join()
     gib = 2 ** 30
-    print(f"[rss_peak] {args.label}: peak RSS of the process tree {peak['total'] / gib:.2f} GiB, largest process "
-          f"{peak['largest'] / gib:.2f} GiB ({peak['name']})", flush=True)
+    print(f"[rss_peak] {args.label}: peak RSS of the process tree {peak['total'] / gib:.2f} GiB (summed: shared pages "
+          f"once per process), peak PSS of the tree {peak['pss'] / gib:.2f} GiB, largest process "
+          f"{peak['largest'] / gib:.2f} GiB RSS ({peak['name']})", flush=True)
     return status
 
 
