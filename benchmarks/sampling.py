@@ -489,6 +489,35 @@ def run_rerun_graph(hostinfo: boot.ComfyHost, checkpoint_name: str) -> dict:
 # batch growth: the same step at batch sizes 1, 4, 16 (cost per item should stay flat)
 
 
+def measure_variants(variants: dict[str, Any], sampling: "Sampling", repeats: int, monitor: "RssMonitor",
+                     label: str) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]], dict[str, list[dict]]]:
+    """Sample each variant ``repeats`` times, interleaved (the order rotates each repeat, so drift in the
+    machine's speed hits every variant alike); per variant: wall and CPU step times of each run, and each run's
+    memory window (RSS start/peak, plus ``cuda_peak`` on CUDA)."""
+    import torch
+
+    device = sampling.device
+    on_cuda = getattr(device, "type", "") == "cuda"
+    wall: dict[str, list[list[float]]] = {name: [] for name in variants}
+    cpu: dict[str, list[list[float]]] = {name: [] for name in variants}
+    memory: dict[str, list[dict]] = {name: [] for name in variants}
+    names = list(variants)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            with monitor.window() as window:
+                wall_times, cpu_times = sampling.run(variants[name])
+            if on_cuda:
+                window["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+            wall[name].append(wall_times)
+            cpu[name].append(cpu_times)
+            memory[name].append(window)
+            print(f"  {label} {name:10s} run {repeat + 1}: wall " + " ".join(f"{t:.3f}" for t in wall_times)
+                  + " s, cpu " + " ".join(f"{t:.2f}" for t in cpu_times) + " s", flush=True)
+    return wall, cpu, memory
+
+
 def measure_batch_growth(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMonitor) -> dict:
     """Plain vs MoMA (30% object bank, Feature Grab with the generation's LATENT connected) at each of
     ``opts.batches`` latent batch sizes, ``opts.batch_image_size`` square: the fastest steady step, the time per
@@ -519,22 +548,7 @@ def measure_batch_growth(opts: argparse.Namespace, hostinfo: boot.ComfyHost, mon
     for batch, sampling in samplings.items():
         for patched in variants.values():
             sampling.run(patched, steps=1)  # first use of this batch's shapes
-        wall: dict[str, list[list[float]]] = {name: [] for name in variants}
-        cpu: dict[str, list[list[float]]] = {name: [] for name in variants}
-        memory: dict[str, list[dict]] = {name: [] for name in variants}
-        for repeat in range(opts.repeats):
-            for name in (list(variants) if repeat % 2 == 0 else list(variants)[::-1]):  # alternate the order
-                if on_cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                with monitor.window() as window:
-                    wall_times, cpu_times = sampling.run(variants[name])
-                if on_cuda:
-                    window["cuda_peak"] = torch.cuda.max_memory_allocated(device)
-                wall[name].append(wall_times)
-                cpu[name].append(cpu_times)
-                memory[name].append(window)
-                print(f"  batch {batch:2d} {name:5s} run {repeat + 1}: wall " + " ".join(f"{t:.3f}" for t in wall_times)
-                      + " s, cpu " + " ".join(f"{t:.2f}" for t in cpu_times) + " s", flush=True)
+        wall, cpu, memory = measure_variants(variants, sampling, opts.repeats, monitor, f"batch {batch:2d}")
         row: dict[str, Any] = {}
         for name in variants:
             per_wall, per_cpu = min(steady(wall[name])), min(steady(cpu[name]))
@@ -736,24 +750,8 @@ def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMoni
         if size in matched:
             size_variants[f"moma 30% ref@{size}"] = matched[size]
             size_variants["moma 30% default (auto)"] = auto_model
-        wall: dict[str, list[list[float]]] = {name: [] for name in size_variants}
-        cpu: dict[str, list[list[float]]] = {name: [] for name in size_variants}
-        memory: dict[str, list[dict]] = {name: [] for name in size_variants}
         names = list(size_variants)
-        for repeat in range(opts.repeats):
-            order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotate: drift hits all alike
-            for name in order:
-                if on_cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                with monitor.window() as window:
-                    wall_times, cpu_times = sampling.run(size_variants[name])
-                if on_cuda:
-                    window["cuda_peak"] = torch.cuda.max_memory_allocated(device)
-                wall[name].append(wall_times)
-                cpu[name].append(cpu_times)
-                memory[name].append(window)
-                print(f"  {size} {name:10s} run {repeat + 1}: wall " + " ".join(f"{t:.3f}" for t in wall_times)
-                      + " s, cpu " + " ".join(f"{t:.2f}" for t in cpu_times) + " s", flush=True)
+        wall, cpu, memory = measure_variants(size_variants, sampling, opts.repeats, monitor, str(size))
         entry: dict[str, Any] = {"timesteps": [round(t, 1) for t in sampling.timesteps], "variants": {}}
         # The fastest steady step: interference from other processes only ever adds time.
         plain_wall, plain_cpu = min(steady(wall["plain"])), min(steady(cpu["plain"]))

@@ -1,5 +1,6 @@
 """Drive the in-process ComfyUI host (booted by tests/host.py) the way a user's install would.
 
+- ``link``: a symlink to a fixture file or folder (in a model, input or output folder), replaced if it points elsewhere;
 - ``place_model``: put a model file in one of ComfyUI's model folders (a symlink) and get its name;
 - ``load_checkpoint``: ``CheckpointLoaderSimple`` on such a name;
 - ``run_api_workflow``: validate and run an API-format graph through ComfyUI's real executor.
@@ -36,17 +37,24 @@ class NullServer:
         pass
 
 
+def link(link_path: Path, target: Path) -> None:
+    """Make ``link_path`` a symlink to ``target`` (its parents created); an existing link or file there is replaced
+    unless it already points at ``target``."""
+    link_path.parent.mkdir(parents=True, exist_ok=True)
+    if link_path.is_symlink() and link_path.resolve() == target.resolve():
+        return
+    if link_path.is_symlink() or link_path.is_file():
+        link_path.unlink()
+    elif link_path.exists():
+        raise FileExistsError(f"{link_path} is a real folder: the tests only replace links and files")
+    link_path.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
 def place_model(folder_name: str, path: Path, models_dir: Path) -> str:
     """Link ``path`` into ``models_dir/folder_name`` and return the file name ComfyUI lists for it."""
     import folder_paths
 
-    folder = models_dir / folder_name
-    folder.mkdir(parents=True, exist_ok=True)
-    link = folder / path.name
-    if link.is_symlink() and link.resolve() != path.resolve():
-        link.unlink()
-    if not link.exists():
-        link.symlink_to(path.resolve())
+    link(models_dir / folder_name / path.name, path)
     if folder_paths.get_full_path(folder_name, path.name) is None:
         searched = folder_paths.get_folder_paths(folder_name)
         raise RuntimeError(f"ComfyUI does not see {link}: its {folder_name!r} folders are {searched}")

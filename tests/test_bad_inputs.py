@@ -97,13 +97,6 @@ def model_state(model: Any) -> tuple:
 # ---------------------------------------------------------------------------------------------- the host
 
 
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
-
-
 def _png16(path: Path) -> None:
     rng = np.random.default_rng(2)
     array = (rng.integers(0, 65535, (64, 64))).astype(np.uint16)
@@ -117,10 +110,10 @@ def matrix(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision_dir
 
     models, inputs = comfy_host.models_dir, Path(folder_paths.get_input_directory())
     outputs = Path(folder_paths.get_output_directory())
-    _link(models / "checkpoints" / sd15_checkpoint.name, sd15_checkpoint)
-    _link(models / "moma" / ADAPTER, adapter_file)
-    _link(models / "LLM" / LLAVA, llava_dir)
-    _link(models / "clip_vision" / CLIP, clip_vision_dir)
+    comfy_exec.link(models / "checkpoints" / sd15_checkpoint.name, sd15_checkpoint)
+    comfy_exec.link(models / "moma" / ADAPTER, adapter_file)
+    comfy_exec.link(models / "LLM" / LLAVA, llava_dir)
+    comfy_exec.link(models / "clip_vision" / CLIP, clip_vision_dir)
     # wrong files in the loaders' folders
     buffer = io.BytesIO()
     torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}},

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from PIL import Image
 
+import comfy_exec
 import host
 
 pytestmark = [
@@ -37,11 +38,6 @@ WARM_UP = 20
 REFERENCES = ("soak_a.png", "soak_b.png")
 PROMPTS = ("A car in autumn with falling leaves.", "A car on a snowy street at night.", "A car on the beach.")
 SEEDS = (1, 2)
-
-
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
 
 
 def _graph(reference: str, prompt: str, seed: int, prefix: str) -> dict:
@@ -144,11 +140,11 @@ def test_soak(sd15_checkpoint: Path, adapter_file: Path, llava_dir: Path, clip_v
     base = Path(tempfile.mkdtemp(prefix="moma-soak-"))
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir()
-    _link(base / "custom_nodes" / "comfyui_moma", host.REPO)
-    _link(base / "models" / "checkpoints" / sd15_checkpoint.name, sd15_checkpoint)
-    _link(base / "models" / "moma" / adapter_file.name, adapter_file)
-    _link(base / "models" / "LLM" / "MoMA_llava_7b", llava_dir)
-    _link(base / "models" / "clip_vision" / "clip-vit-large-patch14-336", clip_vision_dir)
+    comfy_exec.link(base / "custom_nodes" / "comfyui_moma", host.REPO)
+    comfy_exec.link(base / "models" / "checkpoints" / sd15_checkpoint.name, sd15_checkpoint)
+    comfy_exec.link(base / "models" / "moma" / adapter_file.name, adapter_file)
+    comfy_exec.link(base / "models" / "LLM" / "MoMA_llava_7b", llava_dir)
+    comfy_exec.link(base / "models" / "clip_vision" / "clip-vit-large-patch14-336", clip_vision_dir)
     rng = np.random.default_rng(3)
     for name in REFERENCES:
         Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((96, 72)).save(base / "input" / name)

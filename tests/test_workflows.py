@@ -232,15 +232,6 @@ def comfy_validation(prompt: dict) -> tuple[bool, Any, dict]:
 # fixtures: the fixture models under the examples' file names, the reference picture, a saved context
 
 
-def _link(target: Path, source: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
-        if target.is_symlink() and target.resolve() == source.resolve():
-            return
-        target.unlink()
-    target.symlink_to(source.resolve(), target_is_directory=source.is_dir())
-
-
 @pytest.fixture(scope="module")
 def example_host(comfy_host, sd15_checkpoint, llava_dir, clip_vision_dir, adapter_file, test_images, moma_context):
     """The host with every model the examples name linked to its fixture, the reference picture in input/
@@ -262,7 +253,7 @@ def example_host(comfy_host, sd15_checkpoint, llava_dir, clip_vision_dir, adapte
     table = models.load_models_table()
     for name in API_FILES:
         for use in models.model_uses(graph.load_workflow(API_DIR / name), table["loader_inputs"]):
-            _link(comfy_host.models_dir / use.folder / use.name, by_folder[use.folder])
+            comfy_exec.link(comfy_host.models_dir / use.folder / use.name, by_folder[use.folder])
     picture, _mask = test_images["rgb"]
     with Image.open(picture) as image:
         image.convert("RGB").save(Path(folder_paths.get_input_directory()) / REFERENCE_NAME, quality=95)

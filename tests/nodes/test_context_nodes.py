@@ -31,21 +31,15 @@ ADAPTER_NAME = "attn_adapters_projectors.th"
 SUBJECT, PROMPT = "car", "A car in autumn with falling leaves."
 
 
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
-
-
 @pytest.fixture(scope="module")
 def placed(comfy_host, llava_dir: Path, clip_vision_dir: Path, adapter_file: Path) -> dict[str, Path]:
     """The fixtures linked into models/moma, models/LLM and models/clip_vision; a reference in input/."""
     import folder_paths
 
     models = comfy_host.models_dir
-    _link(models / "moma" / ADAPTER_NAME, adapter_file)
-    _link(models / "LLM" / LLAVA_NAME, llava_dir)
-    _link(models / "clip_vision" / CLIP_NAME, clip_vision_dir)
+    comfy_exec.link(models / "moma" / ADAPTER_NAME, adapter_file)
+    comfy_exec.link(models / "LLM" / LLAVA_NAME, llava_dir)
+    comfy_exec.link(models / "clip_vision" / CLIP_NAME, clip_vision_dir)
     input_dir = Path(folder_paths.get_input_directory())
     rng = np.random.default_rng(5)
     picture = np.asarray(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300)))
@@ -275,6 +269,7 @@ def _views_graph(masks: str, prefix: str) -> dict:
     return graph
 
 
+@pytest.mark.default_host_only
 def test_a_batch_of_views_through_the_executor_is_their_mean(placed, adapter_file: Path, llava_dir: Path,
                                                              clip_vision_dir: Path) -> None:
     """Two views of the object through the real executor: the context equals the independent re-derivation
@@ -391,6 +386,7 @@ def test_context_encoder_node_with_none_fails_with_the_message(placed) -> None:
     assert failure["exception_message"].startswith(NONE_MESSAGE)
 
 
+@pytest.mark.default_host_only
 @pytest.mark.slow
 def test_saved_context_applies_the_same_with_a_none_loader(placed, comfy_host, sd15_checkpoint, moma_context,
                                                            test_images) -> None:

@@ -16,12 +16,6 @@ ADAPTER_NAME = "attn_adapters_projectors.th"
 CLIP_NAME = "clip-vit-large-patch14-336"
 
 
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
-
-
 _CREATED: list[Path] = []
 
 
@@ -32,8 +26,8 @@ def placed(comfy_host, adapter_file: Path, clip_vision_dir: Path):
     import folder_paths
     from PIL import Image
 
-    _link(comfy_host.models_dir / "moma" / ADAPTER_NAME, adapter_file)
-    _link(comfy_host.models_dir / "clip_vision" / CLIP_NAME, clip_vision_dir)
+    comfy_exec.link(comfy_host.models_dir / "moma" / ADAPTER_NAME, adapter_file)
+    comfy_exec.link(comfy_host.models_dir / "clip_vision" / CLIP_NAME, clip_vision_dir)
     Image.new("RGB", (32, 32), (10, 200, 30)).save(Path(folder_paths.get_input_directory()) / "moma_checks_ref.png")
     yield comfy_host.models_dir
     for path in _CREATED:
@@ -97,14 +91,14 @@ def test_empty_shard_and_bad_index_are_named(placed, llava_dir: Path) -> None:
 @pytest.mark.parametrize("drop,expected", [("model.safetensors", "No model weights"), ("config.json", "has no config.json")])
 def test_incomplete_clip_vision_folder_fails_validation(placed, llava_dir: Path, clip_vision_dir: Path, drop: str,
                                                         expected: str) -> None:
-    _link(placed / "LLM" / "MoMA_llava_7b", llava_dir)
+    comfy_exec.link(placed / "LLM" / "MoMA_llava_7b", llava_dir)
     name = _incomplete(placed, clip_vision_dir, f"clip_vision/incomplete-{drop.replace('.', '-')}", drop)
     message = MomaLoader.validate_inputs(ADAPTER_NAME, "MoMA_llava_7b", name)
     assert message.startswith("clip_vision_name: ") and expected in message, message
 
 
 def test_clip_single_file_that_is_not_safetensors_fails_validation(placed, llava_dir: Path) -> None:
-    _link(placed / "LLM" / "MoMA_llava_7b", llava_dir)
+    comfy_exec.link(placed / "LLM" / "MoMA_llava_7b", llava_dir)
     (placed / "clip_vision" / "broken.safetensors").write_bytes(b"\xff" * 64)
     _CREATED.append(placed / "clip_vision" / "broken.safetensors")
     message = MomaLoader.validate_inputs(ADAPTER_NAME, "MoMA_llava_7b", "broken.safetensors")

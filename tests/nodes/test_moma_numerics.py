@@ -188,6 +188,7 @@ def scene(sd15_models, moma_model, moma_context, test_images, load_image_tensor)
     return model, clip, vae, image, mask, subject
 
 
+@pytest.mark.default_host_only
 def test_several_views_give_one_bank_of_every_views_object_keys(scene, moma_model):
     """A batch of pictures of one object (here a picture and its mirror image, each with its own mask): one bank
     holding each view's object keys/values in batch order, the views drawing their VAE sample and t=0 noise from
@@ -211,7 +212,8 @@ def test_several_views_give_one_bank_of_every_views_object_keys(scene, moma_mode
             assert ours.shape[0] > first.shape[0]
 
 
-@pytest.mark.parametrize("latent_hw", [(16, 16), (16, 24)])
+@pytest.mark.parametrize("latent_hw", [pytest.param((16, 16), id="16x16"),
+                                       pytest.param((16, 24), id="16x24", marks=pytest.mark.default_host_only)])
 def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context, latent_hw):
     import comfy.model_management
 

@@ -76,6 +76,7 @@ def test_no_host_reads_and_few_ops_per_unet_call(sampling_setup, moma_model, mom
     assert statistics.median(added) <= MAX_ADDED_OPS_PER_CALL, added
 
 
+@pytest.mark.default_host_only
 def test_gates_decided_on_device_equal_the_host_decision(sampling_setup, moma_model, moma_context):
     """Within a sampling run the t < 950 gate is a device-side 0/1 factor; the result is bit for bit what
     reading the sigma on the host gives (the path outside a sampler), also with a start/end window."""

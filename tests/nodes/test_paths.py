@@ -22,18 +22,12 @@ CLIP_NAME = "clip-vit-large-patch14-336"
 ADAPTER_NAME = "attn_adapters_projectors.th"
 
 
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
-
-
 @pytest.fixture(scope="module")
 def placed(comfy_host, llava_dir: Path, clip_vision_dir: Path, adapter_file: Path) -> Path:
     models = comfy_host.models_dir
-    _link(models / "moma" / ADAPTER_NAME, adapter_file)
-    _link(models / "LLM" / LLAVA_NAME, llava_dir)
-    _link(models / "clip_vision" / CLIP_NAME, clip_vision_dir)
+    comfy_exec.link(models / "moma" / ADAPTER_NAME, adapter_file)
+    comfy_exec.link(models / "LLM" / LLAVA_NAME, llava_dir)
+    comfy_exec.link(models / "clip_vision" / CLIP_NAME, clip_vision_dir)
     return models
 
 
@@ -114,7 +108,7 @@ def test_symlinks_inside_and_extra_model_paths_folders_are_fine(placed, tmp_path
     import folder_paths
 
     nested = placed / "LLM" / "shared" / "llava-copy"
-    _link(nested, llava_dir)  # a user's symlink inside models/LLM to a folder on another disk
+    comfy_exec.link(nested, llava_dir)  # a user's symlink inside models/LLM to a folder on another disk
     try:
         assert MomaLoader.validate_inputs(ADAPTER_NAME, "shared/llava-copy", CLIP_NAME) is True
         assert MomaLoader.validate_inputs(ADAPTER_NAME, "shared/../shared/llava-copy", CLIP_NAME) is True
@@ -122,8 +116,8 @@ def test_symlinks_inside_and_extra_model_paths_folders_are_fine(placed, tmp_path
         shutil.rmtree(placed / "LLM" / "shared")  # other modules list models/LLM
 
     extra = tmp_path / "extra_models"
-    _link(extra / "moma" / "other_adapter.th", adapter_file)
-    _link(extra / "clip_vision" / "vision", clip_vision_dir)
+    comfy_exec.link(extra / "moma" / "other_adapter.th", adapter_file)
+    comfy_exec.link(extra / "clip_vision" / "vision", clip_vision_dir)
     saved = {name: (list(folder_paths.folder_names_and_paths[name][0]), set(folder_paths.folder_names_and_paths[name][1]))
              for name in ("moma", "clip_vision")}
     try:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import comfy_exec
 from comfy_exec import WorkflowError, run_api_workflow
 from comfyui_moma.moma.context import save_context
 from comfyui_moma.moma.errors import MomaError
@@ -68,10 +69,7 @@ def text_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision
     models = comfy_host.models_dir
     for folder, path in (("checkpoints", sd15_checkpoint), ("moma", adapter_file), ("LLM", llava_dir),
                          ("clip_vision", clip_vision_dir)):
-        link = models / folder / path.name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(path, target_is_directory=path.is_dir())
+        comfy_exec.link(models / folder / path.name, path)
     input_dir, output_dir = Path(folder_paths.get_input_directory()), Path(folder_paths.get_output_directory())
     image_path, mask_path = test_images["wide"]
     shutil.copy(image_path, input_dir / "text_encode_ref.png")
@@ -146,6 +144,7 @@ def moma_messages(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if "Apply MoMA Attention (subject" in record.getMessage()]
 
 
+@pytest.mark.default_host_only
 def test_tagged_sd_prompt_gives_the_same_image_as_clip_text_encode(text_setup, caplog):
     """MoMA Text Encode of the context's sd_prompt (text left empty) = CLIPTextEncode(sd_prompt), today's graph:
     the identical image and no message."""
@@ -171,6 +170,7 @@ def test_tagged_other_text_uses_the_subject_tokens_of_that_text(text_setup, capl
     assert not np.array_equal(untold, tagged)
 
 
+@pytest.mark.default_host_only
 def test_tagged_text_without_the_subject_is_warned_about_at_sampling(text_setup, caplog):
     image_of(graph(text_setup, moma_text("a dog on a beach", context=False)), caplog)
     (message,) = moma_messages(caplog)
@@ -178,6 +178,7 @@ def test_tagged_text_without_the_subject_is_warned_about_at_sampling(text_setup,
     assert "unmasked" in message
 
 
+@pytest.mark.default_host_only
 def test_two_subjects_each_find_their_tokens_in_one_tagged_text(text_setup, caplog):
     """Two Apply nodes (car, dog) on one model and one MoMA Text Encode naming both: the same image as giving both
     Apply nodes the text; each logs where its own subject is."""
