@@ -489,6 +489,19 @@ def run_rerun_graph(hostinfo: boot.ComfyHost, checkpoint_name: str) -> dict:
 # batch growth: the same step at batch sizes 1, 4, 16 (cost per item should stay flat)
 
 
+def load_models(opts: argparse.Namespace, hostinfo: boot.ComfyHost) -> tuple[Any, ...]:
+    """(model, clip, vae, checkpoint name, MOMA_MODEL, MOMA_CONTEXT, positive, negative): what every measurement
+    samples with (the prompt SD_PROMPT, an empty negative)."""
+    import nodes
+
+    model, clip, vae, checkpoint_name = load_checkpoint(hostinfo, opts.checkpoint)
+    moma_model = load_moma_model(opts.adapter)
+    context = make_context(opts.seed)
+    positive = nodes.CLIPTextEncode().encode(clip, SD_PROMPT)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    return model, clip, vae, checkpoint_name, moma_model, context, positive, negative
+
+
 def measure_variants(variants: dict[str, Any], sampling: "Sampling", repeats: int, monitor: "RssMonitor",
                      label: str) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]], dict[str, list[dict]]]:
     """Sample each variant ``repeats`` times, interleaved (the order rotates each repeat, so drift in the
@@ -523,16 +536,11 @@ def measure_batch_growth(opts: argparse.Namespace, hostinfo: boot.ComfyHost, mon
     ``opts.batches`` latent batch sizes, ``opts.batch_image_size`` square: the fastest steady step, the time per
     batch item, MoMA / plain, and the peak RSS while sampling above the RSS before (both models are loaded)."""
     import torch
-    import nodes
     from comfyui_moma.nodes.apply import apply_moma
 
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()
-    model, clip, vae, checkpoint_name = load_checkpoint(hostinfo, opts.checkpoint)
-    moma_model = load_moma_model(opts.adapter)
-    context = make_context(opts.seed)
-    positive = nodes.CLIPTextEncode().encode(clip, SD_PROMPT)[0]
-    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    model, clip, vae, checkpoint_name, moma_model, context, positive, negative = load_models(opts, hostinfo)
     device = model.load_device
     on_cuda = getattr(device, "type", "") == "cuda"
     size = opts.batch_image_size
@@ -679,16 +687,11 @@ def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMoni
     """Everything but the re-run check; returns (report, profile text). Its models are freed on return."""
     import torch
     import comfy.ldm.modules.attention as comfy_attention
-    import nodes
     from comfyui_moma.nodes.apply import apply_moma
 
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()
-    model, clip, vae, checkpoint_name = load_checkpoint(hostinfo, opts.checkpoint)
-    moma_model = load_moma_model(opts.adapter)
-    context = make_context(opts.seed)
-    positive = nodes.CLIPTextEncode().encode(clip, SD_PROMPT)[0]
-    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    model, clip, vae, checkpoint_name, moma_model, context, positive, negative = load_models(opts, hostinfo)
     device = model.load_device
     on_cuda = getattr(device, "type", "") == "cuda"
 

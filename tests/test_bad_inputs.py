@@ -168,29 +168,10 @@ def matrix(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision_dir
 
 def base_graph() -> dict:
     """Checkpoint -> MoMA (saved context, Feature Grab at 64) -> 1-step KSampler at 64x64 -> preview."""
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "moma_test_sd15.safetensors"}},
-        "loader": {"class_type": "MomaLoader", "inputs": {
-            "adapter_name": ADAPTER, "llava_name": LLAVA, "clip_vision_name": CLIP, "precision": "fp32",
-            "quantization": "none", "keep_llava_loaded": False}},
-        "img": {"class_type": "LoadImage", "inputs": {"image": "matrix_rgb.png"}},
-        "mask": {"class_type": "LoadImageMask", "inputs": {"image": "matrix_mask.png", "channel": "red"}},
-        "ctx": {"class_type": "MomaLoadContext", "inputs": {"context_file": f"{CONTEXT} [output]", "path": ""}},
-        "grab": {"class_type": "MomaFeatureGrab", "inputs": {
-            "model": ["ckpt", 0], "moma_model": ["loader", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
-            "image": ["img", 0], "mask": ["mask", 0], "subject": "car", "seed": 1, "resolution": 64}},
-        "apply": {"class_type": "MomaApply", "inputs": {
-            "model": ["ckpt", 0], "moma_model": ["loader", 0], "context": ["ctx", 0], "reference": ["grab", 0],
-            "preset": "context", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": ["ctx", 1], "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
-        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "ks": {"class_type": "KSampler", "inputs": {
-            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
-            "seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
-        "out": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}},
-    }
+    graph = comfy_exec.saved_context_graph("moma_test_sd15.safetensors", CONTEXT, "matrix_rgb.png", "matrix_mask.png",
+                                           llava=LLAVA, clip_vision=CLIP)
+    graph["out"] = {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}}
+    return graph
 
 
 def with_encoder(graph: dict, **inputs: Any) -> dict:

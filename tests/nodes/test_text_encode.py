@@ -82,29 +82,10 @@ def text_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision
 def graph(ckpt: str, positive: dict, apply_prompt: str | None = None, dog: bool = False) -> dict:
     """Saved context -> Feature Grab -> Apply MoMA (and a second Apply for a dog with ``dog``) -> 3 euler steps at
     64x64 with ``positive`` as the positive prompt node -> SaveImage."""
-    nodes = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "loader": {"class_type": "MomaLoader", "inputs": {
-            "adapter_name": "attn_adapters_projectors.th", "llava_name": "none", "clip_vision_name": "none",
-            "precision": "fp32", "quantization": "none", "keep_llava_loaded": False}},
-        "img": {"class_type": "LoadImage", "inputs": {"image": "text_encode_ref.png"}},
-        "mask": {"class_type": "LoadImageMask", "inputs": {"image": "text_encode_mask.png", "channel": "red"}},
-        "ctx": {"class_type": "MomaLoadContext", "inputs": {"context_file": f"{CAR_CONTEXT} [output]", "path": ""}},
-        "grab": {"class_type": "MomaFeatureGrab", "inputs": {
-            "model": ["ckpt", 0], "moma_model": ["loader", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
-            "image": ["img", 0], "mask": ["mask", 0], "subject": "car", "seed": 1, "resolution": 64}},
-        "apply": {"class_type": "MomaApply", "inputs": {
-            "model": ["ckpt", 0], "moma_model": ["loader", 0], "context": ["ctx", 0], "reference": ["grab", 0],
-            "preset": "context", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
-        "pos": positive,
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
-        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "ks": {"class_type": "KSampler", "inputs": {
-            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
-            "seed": 3, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "moma_text_encode"}},
-    }
+    nodes = comfy_exec.saved_context_graph(ckpt, CAR_CONTEXT, "text_encode_ref.png", "text_encode_mask.png", seed=3,
+                                           steps=3)
+    nodes["pos"] = positive
+    nodes["save"] = {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "moma_text_encode"}}
     if dog:
         nodes["dogctx"] = {"class_type": "MomaLoadContext", "inputs": {"context_file": f"{DOG_CONTEXT} [output]",
                                                                        "path": ""}}
