@@ -5,8 +5,9 @@
 Samples every process descended from COMMAND and prints, when it ends, the peak of their summed RSS (a page
 shared by several processes, such as torch's libraries or a model file two processes read, counts once per
 process), the peak of their summed PSS (each shared page split between its processes: what the tree really
-holds) and the largest single process's RSS. Exits with COMMAND's status. Used by .ci/run to measure the test
-runs' memory.
+holds) and the largest single process's RSS with its command line. ``--log PATH`` writes every sample (time,
+summed RSS, summed PSS, largest RSS in GiB, that process's command line) to find when and where the peak came.
+Exits with COMMAND's status. Used by .ci/run to measure the test runs' memory.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -49,13 +51,25 @@ def _pss(pid: int) -> int:
     return 0
 
 
+def _command_line(pid: int, name: str) -> str:
+    """The process's command line, shortened (its name if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            words = handle.read().split(b"\0")
+    except OSError:
+        return name
+    text = " ".join(os.path.basename(word.decode(errors="replace")) if index == 0 else word.decode(errors="replace")
+                    for index, word in enumerate(words) if word)
+    return (text or name)[:160]
+
+
 def tree_rss(root: int) -> tuple[int, int, int, str]:
-    """(summed RSS of root and its descendants, their summed PSS, the largest one's RSS, its name)."""
+    """(summed RSS of root and its descendants, their summed PSS, the largest one's RSS, its command line)."""
     processes = _processes()
     children: dict[int, list[int]] = {}
     for pid, (parent, _rss, _name) in processes.items():
         children.setdefault(parent, []).append(pid)
-    total, proportional, largest, largest_name = 0, 0, 0, ""
+    total, proportional, largest, largest_pid, largest_name = 0, 0, 0, 0, ""
     pending = [root]
     while pending:
         pid = pending.pop()
@@ -64,15 +78,16 @@ def tree_rss(root: int) -> tuple[int, int, int, str]:
             total += rss
             proportional += _pss(pid)
             if rss > largest:
-                largest, largest_name = rss, name
+                largest, largest_pid, largest_name = rss, pid, name
         pending.extend(children.get(pid, []))
-    return total, proportional, largest, largest_name
+    return total, proportional, largest, _command_line(largest_pid, largest_name) if largest_pid else ""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="command")
     parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--log", type=Path, help="write every sample to this file")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -82,9 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     peak = {"total": 0, "pss": 0, "largest": 0, "name": ""}
     done = threading.Event()
 
+    log = open(args.log, "a") if args.log else None
+    gib = 2 ** 30
+
     def sample() -> None:
         while not done.is_set():
             total, proportional, largest, name = tree_rss(process.pid)
+            if log:
+                log.write(f"{time.time():.1f}\t{total / gib:.2f}\t{proportional / gib:.2f}\t{largest / gib:.2f}\t{name}\n")
+                log.flush()
             peak["total"] = max(peak["total"], total)
             peak["pss"] = max(peak["pss"], proportional)
             if largest > peak["largest"]:
@@ -96,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     status = process.wait()
     done.set()
     sampler.join()
-    gib = 2 ** 30
+    if log:
+        log.close()
     print(f"[rss_peak] {args.label}: peak RSS of the process tree {peak['total'] / gib:.2f} GiB (summed: shared pages "
           f"once per process), peak PSS of the tree {peak['pss'] / gib:.2f} GiB, largest process "
           f"{peak['largest'] / gib:.2f} GiB RSS ({peak['name']})", flush=True)
