@@ -109,6 +109,9 @@ PY
       -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
   # torchaudio declares torch==2.11.1; with --no-deps the pinned torch above stays
   "$VENV/bin/python" -m pip install -q --no-deps "$TORCHAUDIO_PIN"
+  # rembg imports pymatting, whose numba kernels compile at its first import (about a minute, and 0.3 GB that
+  # stay in that process) and are cached beside it: compiled here once, no ComfyUI or test process pays for it.
+  "$VENV/bin/python" -c "import rembg.bg"
   echo "$VERSION" > "$HOST/comfyui-version"
   echo "$stamp_want" > "$HOST/.installed"
 fi
