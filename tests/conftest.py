@@ -1,18 +1,49 @@
 """Session set-up: a real ComfyUI host with the pack loaded, and the tiny real-format model fixtures."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers (host.py, fixtures/)
 
 import host  # noqa: E402
 
-HOST = host.boot()
+# MOMA_TEST_SPLIT (set by scripts/test.sh, which runs pytest twice): "in-process" leaves out the modules whose
+# tests start their own ComfyUI processes (PROCESS_MODULES); "processes" runs only those, and this pytest process
+# neither boots ComfyUI nor imports torch, so a demo run's checkpoint load in a child comes beside a 0.05 GiB
+# process, not the 3.3 GiB test host holding the run's loaded checkpoint. Unset (plain `pytest`): everything in
+# one process.
+PROCESS_MODULES = {"test_runner.py"}
+SPLIT = os.environ.get("MOMA_TEST_SPLIT", "")
+if SPLIT not in ("", "in-process", "processes"):
+    raise pytest.UsageError(f"MOMA_TEST_SPLIT={SPLIT!r}: use 'in-process', 'processes' or leave it unset")
+BOOT_HOST = SPLIT != "processes"
+
+
+def _in_this_part(path: Path) -> bool:
+    """Whether a test file belongs to this MOMA_TEST_SPLIT part (folders: their files are sorted one by one)."""
+    is_process_module = path.name in PROCESS_MODULES and path.parent == Path(__file__).resolve().parent
+    return path.is_dir() or is_process_module == (SPLIT == "processes")
+
+
+def pytest_configure(config):
+    # files named on the command line are collected whatever pytest_ignore_collect says: sorted here
+    if SPLIT:
+        here = config.invocation_params.dir
+        config.args[:] = [arg for arg in config.args if _in_this_part((here / arg.split("::", 1)[0]).resolve())]
+
+
+def pytest_ignore_collect(collection_path, config):
+    if SPLIT and collection_path.suffix == ".py" and not _in_this_part(collection_path.resolve()):
+        return True
+    return None
+
+
+HOST = host.boot() if BOOT_HOST else None
 # Everything ComfyUI, torch and transformers created while booting lives for the whole run: out of the garbage
 # collector's view, its full collections (ComfyUI runs one whenever a freed model clone is noticed, several
 # per executed graph) scan only what the tests create, instead of ~0.35 s each over the whole heap.
@@ -25,12 +56,13 @@ _LOADED_CHECKPOINTS: dict = {}
 
 
 def _share_loaded_checkpoints() -> None:
-    """One loaded copy of each checkpoint per test module: ComfyUI's own loader runs once per file and options,
-    and every later CheckpointLoaderSimple in the module (graphs, fixtures) gets the same MODEL/CLIP/VAE
-    objects, which MoMA only ever clones. Without this each executor run loaded a second full SD1.5 beside the
-    fixture's (the suite peaked at 10-12 GB of RSS). Between modules the copies are dropped
-    (``_release_models``): a LoRA graph patches the shared weights in place while its clone is
-    loaded, and no module should see another's patched weights."""
+    """One loaded copy of each checkpoint for the whole run: ComfyUI's own loader runs once per file and options,
+    and every later CheckpointLoaderSimple (graphs, fixtures) gets the same MODEL/CLIP/VAE objects, which MoMA only
+    ever clones. Without this each executor run loaded a second full SD1.5 beside the fixture's (the suite peaked
+    at 10-12 GB of RSS), and loading it again per module put each load's peak (its file mapped beside the copy
+    being filled, ~4 GiB above the process) on top of what earlier modules left. Between modules ComfyUI unloads
+    every model (``_release_models``), which undoes a LoRA graph's in-place weight patches, so no module sees
+    another's patched weights."""
     import os
 
     import comfy.sd
@@ -40,13 +72,46 @@ def _share_loaded_checkpoints() -> None:
     def load_once(ckpt_path, *args, **kwargs):
         key = (os.path.realpath(ckpt_path), repr(args), repr(sorted(kwargs.items(), key=lambda item: item[0])))
         if key not in _LOADED_CHECKPOINTS:
-            _LOADED_CHECKPOINTS[key] = load(ckpt_path, *args, **kwargs)
+            with _recording_log() as messages:
+                _LOADED_CHECKPOINTS[key] = load(ckpt_path, *args, **kwargs)
+            _LOAD_LOGS[os.path.realpath(ckpt_path)] = messages
         return _LOADED_CHECKPOINTS[key]
 
     comfy.sd.load_checkpoint_guess_config = load_once
 
 
-_share_loaded_checkpoints()
+_LOAD_LOGS: dict[str, list[str]] = {}  # checkpoint file -> what ComfyUI logged (DEBUG and up) while loading it
+
+
+@contextlib.contextmanager
+def _recording_log():
+    """The messages logged (DEBUG and up, any logger) inside the block."""
+    import logging
+
+    class Records(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    messages: list[str] = []
+    root, handler = logging.getLogger(), Records(logging.DEBUG)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield messages
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+if BOOT_HOST:
+    _share_loaded_checkpoints()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_load_log():
+    """checkpoint path -> the messages ComfyUI logged while it loaded that file (the run loads it once)."""
+    return lambda path: _LOAD_LOGS[os.path.realpath(path)]
 
 
 # MOMA_TEST_MEMORY_LOG=path: after each test (and, for a module's last one, after its models are released), a
@@ -67,11 +132,32 @@ def _log_memory(nodeid: str) -> None:
         log.write(f"{time.time():.1f}\t{rss:.2f}\t{peak:.2f}\t{nodeid}\n")
 
 
-# Between test modules the models a module loaded are released and their memory handed back to the OS. This
-# runs once the module's last test is completely done (pytest_runtest_logfinish): until then pytest still holds
-# that test's fixture values (item.funcargs: the module's MODEL/CLIP/VAE), which a module-scoped fixture's
-# teardown cannot release; freed later, they stayed in malloc's heap and the next module's checkpoint load came
-# on top of them.
+def pytest_collection_finish(session):
+    # the run's one checkpoint load comes first, while this process is smallest: its peak is the run's
+    if session.config.option.collectonly or not BOOT_HOST:
+        return
+    if any("sd15_checkpoint" in item.fixturenames for item in session.items):
+        from fixtures import sd15
+
+        import nodes
+
+        checkpoint = fixtures.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
+        link_into_host(checkpoint)
+        nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
+
+
+def link_into_host(checkpoint: Path) -> None:
+    """The checkpoint under the host's models/checkpoints, where CheckpointLoaderSimple finds it by name."""
+    target = HOST.models_dir / "checkpoints" / checkpoint.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(checkpoint)
+
+
+# Between test modules ComfyUI unloads every model (undoing patches) and what the module freed (its LLaVA
+# encoders, clones, activations) is handed back to the OS. This runs once the module's last test is completely
+# done (pytest_runtest_logfinish): until then pytest still holds that test's fixture values (item.funcargs),
+# which a module-scoped fixture's teardown cannot release.
 _MODULE_ENDS: set[str] = set()
 
 
@@ -83,7 +169,8 @@ def pytest_runtest_teardown(item, nextitem):
 def pytest_runtest_logfinish(nodeid, location):
     if nodeid in _MODULE_ENDS:
         _MODULE_ENDS.discard(nodeid)
-        _release_models()
+        if BOOT_HOST:
+            _release_models()
     if _MEMORY_LOG:
         _log_memory(nodeid)
 
@@ -91,10 +178,19 @@ def pytest_runtest_logfinish(nodeid, location):
 def _release_models() -> None:
     import gc
 
+    import logging
+
     import comfy.model_management
 
-    _LOADED_CHECKPOINTS.clear()
-    comfy.model_management.unload_all_models()
+    # ComfyUI warns of a "memory leak" when an unloaded clone's model is still alive: here it is, by design
+    # (the run's one loaded checkpoint, _share_loaded_checkpoints)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        comfy.model_management.unload_all_models()
+    finally:
+        root.setLevel(level)
     gc.collect()
     comfy.model_management.soft_empty_cache()
     _return_freed_memory()
@@ -132,6 +228,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def comfy_host() -> host.Host:
     """The booted ComfyUI host (base directory, models directory, the pack's module name)."""
+    if HOST is None:
+        pytest.fail(f"MOMA_TEST_SPLIT=processes: this pytest process boots no ComfyUI; a test that needs one "
+                    f"belongs outside {sorted(PROCESS_MODULES)}")
     return HOST
 
 
@@ -186,10 +285,7 @@ def sd15_models(sd15_checkpoint, comfy_host):
     from the host's models/checkpoints folder, as a user's file is."""
     import nodes
 
-    target = comfy_host.models_dir / "checkpoints" / sd15_checkpoint.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        target.symlink_to(sd15_checkpoint)
+    link_into_host(sd15_checkpoint)
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint.name)[:3]
     return model, clip, vae
 
@@ -199,6 +295,7 @@ def load_image_tensor():
     """path(s) -> ComfyUI tensors, the way core LoadImage builds them: IMAGE [1,H,W,C] 0..1 (C as stored:
     1 for grey, 3, or 4 kept here so RGBA handling is exercised) and MASK [1,H,W] 0..1."""
     import numpy as np
+    import torch
     from PIL import Image
 
     def load(image_path, mask_path=None):

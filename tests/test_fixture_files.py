@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 import math
 import struct
 from pathlib import Path
@@ -92,32 +91,16 @@ def test_checkpoint_values_are_seeded_and_scaled(sd15_checkpoint: Path) -> None:
     assert not np.array_equal(sd15.random_weight(conv, shapes[conv], seed=1), sd15.random_weight(conv, shapes[conv]))
 
 
-# --- the checkpoint as ComfyUI loads it (one load for the module) ---
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+# --- the checkpoint as ComfyUI loads it (the run's one load) ---
 
 
 @pytest.fixture(scope="module")
-def loaded_sd15(comfy_host, sd15_checkpoint: Path):
-    """(MODEL, CLIP, VAE, log messages of the load) from CheckpointLoaderSimple."""
+def loaded_sd15(comfy_host, sd15_checkpoint: Path, checkpoint_load_log):
+    """(MODEL, CLIP, VAE, what ComfyUI logged while it loaded the file) from CheckpointLoaderSimple (the run's
+    one load of the fixture, tests/conftest.py)."""
     ckpt_name = comfy_exec.place_model("checkpoints", sd15_checkpoint, comfy_host.models_dir)
-    root = logging.getLogger()
-    records, level = _Records(), root.level
-    root.addHandler(records)
-    root.setLevel(logging.DEBUG)
-    try:
-        model, clip, vae = comfy_exec.load_checkpoint(ckpt_name)
-    finally:
-        root.removeHandler(records)
-        root.setLevel(level)
-    yield model, clip, vae, records.messages
+    model, clip, vae = comfy_exec.load_checkpoint(ckpt_name)
+    yield model, clip, vae, checkpoint_load_log(sd15_checkpoint)
 
 
 @pytest.mark.slow

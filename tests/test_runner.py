@@ -1,8 +1,11 @@
 """The headless workflow runner (scripts/run_workflow.py -> tools/moma_runner): overrides, the missing-model message, and
 real runs through ComfyUI's executor, in process (--demo) and against a ComfyUI server (--server).
 
-Runs that execute a graph are subprocesses with this interpreter (the host venv), as a user runs the
-script; they load the full-layout SD1.5 fixture (~7 GB RSS), one process at a time.
+Runs that start a ComfyUI are subprocesses with this interpreter (the host venv), as a user runs the script;
+the demo runs load the full-layout SD1.5 fixture (~5 GiB RSS while loading), one process at a time. Nothing here
+needs ComfyUI in the pytest process itself: scripts/test.sh runs this module in a pytest process that does not
+start one (tests/conftest.py, MOMA_TEST_SPLIT), so that checkpoint load does not come beside a booted test host.
+The in-process validation comparison is tests/test_runner_validation.py.
 """
 from __future__ import annotations
 
@@ -286,97 +289,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# --------------------------------------------------------------------------------------------------
-# ComfyUI's validation in both modes
-
-
-def object_info_in_process() -> dict:
-    """/object_info as server.py's node_info builds it, for the fields ComfyUI's validation reads."""
-    import nodes
-
-    info = {}
-    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
-        if hasattr(cls, "GET_NODE_INFO_V1"):
-            info[name] = cls.GET_NODE_INFO_V1()
-        else:
-            info[name] = {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES),
-                          "output_node": getattr(cls, "OUTPUT_NODE", False) is True}
-    return json.loads(json.dumps(info, default=str))  # as it travels: tuples become lists
-
-
-def _mutations(prompt: dict) -> dict[str, dict]:
-    """Broken variants of a MoMA example (each one mistake), and the graph as shipped."""
-    (apply_id,) = graph.ids_of(prompt, "MomaApply")
-    (grab_id,) = graph.ids_of(prompt, "MomaFeatureGrab")
-    (sampler_id,) = graph.ids_of(prompt, "KSampler")
-    variants: dict[str, dict] = {"as shipped": prompt}
-
-    def variant(name: str, node: str, **changes) -> None:
-        broken = copy.deepcopy(prompt)
-        for key, value in changes.items():
-            if value is None:
-                del broken[node]["inputs"][key]
-            else:
-                broken[node]["inputs"][key] = value
-        variants[name] = broken
-
-    variant("strength over max", apply_id, strength=2.5)
-    variant("resolution over max", grab_id, resolution=4096)
-    variant("resolution under min", grab_id, resolution=-64)
-    variant("combo typo", apply_id, preset="contxt")
-    variant("required input missing", sampler_id, cfg=None)
-    variant("link of the wrong type", sampler_id, model=[grab_id, 0])
-    variant("not a number", sampler_id, steps="many")
-    variant("output index out of range", sampler_id, model=[grab_id, 7])
-    return variants
-
-
-@pytest.fixture(scope="module")
-def demo_models_in_host(comfy_host):
-    """The test host with the demo stand-ins under every name the examples use, and the sample picture."""
-    import folder_paths
-    from moma_runner import gui
-
-    uses = {}
-    for path in sorted(API_DIR.glob("*.json")):
-        for use in models.model_uses(graph.load_workflow(path), TABLE["loader_inputs"]):
-            uses.setdefault((use.folder, use.name), use)
-    demo.link_demo_models(comfy_host.models_dir, list(uses.values()), demo.demo_model_builders())
-    gui.place_samples(Path(folder_paths.get_input_directory()))
-    return comfy_host
-
-
-@pytest.mark.parametrize("workflow", ["moma_context.json", "moma_texture.json", "moma_community_lora.json"])
-def test_object_info_validation_agrees_with_comfyui(workflow, demo_models_in_host):
-    """The server-mode check (ComfyUI's rules on /object_info) rejects exactly what ComfyUI's own
-    validate_prompt rejects, with the same failing nodes; a graph that fails only some outputs counts as
-    rejected (ComfyUI would skip them)."""
-    import asyncio
-    import uuid
-
-    import execution
-    from moma_runner.validation import validate_with_object_info
-
-    info = object_info_in_process()
-    for name, prompt in _mutations(graph.load_workflow(API_DIR / workflow)).items():
-        ok, _error, _outputs, node_errors = asyncio.run(
-            execution.validate_prompt(uuid.uuid4().hex, copy.deepcopy(prompt), None))
-        ours_ok, _ours_error, _ours_outputs, ours_errors = validate_with_object_info(copy.deepcopy(prompt), info)
-        comfy_verdict = ok and not node_errors
-        if name == "combo typo" and comfy_verdict:
-            # ComfyUI 0.3.x's validator does not check V3 combo values (0.30's does): the check is stricter
-            # there, as the node itself is (it refuses an unknown preset when it runs)
-            assert ours_errors, (name, ours_errors)
-            continue
-        assert (ours_ok and not ours_errors) == comfy_verdict, (name, node_errors, ours_errors)
-        assert comfy_verdict == (name == "as shipped"), (name, node_errors)
-        if node_errors and name != "output index out of range":  # (ComfyUI raises there: the output node errs)
-            assert set(ours_errors) == set(node_errors), (name, node_errors, ours_errors)
-            for nid in node_errors:
-                assert ({e["type"] for e in ours_errors[nid]["errors"]}
-                        == {e["type"] for e in node_errors[nid]["errors"]}), (name, nid)
-
-
 def test_in_process_check_rejects_a_value_over_its_max(tmp_path_factory, tmp_path):
     """strength 2.5 (max 2.0) fails only the sampling branch: ComfyUI alone would run the rest and skip
     sampling; --check says so and fails."""
@@ -439,9 +351,12 @@ def test_gui_starts_comfyui_with_the_pack_and_a_clean_log(gui_server):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
-def test_gui_web_app_opens_every_example_without_a_missing_file(gui_server, tmp_path):
-    """ComfyUI's frontend, served by --gui --demo, loads each example; what it exports passes ComfyUI's
-    validation against that server (every model and the reference picture are there)."""
+def test_gui_web_app_round_trips_every_example_without_a_missing_file(gui_server, tmp_path):
+    """ComfyUI's frontend (the version the host serves), served by --gui --demo, loads every UI file, exports
+    exactly its API twin ("Export (API)" = graphToPrompt) and saves it back unchanged: the files are what the
+    frontend writes. What it exports passes ComfyUI's validation against that server (every model and the
+    reference picture are there). MOMA_DUMP_FRONTEND_SAVES=DIR writes what it saved and exported (to regenerate
+    the files after a frontend update)."""
     import asyncio
 
     from moma_demo import browser
@@ -451,10 +366,19 @@ def test_gui_web_app_opens_every_example_without_a_missing_file(gui_server, tmp_
     debug_port = _free_port()
     with browser.headless_chromium(gui_server.url + "/", debug_port, tmp_path / "profile"):
         results = asyncio.run(browser.frontend_round_trip(gui_server.url + "/", debug_port, workflows))
+    dump = os.environ.get("MOMA_DUMP_FRONTEND_SAVES")
+    if dump:
+        for stem, result in results.items():
+            Path(dump, f"{stem}.json").write_text(json.dumps(result["saved"], indent=2) + "\n")
+            Path(dump, "api").mkdir(exist_ok=True)
+            Path(dump, "api", f"{stem}.json").write_text(json.dumps(result["api"], indent=2) + "\n")
     with urllib.request.urlopen(gui_server.url + "/object_info") as response:
         info = json.load(response)
+    assert results.keys() == workflows.keys()
     for stem, result in results.items():
-        assert result["api"].keys() == graph.load_workflow(API_DIR / f"{stem}.json").keys(), stem
+        assert result["api"] == json.loads((API_DIR / f"{stem}.json").read_text()), \
+            f"{stem}: the web app exports another graph"
+        assert result["saved"] == workflows[stem], f"{stem}: the web app saves it differently"
         if stem == "moma_saved_context":
             continue  # its context file is what moma_context writes first: not there before that run
         ok, error, _outputs, node_errors = validate_with_object_info(result["api"], info)
@@ -489,6 +413,7 @@ def test_server_reports_missing_models_from_its_own_lists(gui_server, tmp_path):
     (moma_loader,) = graph.ids_of(broken, "MomaLoader")
     broken[moma_loader]["inputs"]["llava_name"] = "MoMA_llava_7b"
     llava = gui_server.base / "models" / "LLM" / "MoMA_llava_7b"
+    demo_llava = os.readlink(llava)
     half = tmp_path / "half_llava"
     half.mkdir()
     (half / "config.json").write_text("{}")
@@ -500,7 +425,7 @@ def test_server_reports_missing_models_from_its_own_lists(gui_server, tmp_path):
         result = run_cli(str(path), "--server", gui_server.url, "--check", timeout=300)
     finally:
         llava.unlink()
-        llava.symlink_to(demo.demo_model_builders()["LLM"](), target_is_directory=True)
+        llava.symlink_to(demo_llava, target_is_directory=True)
     assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
     err = result.stderr
     assert str(gui_server.base / "models" / "checkpoints" / "not_downloaded_yet.safetensors") in err
@@ -580,3 +505,14 @@ def test_readme_models_tables_match_models_json_and_the_workflows():
     for workflow in sorted(API_DIR.glob("*.json")):
         for use in models.model_uses(graph.load_workflow(workflow), TABLE["loader_inputs"]):
             assert (use.name, use.folder) in listed, (workflow.name, use)
+
+
+@pytest.mark.skipif(os.environ.get("MOMA_TEST_SPLIT") != "processes",
+                    reason="scripts/test.sh's second pytest run (MOMA_TEST_SPLIT=processes) only")
+def test_the_pytest_process_of_these_runs_stays_small():
+    """Last in the module: nothing here booted ComfyUI or imported torch in this process (0.7 GiB), so each
+    demo run's checkpoint load (its child's peak) comes beside a process of well under 0.5 GiB."""
+    import psutil
+
+    assert "comfy" not in sys.modules and "torch" not in sys.modules
+    assert psutil.Process().memory_info().rss < 0.5 * 2**30

@@ -7,11 +7,11 @@ ComfyUI's template browser lists) and workflows/api/*.json (API format, for scri
   with the fixture models placed under the file names the workflows expect;
 - a UI file is converted to the API format the way the frontend does it (widget values in the order of each
   node's widget inputs, seed control values and the image upload button skipped, Note nodes dropped) and must
-  equal its API twin: same nodes, links, values and titles; ComfyUI's web app itself (headless Chromium,
-  when installed) loads each UI file, exports exactly its API twin and saves it back unchanged;
+  equal its API twin: same nodes, links, values and titles (that ComfyUI's web app itself exports exactly the
+  twin and saves each file back unchanged is tested on the --gui --demo server, tests/test_runner.py);
 - the layout reads left to right (every link goes rightwards, no nodes overlap) and each file has a Note;
 - each API workflow executes end to end through the real executor on the fixtures, shrunk to 64x64, 2 steps
-  and a Feature Grab resolution of 128 (each run loads the full-layout SD1.5 fixture: ~6.5 GB, one at a time).
+  and a Feature Grab resolution of 128 (on the run's one loaded full-layout SD1.5 fixture).
 """
 from __future__ import annotations
 
@@ -19,13 +19,7 @@ import asyncio
 import copy
 import json
 import logging
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,7 +31,6 @@ from PIL import Image
 
 import comfy_exec
 import fixtures
-from moma_demo import browser as browser_tools
 from moma_runner import demo, models
 from moma_runner import workflow as graph
 
@@ -412,65 +405,6 @@ def test_ui_and_api_variants_describe_the_same_graph(name, comfy_host):
 
 
 # --------------------------------------------------------------------------------------------------
-# the real frontend (ComfyUI's own web app, in headless Chromium)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
-def test_the_web_app_loads_each_ui_file_and_exports_its_api_twin(example_host, tmp_path):
-    """ComfyUI's frontend (the version the host serves) loads every UI file, exports exactly its API twin
-    ("Export (API)" = graphToPrompt) and saves it back unchanged: the files are what the frontend writes."""
-    port, debug_port = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    server_log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, str(example_host.comfy_root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
-         str(port), "--base-directory", str(example_host.base_dir), "--disable-api-nodes",
-         "--database-url", "sqlite:///:memory:"], stdout=server_log, stderr=subprocess.STDOUT)
-    browser = None
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "system_stats", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()
-                assert time.monotonic() < deadline, "the ComfyUI server did not start"
-                time.sleep(0.5)
-        browser = subprocess.Popen(
-            ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-             f"--remote-debugging-port={debug_port}", "--window-size=1600,1000", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(tmp_path)})
-        workflows = {Path(name).stem: load(EXAMPLES / name) for name in UI_FILES}
-        results = asyncio.run(browser_tools.frontend_round_trip(url, debug_port, workflows))
-    finally:
-        if browser is not None:
-            browser.terminate()
-            browser.wait(timeout=30)
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        server_log.close()
-    dump = os.environ.get("MOMA_DUMP_FRONTEND_SAVES")  # regenerate the UI files: what this frontend writes
-    if dump:
-        for stem, result in results.items():
-            Path(dump, f"{stem}.json").write_text(json.dumps(result["saved"], indent=2) + "\n")
-            Path(dump, "api").mkdir(exist_ok=True)
-            Path(dump, "api", f"{stem}.json").write_text(json.dumps(result["api"], indent=2) + "\n")
-    for stem, result in results.items():
-        assert result["api"] == load(API_DIR / f"{stem}.json"), f"{stem}: the web app exports another graph"
-        assert result["saved"] == workflows[stem], f"{stem}: the web app saves it differently"
-
-
-# --------------------------------------------------------------------------------------------------
 # validity on the host
 
 
@@ -561,7 +495,7 @@ def assert_lora_patches_every_module(prompt: dict, lora_id: str) -> None:
     import gc
 
     import nodes
-    from fixtures.lora import lora_modules
+    from moma_demo.lora import lora_modules
 
     inputs = prompt[lora_id]["inputs"]
     source = prompt[inputs["model"][0]]

@@ -55,11 +55,17 @@ def fp32_context(moma_model: MomaModel, encoder_fp32):
     return context, progress
 
 
-def test_fp32_context_equals_the_re_derivation(fp32_context, encoder_fp32, llava_dir: Path, clip_vision_dir: Path,
-                                               adapter_file: Path) -> None:
+@pytest.fixture(scope="module")
+def fp32_expected(llava_dir: Path, clip_vision_dir: Path, adapter_file: Path) -> dict:
+    """The re-derivation's context; asked for before the encoder, so its own copy of the weights is gone before
+    the encoder's is loaded."""
     rgb, mask = _reference_inputs()
+    return expected_context(llava_dir, clip_vision_dir, adapter_file, rgb, mask, SUBJECT, PROMPT)
+
+
+def test_fp32_context_equals_the_re_derivation(fp32_expected, fp32_context, encoder_fp32, llava_dir: Path) -> None:
     context, progress = fp32_context
-    expected = expected_context(llava_dir, clip_vision_dir, adapter_file, rgb, mask, SUBJECT, PROMPT)
+    expected = fp32_expected
     assert int(expected["length"]) == 576 + len(expected_ids(llava_dir, SUBJECT, PROMPT)) - 1
     assert context.llava_emb.shape == (1, 1024) and context.cond_tokens.shape == context.uncond_tokens.shape == (1, 4, 768)
     # tight enough to see the fp32 (unrounded) RoPE tables, which put llava_emb ~8e-5 (relative) off

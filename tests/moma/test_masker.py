@@ -17,7 +17,7 @@ from PIL import Image
 
 from comfyui_moma.moma import masker
 from comfyui_moma.moma.errors import MomaError
-from fixtures.rembg import write_u2net_onnx
+from moma_demo.rembg import write_u2net_onnx
 
 CPU = ["CPUExecutionProvider"]
 

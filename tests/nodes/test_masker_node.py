@@ -12,7 +12,7 @@ from PIL import Image
 
 from comfy_exec import WorkflowError, run_api_workflow
 from comfyui_moma.moma import masker
-from fixtures.rembg import write_u2net_onnx
+from moma_demo.rembg import write_u2net_onnx
 
 BOX = (12, 20, 44, 70)  # top, left, bottom, right of the object in the test pictures
 

@@ -45,25 +45,30 @@ def _vae_writer(checkpoint: Path) -> Callable[[Path], None]:
 
 
 def demo_model_builders() -> dict[str, Callable[[], Path]]:
-    """Model folder -> function building (or taking from the cache) the file that stands in for its models."""
-    from moma_demo import adapter, clip_vision, llava, lora, rembg, sd15
+    """Model folder -> function building (or taking from the cache) the file that stands in for its models.
+    Each writer (most import torch) is imported when its file is first asked for: a ``--server`` client never is."""
+
+    def writer(module: str, function: str) -> Callable[[Path], None]:
+        return getattr(importlib.import_module(f"moma_demo.{module}"), function)
 
     def checkpoint() -> Path:
-        return moma_demo.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
+        return moma_demo.cached("moma_test_sd15.safetensors", writer("sd15", "write_sd15_checkpoint"))
 
     def vae() -> Path:
         ckpt = checkpoint()  # the cache key of a closure is this file; name the entry after the checkpoint's
         return moma_demo.cached(f"demo_vae_of_{ckpt.parent.name}.safetensors", _vae_writer(ckpt))
 
-    return {
-        "checkpoints": checkpoint,
-        "vae": vae,
-        "LLM": lambda: moma_demo.cached("MoMA_llava_7b", llava.write_llava_folder),
-        "clip_vision": lambda: moma_demo.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder),
-        "moma": lambda: moma_demo.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
-        "rembg": lambda: moma_demo.cached("u2net.onnx", rembg.write_u2net_onnx),
-        "loras": lambda: moma_demo.cached("moma_test_sd15_lora.safetensors", lora.write_sd15_lora),
-    }
+    files = {"LLM": ("MoMA_llava_7b", "llava", "write_llava_folder"),
+             "clip_vision": ("clip-vit-large-patch14-336", "clip_vision", "write_clip_vision_folder"),
+             "moma": ("attn_adapters_projectors.th", "adapter", "write_adapter_th"),
+             "rembg": ("u2net.onnx", "rembg", "write_u2net_onnx"),
+             "loras": ("moma_test_sd15_lora.safetensors", "lora", "write_sd15_lora")}
+
+    def builder(name: str, module: str, function: str) -> Callable[[], Path]:
+        return lambda: moma_demo.cached(name, writer(module, function))
+
+    return {"checkpoints": checkpoint, "vae": vae,
+            **{folder: builder(*entry) for folder, entry in files.items()}}
 
 
 def demo_images() -> dict[str, tuple[Path, Path]]:
