@@ -13,7 +13,18 @@ echo "[test] ComfyUI $COMFYUI_VERSION at $HOST"
 # Two pytest runs, the same arguments to both (tests/conftest.py, MOMA_TEST_SPLIT): first every test that runs in
 # pytest's own ComfyUI, then the runner's tests, which start ComfyUI processes of their own, from a pytest process
 # that boots none (a child loading the demo's 2 GB checkpoint would otherwise sit beside a booted test host).
-# Exit 5 (nothing collected) of one run is fine when the other ran tests; of both, it fails.
+# Without arguments that narrow the selection (paths, -k, -m, --lf, ...) each run must collect tests; with them,
+# exit 5 (nothing collected) of one run is fine when the other ran tests. Exit 5 of both always fails.
+narrowed=0
+stop_early=0
+for arg in "${PASSTHROUGH[@]}"; do
+  case "$arg" in
+    -x|--exitfirst|--maxfail*|--sw|--stepwise) stop_early=1 ;;
+    -k*|-m*|--deselect*|--lf|--last-failed|--ff|--failed-first|--nf|--new-first) narrowed=1 ;;
+    -*) ;;
+    *) narrowed=1 ;;  # a path or node id (or an option's value: then only the check below is weaker)
+  esac
+done
 run_part() {
   echo "[test] pytest, $1"
   MOMA_TEST_SPLIT="$2" MOMA_COMFYUI="$COMFYUI_VERSION" MOMA_HOST_DIR="$HOST" "$HOST/venv/bin/python" -m pytest \
@@ -22,11 +33,23 @@ run_part() {
 set +e
 run_part "tests in this process's ComfyUI" in-process
 rc_in_process=$?
+set -e
+# 0 passed, 1 some failed, 5 none collected; anything else (2 interrupted, 3 internal error, 4 usage) stops here,
+# as does a failure under -x / --maxfail
+if { [ "$rc_in_process" -ne 0 ] && [ "$rc_in_process" -ne 1 ] && [ "$rc_in_process" -ne 5 ]; } \
+    || { [ "$rc_in_process" -eq 1 ] && [ "$stop_early" -eq 1 ]; }; then
+  exit "$rc_in_process"
+fi
+set +e
 run_part "the runner's tests (their own ComfyUI processes)" processes
 rc_processes=$?
 set -e
 if [ "$rc_in_process" -eq 5 ] && [ "$rc_processes" -eq 5 ]; then
   echo "pytest collected no tests: failing on purpose (exit 5 must not pass as success)" >&2
+  exit 1
+fi
+if [ "$narrowed" -eq 0 ] && { [ "$rc_in_process" -eq 5 ] || [ "$rc_processes" -eq 5 ]; }; then
+  echo "one of the two pytest runs collected no tests although nothing narrowed the selection: failing" >&2
   exit 1
 fi
 for rc in "$rc_in_process" "$rc_processes"; do

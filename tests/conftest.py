@@ -133,17 +133,33 @@ def _log_memory(nodeid: str) -> None:
 
 
 def pytest_collection_finish(session):
-    # the run's one checkpoint load comes first, while this process is smallest: its peak is the run's
-    if session.config.option.collectonly or not BOOT_HOST:
+    # The run's one checkpoint load comes first, while this process is smallest: its peak is the run's. The other
+    # fixture files are built before it (in a fresh clone: writing them beside the loaded checkpoint added ~0.3 GiB).
+    if session.config.option.collectonly or not BOOT_HOST or session.testsfailed or not session.items:
         return
-    if any("sd15_checkpoint" in item.fixturenames for item in session.items):
-        from fixtures import sd15
+    used = [item for item in session.items if _runs_here(item)]
+    try:
+        for name in FIXTURE_FILES:
+            if any(name in item.fixturenames for item in used):
+                fixture_file(name)
+        if any("sd15_checkpoint" in item.fixturenames for item in used):
+            import nodes
 
-        import nodes
+            checkpoint = fixture_file("sd15_checkpoint")
+            link_into_host(checkpoint)
+            nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
+    except Exception as err:  # the fixtures that need them fail with the full story
+        import logging
 
-        checkpoint = fixtures.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
-        link_into_host(checkpoint)
-        nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
+        logging.getLogger(__name__).warning("preparing the model fixtures failed: %s", err)
+
+
+def _runs_here(item) -> bool:
+    """Whether the item uses this process's fixtures: not skipped by a marker (skipif with a bool condition),
+    not the soak test (its own ComfyUI server loads the checkpoint)."""
+    if item.get_closest_marker("skip") is not None or item.get_closest_marker("soak") is not None:
+        return False
+    return not any(marker.args and marker.args[0] is True for marker in item.iter_markers("skipif"))
 
 
 def link_into_host(checkpoint: Path) -> None:
@@ -178,19 +194,20 @@ def pytest_runtest_logfinish(nodeid, location):
 def _release_models() -> None:
     import gc
 
-    import logging
-
     import comfy.model_management
+    import comfy.model_patcher
 
-    # ComfyUI warns of a "memory leak" when an unloaded clone's model is still alive: here it is, by design
-    # (the run's one loaded checkpoint, _share_loaded_checkpoints)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        comfy.model_management.unload_all_models()
-    finally:
-        root.setLevel(level)
+    # The run's loaded checkpoints outlive their clones: a clone ComfyUI loaded and the test then dropped stays
+    # in ComfyUI's list as "dead" (its model alive), which unload_all_models skips. Detaching the checkpoint's own
+    # patchers restores every weight a clone patched (clones share the backup), and the dead entries go.
+    for loaded in _LOADED_CHECKPOINTS.values():
+        for part in loaded:
+            patcher = part if isinstance(part, comfy.model_patcher.ModelPatcher) else getattr(part, "patcher", None)
+            if isinstance(patcher, comfy.model_patcher.ModelPatcher):
+                patcher.detach(unpatch_all=True)
+    loaded_models = comfy.model_management.current_loaded_models
+    loaded_models[:] = [entry for entry in loaded_models if not entry.is_dead()]
+    comfy.model_management.unload_all_models()
     gc.collect()
     comfy.model_management.soft_empty_cache()
     _return_freed_memory()
@@ -238,36 +255,44 @@ def comfy_host() -> host.Host:
 import fixtures  # noqa: E402
 
 
+# fixture name -> (cache entry, writer module, writer function) of the real-format model files the tests build
+FIXTURE_FILES = {
+    "sd15_checkpoint": ("moma_test_sd15.safetensors", "sd15", "write_sd15_checkpoint"),
+    "llava_dir": ("MoMA_llava_7b", "llava", "write_llava_folder"),
+    "clip_vision_dir": ("clip-vit-large-patch14-336", "clip_vision", "write_clip_vision_folder"),
+    "adapter_file": ("attn_adapters_projectors.th", "adapter", "write_adapter_th"),
+    "test_images": ("images", "images", "write_test_images"),
+}
+
+
+def fixture_file(fixture_name: str) -> Path:
+    """The fixture's file or folder, built first if the cache lacks it (tests/fixtures, tools/moma_demo)."""
+    entry, module, writer = FIXTURE_FILES[fixture_name]
+    return fixtures.cached(entry, getattr(getattr(fixtures, module), writer))
+
+
 @pytest.fixture(scope="session")
 def sd15_checkpoint() -> Path:
     """Full-layout SD1.5 single-file checkpoint (.safetensors, LDM keys, fp16), random weights."""
-    from fixtures import sd15
-
-    return fixtures.cached("moma_test_sd15.safetensors", sd15.write_sd15_checkpoint)
+    return fixture_file("sd15_checkpoint")
 
 
 @pytest.fixture(scope="session")
 def llava_dir() -> Path:
     """A folder in the original MoMA_llava_7b format (config, 2 pickled shards + index, SentencePiece)."""
-    from fixtures import llava
-
-    return fixtures.cached("MoMA_llava_7b", llava.write_llava_folder)
+    return fixture_file("llava_dir")
 
 
 @pytest.fixture(scope="session")
 def clip_vision_dir() -> Path:
     """A transformers folder shaped like openai/clip-vit-large-patch14-336 (shrunk, width 1024)."""
-    from fixtures import clip_vision
-
-    return fixtures.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder)
+    return fixture_file("clip_vision_dir")
 
 
 @pytest.fixture(scope="session")
 def adapter_file() -> Path:
     """attn_adapters_projectors.th with exactly the upstream groups, keys and shapes (spec 4.4)."""
-    from fixtures import adapter
-
-    return fixtures.cached("attn_adapters_projectors.th", adapter.write_adapter_th)
+    return fixture_file("adapter_file")
 
 
 @pytest.fixture(scope="session")
@@ -275,8 +300,7 @@ def test_images() -> dict:
     """name -> (image path, mask path) for rgb, rgba, grey, wide (non-square) test pictures."""
     from fixtures import images
 
-    folder = fixtures.cached("images", images.write_test_images)
-    return images.index(folder)
+    return images.index(fixture_file("test_images"))
 
 
 @pytest.fixture(scope="module")

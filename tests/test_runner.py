@@ -457,8 +457,8 @@ def test_download_offline_names_the_file_folder_and_url(tmp_path, capsys, monkey
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # read when huggingface_hub is first imported, which the host (transformers) has done already: without this
-    # the hub calls wait out their network timeouts (1.5 minutes here)
+    # read when huggingface_hub is first imported (just above, or earlier by transformers in a run that booted
+    # ComfyUI): without this the hub calls wait out their network timeouts (1.5 minutes here)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     for entry in TABLE["models"]:
         if not entry.get("hf_repo"):

@@ -1,6 +1,6 @@
 """Run a command and report the peak resident memory of its whole process tree (stdlib only, Linux /proc).
 
-    python3 tools/rss_peak.py [--label NAME] [--interval S] -- COMMAND [ARGS...]
+    python3 tools/rss_peak.py [--label NAME] [--interval S] [--log PATH] -- COMMAND [ARGS...]
 
 Samples every process descended from COMMAND and prints, when it ends, the peak of their summed RSS (a page
 shared by several processes, such as torch's libraries or a model file two processes read, counts once per

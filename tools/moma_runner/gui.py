@@ -40,7 +40,7 @@ def comfy_arguments(base_dir: Path, port: int, cpu: bool, demo: bool = False) ->
                  "--database-url", f"sqlite:///{base_dir / 'user' / 'comfyui.db'}", "--disable-auto-launch"]
     if cpu:
         arguments.append("--cpu")
-        if demo:  # the demo's random UNet held in fp8 (ComfyUI computes in fp32): 0.8 GB, not 3.2 (see inprocess.py)
+        if demo:  # the demo's random UNet held in fp8 (ComfyUI computes in fp32): 0.8 GB (see inprocess.py)
             arguments.append("--fp8_e4m3fn-unet")
     return arguments
 
