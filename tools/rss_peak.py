@@ -6,7 +6,8 @@ Samples every process descended from COMMAND and prints, when it ends, the peak 
 shared by several processes, such as torch's libraries or a model file two processes read, counts once per
 process), the peak of their summed PSS (each shared page split between its processes: what the tree really
 holds) and the largest single process's RSS with its command line. ``--log PATH`` writes every sample (time,
-summed RSS, summed PSS, largest RSS in GiB, that process's command line) to find when and where the peak came.
+summed RSS, summed PSS or "-" where it could not be a new peak, largest RSS in GiB, that process's command
+line) to find when and where the peak came.
 Exits with COMMAND's status. Used by .ci/run to measure the test runs' memory.
 """
 from __future__ import annotations
@@ -63,23 +64,26 @@ def _command_line(pid: int, name: str) -> str:
     return (text or name)[:160]
 
 
-def tree_rss(root: int) -> tuple[int, int, int, str]:
-    """(summed RSS of root and its descendants, their summed PSS, the largest one's RSS, its command line)."""
+def tree_rss(root: int, pss_above: int = -1) -> tuple[int, int | None, int, str]:
+    """(summed RSS of root and its descendants, their summed PSS or None, the largest one's RSS, its command
+    line). PSS (reading every process's page tables: costly) only when the summed RSS is above ``pss_above``:
+    PSS never exceeds RSS, so below the PSS peak so far it cannot make a new one."""
     processes = _processes()
     children: dict[int, list[int]] = {}
     for pid, (parent, _rss, _name) in processes.items():
         children.setdefault(parent, []).append(pid)
-    total, proportional, largest, largest_pid, largest_name = 0, 0, 0, 0, ""
-    pending = [root]
+    total, largest, largest_pid, largest_name = 0, 0, 0, ""
+    tree, pending = [], [root]
     while pending:
         pid = pending.pop()
         if pid in processes:
             _parent, rss, name = processes[pid]
+            tree.append(pid)
             total += rss
-            proportional += _pss(pid)
             if rss > largest:
                 largest, largest_pid, largest_name = rss, pid, name
         pending.extend(children.get(pid, []))
+    proportional = sum(_pss(pid) for pid in tree) if total > pss_above else None
     return total, proportional, largest, _command_line(largest_pid, largest_name) if largest_pid else ""
 
 
@@ -102,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def sample() -> None:
         while not done.is_set():
-            total, proportional, largest, name = tree_rss(process.pid)
+            total, proportional, largest, name = tree_rss(process.pid, pss_above=peak["pss"])
             if log:
-                log.write(f"{time.time():.1f}\t{total / gib:.2f}\t{proportional / gib:.2f}\t{largest / gib:.2f}\t{name}\n")
+                pss = "-" if proportional is None else f"{proportional / gib:.2f}"
+                log.write(f"{time.time():.1f}\t{total / gib:.2f}\t{pss}\t{largest / gib:.2f}\t{name}\n")
                 log.flush()
             peak["total"] = max(peak["total"], total)
-            peak["pss"] = max(peak["pss"], proportional)
+            if proportional is not None:
+                peak["pss"] = max(peak["pss"], proportional)
             if largest > peak["largest"]:
                 peak["largest"], peak["name"] = largest, name
             done.wait(args.interval)
