@@ -143,11 +143,10 @@ def pytest_collection_finish(session):
             if any(name in item.fixturenames for item in used):
                 fixture_file(name)
         if any("sd15_checkpoint" in item.fixturenames for item in used):
-            import nodes
+            import comfy_exec
 
-            checkpoint = fixture_file("sd15_checkpoint")
-            link_into_host(checkpoint)
-            nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
+            comfy_exec.load_checkpoint(comfy_exec.place_model("checkpoints", fixture_file("sd15_checkpoint"),
+                                                              HOST.models_dir))
     except Exception as err:  # the fixtures that need them fail with the full story
         import logging
 
@@ -160,14 +159,6 @@ def _runs_here(item) -> bool:
     if item.get_closest_marker("skip") is not None or item.get_closest_marker("soak") is not None:
         return False
     return not any(marker.args and marker.args[0] is True for marker in item.iter_markers("skipif"))
-
-
-def link_into_host(checkpoint: Path) -> None:
-    """The checkpoint under the host's models/checkpoints, where CheckpointLoaderSimple finds it by name."""
-    target = HOST.models_dir / "checkpoints" / checkpoint.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        target.symlink_to(checkpoint)
 
 
 # Between test modules ComfyUI unloads every model (undoing patches) and what the module freed (its LLaVA
@@ -307,10 +298,10 @@ def test_images() -> dict:
 def sd15_models(sd15_checkpoint, comfy_host):
     """(model, clip, vae) of the SD1.5 fixture, loaded once through ComfyUI's CheckpointLoaderSimple
     from the host's models/checkpoints folder, as a user's file is."""
-    import nodes
+    import comfy_exec
 
-    link_into_host(sd15_checkpoint)
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint.name)[:3]
+    ckpt_name = comfy_exec.place_model("checkpoints", sd15_checkpoint, comfy_host.models_dir)
+    model, clip, vae = comfy_exec.load_checkpoint(ckpt_name)[:3]
     return model, clip, vae
 
 
