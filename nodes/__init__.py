@@ -1,7 +1,7 @@
 """ComfyUI nodes of the pack: thin adapters from ComfyUI types to ``moma`` calls."""
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+from .node_api import ComfyExtension, io
 
 from . import paths  # noqa: F401  (registers the pack's model folders with folder_paths)
 from .apply import MomaApply

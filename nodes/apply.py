@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import torch
 
-from comfy_api.latest import io
+from .node_api import io
 
 from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank

@@ -70,7 +70,7 @@ def warn_if_constant_picture(picture: torch.Tensor, node: str) -> str | None:
 def advanced_input() -> dict[str, Any]:
     """Keyword arguments that mark a V3 input as advanced where the host supports it (ComfyUI 0.30's
     ``Input(advanced=True)``), and nothing on older hosts (0.3.75)."""
-    from comfy_api.latest import io
+    from .node_api import io
 
     return {"advanced": True} if "advanced" in inspect.signature(io.Float.Input.__init__).parameters else {}
 
@@ -80,7 +80,7 @@ def schema_extras(**fields: Any) -> dict[str, Any]:
     ``search_aliases``; 0.3.75 has no such field and gets nothing)."""
     import dataclasses
 
-    from comfy_api.latest import io
+    from .node_api import io
 
     known = {field.name for field in dataclasses.fields(io.Schema)}
     return {name: value for name, value in fields.items() if name in known}

@@ -16,7 +16,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
-from comfy_api.latest import io
+from .node_api import io
 
 from ..moma.context import CONTEXT_FORMAT, MomaContext as MomaContextObject, load_context, save_context
 from ..moma.errors import MomaError

@@ -8,7 +8,7 @@ import torch
 
 import comfy.model_management
 from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer
-from comfy_api.latest import io
+from .node_api import io
 
 from ..moma.errors import MomaError
 from ..moma.reference import (

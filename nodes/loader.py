@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import folder_paths
-from comfy_api.latest import io
+from .node_api import io
 
 from ..moma.errors import MomaError
 from ..moma.clip_vision import CLIP_WHERE_TO_GET, check_clip_vision_path

@@ -7,7 +7,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from .node_api import io
 
 from ..moma import masker
 from .paths import REMBG_FOLDER

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io
+from .node_api import io
 
 from ..moma.errors import MomaError
 from .patches import moma_runs_of

@@ -9,7 +9,7 @@ import torch
 
 import folder_paths
 from comfy.sd1_clip import SDTokenizer
-from comfy_api.latest import io
+from .node_api import io
 
 from ..moma.errors import MomaError
 from ..moma.subject_mask import PromptTokens, SubjectTokens
