@@ -11,6 +11,7 @@ from .node_api import io
 
 from ..moma import masker
 from .paths import REMBG_FOLDER
+from .validation import checked_inputs, choice_problem, input_problems, verdict
 
 
 def rembg_model_choices() -> list[str]:
@@ -101,6 +102,15 @@ class MomaObjectMasker(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, threshold: float | None = None, rembg_model: str | None = None) -> bool | str:
+        values = {"threshold": threshold, "rembg_model": rembg_model}
+        problems = input_problems(cls, values)
+        if not problems:  # ComfyUI 0.3.x does not check V3 combo values
+            problem = choice_problem("rembg_model", rembg_model, list(masker.REMBG_MODELS))
+            problems += [problem] if problem else []
+        return verdict(problems, values)
+
+    @classmethod
     def execute(
         cls,
         image: torch.Tensor,
@@ -110,6 +120,8 @@ class MomaObjectMasker(io.ComfyNode):
         invert: bool,
         mask: torch.Tensor | None = None,
     ) -> io.NodeOutput:
+        checked_inputs(cls, {"threshold": threshold, "rembg_model": rembg_model})
+
         def load_session() -> Any:
             folders = folder_paths.get_folder_paths(REMBG_FOLDER)
             path = masker.resolve_model_file(rembg_model, folders, progress=_DownloadProgress())

@@ -15,6 +15,7 @@ from ..moma.errors import MomaError
 from ..moma.subject_mask import PromptTokens, SubjectTokens
 from .common import schema_extras
 from .types import MomaContext
+from .validation import checked_inputs, input_problems, verdict
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,13 @@ class MomaTextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, text: str | None = None) -> bool | str:
+        values = {"text": text}
+        return verdict(input_problems(cls, values), values)
+
+    @classmethod
     def execute(cls, clip, text="", context=None) -> io.NodeOutput:
+        checked_inputs(cls, {"text": text})
         if context is not None and not hasattr(context, "sd_prompt"):
             raise MomaError("MoMA Text Encode: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
         if not (text or "").strip():
