@@ -99,6 +99,14 @@ def configure(comfy_root: Path, base_dir: Path | None, *, cpu: bool, force_fp32:
     return ComfyHost(comfy_root=comfy_root, base_dir=base_dir, device="cpu" if cpu else "gpu")
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a CUDA or MPS device."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or (mps is not None and mps.is_available())
+
+
 def loaded_pack_module() -> str | None:
     """The module name under which ComfyUI's custom-node loader imported this checkout, if it did."""
     init = (REPO / "__init__.py").resolve()

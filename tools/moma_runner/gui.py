@@ -10,28 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
 
 from . import boot
-from .common import API_DIR, EXAMPLES_DIR, REPO, RunnerError, host_dir
+from .common import API_DIR, REPO, RunnerError, default_base_dir, host_dir, place_samples
 
-SAMPLE_DIR = EXAMPLES_DIR / "input"  # moma_reference.jpg and its mask (tools/moma_demo/sample.py)
 LISTEN = "127.0.0.1"
-
-
-def place_samples(input_dir: Path) -> list[Path]:
-    """Copy the sample reference picture and mask into ``input_dir`` where no file of that name exists."""
-    placed = []
-    input_dir.mkdir(parents=True, exist_ok=True)
-    for sample in sorted(SAMPLE_DIR.iterdir()):
-        target = input_dir / sample.name
-        if sample.is_file() and not target.exists():
-            shutil.copyfile(sample, target)
-            placed.append(target)
-    return placed
 
 
 def comfy_arguments(base_dir: Path, port: int, cpu: bool, demo: bool = False) -> list[str]:
@@ -71,9 +57,6 @@ def link_demo_models_for_examples(comfy_root: Path, base_dir: Path) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Start the GUI (replaces this process with ComfyUI; returns only on an error)."""
-    from .cli import default_base_dir
-    from .inprocess import has_accelerator
-
     comfy_root = (args.comfyui or host_dir() / "ComfyUI").resolve()
     if not (comfy_root / "main.py").is_file():
         raise RunnerError(f"No ComfyUI found at {comfy_root}. Run `bash scripts/setup_host.sh` (or pass --comfyui "
@@ -90,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.demo:
         print(f"demo: tiny random-weight models in {base_dir / 'models'} (images are noise)")
         link_demo_models_for_examples(comfy_root, base_dir)
-    cpu = args.cpu or not has_accelerator()
+    cpu = args.cpu or not boot.has_accelerator()
     command = [sys.executable, "-m", "moma_runner.comfy_main", str(comfy_root), *comfy_arguments(base_dir, args.port, cpu, bool(args.demo))]
     print(f"ComfyUI {comfy_root} with the pack, base directory {base_dir}, on {'CPU' if cpu else 'GPU'}")
     print(f"open http://{LISTEN}:{args.port}  (the example workflows: Workflow > Browse Templates > comfyui_moma; "
