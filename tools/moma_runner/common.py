@@ -13,7 +13,10 @@ API_DIR = EXAMPLES_DIR / "api"
 DEFAULT_WORKFLOW = API_DIR / "moma_context.json"
 SAMPLE_DIR = EXAMPLES_DIR / "input"  # the pictures the examples load, and their masks (tools/moma_demo/sample.py)
 MODELS_TABLE = REPO / "models.json"
-PACK_LINK_NAME = "comfyui_moma"  # the pack's folder under custom_nodes/ in the bases the runner makes
+# The pack's folder under custom_nodes/ in the bases the runner and the tests make: the name a ComfyUI-Manager or
+# registry install gives it (pyproject.toml's name), under which ComfyUI lists its example workflows.
+PACK_LINK_NAME = "comfyui-moma"
+LEGACY_LINK_NAMES = ("comfyui_moma",)  # earlier runner and setup_host.sh versions linked it under this name
 DEFAULT_COMFYUI = "0.30"  # the host version scripts/setup_host.sh installs by default
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING = 0, 1, 2, 3
