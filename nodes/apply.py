@@ -11,6 +11,7 @@ from .node_api import io
 from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank
 from ..moma.sd15 import LAYERS, parse_block_weights
+from . import host_contract
 from .common import adapter_of, advanced_input, require_sd15, warn_if_other_adapter
 from .patches import MomaRun, install_moma_patches
 from .text_encode import clip_token_ids, sd_tokenizer, subject_tokens
@@ -67,6 +68,7 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
     ``moma.sd15.parse_block_weights``). ``prompt``: the positive prompt's text when it is not the context's
     ``sd_prompt`` (e.g. one prompt naming two subjects): the subject tokens are looked up in it.
     """
+    host_contract.require(host_contract.APPLY)
     require_sd15(model, "Apply MoMA Attention")
     adapter = adapter_of(moma_model)
     for name, (start, end) in (("start_percent/end_percent", (start_percent, end_percent)),

@@ -11,6 +11,7 @@ import torch
 from .node_api import io
 
 from ..moma import masker
+from . import host_contract
 from .paths import REMBG_FOLDER
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class MomaObjectMasker(io.ComfyNode):
         invert: bool,
         mask: torch.Tensor | None = None,
     ) -> io.NodeOutput:
+        host_contract.require(host_contract.MASKER)
+
         def load_session() -> Any:
             folders = folder_paths.get_folder_paths(REMBG_FOLDER)
             path = masker.resolve_model_file(rembg_model, folders, progress=_DownloadProgress())
