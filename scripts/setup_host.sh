@@ -15,7 +15,7 @@
 # Result:
 #   HOST_DIR/venv            Python venv with torch, torchvision, ComfyUI's requirements and the pack's
 #   HOST_DIR/ComfyUI         ComfyUI source tree (import root)
-#   HOST_DIR/base            ComfyUI --base-directory: models/, input/, output/, custom_nodes/comfyui_moma -> repo
+#   HOST_DIR/base            ComfyUI --base-directory: models/, input/, output/, custom_nodes/comfyui-moma -> repo
 #   HOST_DIR/comfyui-version the installed version (read by run.sh, test.sh and tests/host.py)
 # Idempotent: re-running skips finished steps (the stamp records version, requirement and script hashes).
 set -euo pipefail
@@ -135,5 +135,8 @@ fi
 # The pack goes in as a user installs it: a folder under custom_nodes (here a link to the checkout).
 BASE="$HOST/base"
 mkdir -p "$BASE/custom_nodes" "$BASE/models" "$BASE/input" "$BASE/output"
-ln -sfn "$REPO" "$BASE/custom_nodes/comfyui_moma"
+# under the folder name a Manager or registry install gives it (the template browser lists the examples by it);
+# a link of the older name, comfyui_moma, would load the pack twice
+if [ -L "$BASE/custom_nodes/comfyui_moma" ]; then rm "$BASE/custom_nodes/comfyui_moma"; fi
+ln -sfn "$REPO" "$BASE/custom_nodes/comfyui-moma"
 echo "[setup_host] ready: ComfyUI $VERSION python=$VENV/bin/python comfyui=$HOST/ComfyUI base=$BASE"
