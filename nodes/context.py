@@ -28,6 +28,7 @@ from ..moma.errors import MomaError
 from ..moma.llava import LlavaContextEncoder
 from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context_views
 from ..moma.streaming import resolve_placement, stream_device_bytes
+from . import host_contract
 from .common import warn_if_constant_picture
 from .paths import log_listing_problem, output_prefix, resolve_inside, walk_folders
 from .types import MomaContext, MomaModel
@@ -237,6 +238,7 @@ class MomaContextEncoder(io.ComfyNode):
     @classmethod
     def execute(cls, moma_model: Any, image: torch.Tensor, mask: torch.Tensor, subject: str,
                 prompt: str) -> io.NodeOutput:
+        host_contract.require(host_contract.ENCODER)
         if not isinstance(moma_model, MomaModelObject):
             raise MomaError("LLaVA Context Encoder: moma_model must come from a 'MoMA Loader' node.")
         moma_model.require_encoder()  # a loader set to 'none' (saved contexts only) cannot encode
@@ -317,6 +319,7 @@ class MomaSaveContext(io.ComfyNode):
 
     @classmethod
     def execute(cls, context: Any, filename_prefix: str) -> io.NodeOutput:
+        host_contract.require(host_contract.SAVE)
         if not isinstance(context, MomaContextObject):
             raise MomaError("Save MoMA Context: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
         checked_inputs(cls, {"filename_prefix": filename_prefix})
@@ -383,6 +386,7 @@ class MomaLoadContext(io.ComfyNode):
 
     @classmethod
     def execute(cls, context_file: str, path: str = "") -> io.NodeOutput:
+        host_contract.require(host_contract.LOAD)
         checked_inputs(cls, {"context_file": context_file, "path": path})
         context = load_context(resolve_context_file(context_file or "", path or ""))
         return io.NodeOutput(context, context.sd_prompt)
