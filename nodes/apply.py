@@ -15,6 +15,7 @@ from ..moma.sd15 import LAYERS
 from . import host_contract
 from .common import adapter_of, advanced_input, require_sd15, warn_if_other_adapter
 from .patches import MomaRun, install_moma_patches
+from .run_state import object_timestep_ceiling
 from .text_encode import clip_token_ids, sd_tokenizer, subject_tokens
 from .types import MomaContext, MomaModel, MomaRef
 from .validation import apply_problems, apply_settings, choice_problem, verdict, warn_idle_windows
@@ -91,7 +92,8 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
         log.warning("Apply MoMA Attention: subject %r not found in the prompt %r; the MoMA terms stay unmasked.",
                     context.subject, prompt_text)
     model_sampling = model.get_model_object("model_sampling")
-    warn_idle_windows(start_percent, end_percent, tuple(object_window), tuple(context_window), model_sampling)
+    warn_idle_windows(start_percent, end_percent, tuple(object_window), tuple(context_window), model_sampling,
+                      object_timestep_ceiling)
     object_gains = {layer.block: float(strength) * float(adapter.scale_learnable[layer.self_index].reshape(-1)[0])
                     * layer_weights[layer.block] for layer in LAYERS}
     context_gains = {layer.block: float(context_strength) * layer_weights[layer.block] for layer in LAYERS}

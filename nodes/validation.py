@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..moma.errors import MomaError
@@ -148,17 +148,19 @@ def apply_settings(node_cls: type, values: Mapping[str, Any]) -> dict[tuple[str,
 
 
 def warn_idle_windows(start_percent: float, end_percent: float, object_window: tuple[float, float],
-                      context_window: tuple[float, float], model_sampling: Any = None) -> list[str]:
-    """Warn (once per Apply) about a path whose window can never act: outside start..end, or (the object path)
-    entirely at t >= 950, where MoMA's object path is off. Returns the warnings."""
+                      context_window: tuple[float, float], model_sampling: Any = None,
+                      timestep_ceiling: Callable[[Any], float] | None = None) -> list[str]:
+    """Warn (once per Apply) about a path whose window can never act: outside start..end, or (the object path,
+    given the model's sampling and ``timestep_ceiling``: where the object path starts, t < 950 on SD1.5) entirely
+    before the object path starts. Returns the warnings."""
     warnings = []
     for path, (low, high) in (("object", object_window), ("context", context_window)):
         if max(start_percent, low) > min(end_percent, high):
             warnings.append(f"the {path} window {low:g}..{high:g} lies outside start/end {start_percent:g}.."
                             f"{end_percent:g}, so the {path} path never acts")
-        elif path == "object" and model_sampling is not None:
+        elif path == "object" and model_sampling is not None and timestep_ceiling is not None:
             last = min(end_percent, high)
-            if _before_object_path(model_sampling, last):
+            if _before_object_path(model_sampling, last, timestep_ceiling):
                 warnings.append(f"the object window ends at {last:g}, before t < 950 where the object path starts, "
                                 f"so it never acts")
     for warning in warnings:
@@ -166,15 +168,13 @@ def warn_idle_windows(start_percent: float, end_percent: float, object_window: t
     return warnings
 
 
-def _before_object_path(model_sampling: Any, end_percent: float) -> bool:
+def _before_object_path(model_sampling: Any, end_percent: float, timestep_ceiling: Callable[[Any], float]) -> bool:
     """Whether the whole object window (up to ``end_percent``) lies where the object path is off (t >= 950)."""
     import torch
-
-    from .run_state import object_timestep_ceiling
 
     try:
         sigma = float(model_sampling.percent_to_sigma(end_percent))
         timestep = float(model_sampling.timestep(torch.tensor([sigma], dtype=torch.float32)).reshape(-1)[0])
-        return timestep >= object_timestep_ceiling(model_sampling)
+        return timestep >= timestep_ceiling(model_sampling)
     except (AttributeError, TypeError, ValueError, RuntimeError):
         return False

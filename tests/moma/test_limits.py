@@ -127,6 +127,7 @@ def test_integer_and_empty_tensors_are_not_checked() -> None:
     assert tensor_problem(torch.arange(10**6)) is None
     assert tensor_problem(torch.empty(0, 4)) is None
     assert tensor_problem(torch.tensor(float("nan"))) == "contains NaN"  # 0-dim
+    assert tensor_problem(torch.empty(3, 4, device="meta")) is None  # no values to check
 
 
 def _projector(seed: int, weight_scale: float) -> ImageProjModel:
