@@ -186,27 +186,34 @@ def output_prefix(input_name: str, prefix: str) -> str:
 
 
 def walk_folders(top: str | Path) -> Iterator[tuple[str, list[str]]]:
-    """(folder, its file names) for ``top`` and every folder below it, symlinks followed (models on other disks),
-    each real folder once (a symlink loop would otherwise be walked until the path is too long); folders that
-    cannot be listed are skipped, with one log line each."""
+    """(folder, its file names) for ``top`` and every folder below it, symlinks followed (models on other disks).
+    A symlink back to a folder above it (a loop, which would otherwise be walked until the path is too long) is not
+    entered; folders that cannot be listed are skipped, with one log line each."""
     if not os.path.isdir(top):
         return
-    seen: set[tuple[int, int]] = set()
 
     def skipped(error: OSError) -> None:
         log_listing_problem(f"cannot list {error.filename}: {error.strerror or error}; skipped")
 
-    for folder, dirs, files in os.walk(top, followlinks=True, onerror=skipped):
+    def identity(path: str) -> tuple[int, int] | None:
         try:
-            info = os.stat(folder)
+            info = os.stat(path)
         except OSError:
-            dirs[:] = []
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            dirs[:] = []  # reached again through a symlink: already walked
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        dirs.sort()
+            return None
+        return info.st_dev, info.st_ino
+
+    above: dict[str, frozenset] = {os.fspath(top): frozenset({identity(top)})}  # each folder's own and parents'
+    for folder, dirs, files in os.walk(top, followlinks=True, onerror=skipped):
+        chain = above.pop(folder, frozenset())
+        entered = []
+        for name in sorted(dirs):
+            child = os.path.join(folder, name)
+            key = identity(child)
+            if key is None or key in chain:
+                continue  # gone, or a loop back to a folder being walked
+            above[child] = chain | {key}
+            entered.append(name)
+        dirs[:] = entered
         yield folder, files
 
 

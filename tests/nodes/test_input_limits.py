@@ -64,3 +64,18 @@ def test_docs_state_every_limit() -> None:
                      "CHOICE_CHARS"):
         assert f"{getattr(limits, constant):,}" in doc, constant
     assert "65,504" in doc and "sqrt(767)" in doc
+
+
+def test_folder_walks_follow_links_but_not_loops(tmp_path: Path) -> None:
+    """Two names for one folder are both listed (a user's links); a link back up (a loop) is not entered."""
+    from comfyui_moma.nodes.paths import walk_folders
+
+    models = tmp_path / "LLM"
+    (models / "real" / "inner").mkdir(parents=True)
+    (models / "real" / "config.json").write_text("{}")
+    (models / "other-name").symlink_to(models / "real", target_is_directory=True)
+    (models / "real" / "inner" / "up").symlink_to(models, target_is_directory=True)  # a loop
+    with comfy_exec.deadline(30, "walking a folder with a loop"):
+        walked = {str(Path(folder).relative_to(models)): files for folder, files in walk_folders(models)}
+    assert set(walked) == {".", "real", "real/inner", "other-name", "other-name/inner"}, walked
+    assert walked["real"] == walked["other-name"] == ["config.json"]
