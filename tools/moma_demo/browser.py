@@ -19,7 +19,9 @@ class FrontendError(RuntimeError):
 
 
 def chromium() -> str | None:
-    """The Chromium executable, if installed."""
+    """The Chromium executable, if installed: $MOMA_CHROMIUM when set (e.g. a Chrome), else chromium or chromium-browser."""
+    if os.environ.get("MOMA_CHROMIUM"):
+        return shutil.which(os.environ["MOMA_CHROMIUM"])
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
