@@ -289,6 +289,11 @@ def test_every_plan_is_within_its_limits_and_its_benchmark_arguments_parse(tmp_p
     result = subprocess.run([PY, "-c", PARSE_BENCHMARK_ARGS, json.dumps(cases)], cwd=REPO, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]
+    from device_run import imports
+
+    # the node ids the imports step requires: read from the graphs of the tests and the sampling benchmark
+    assert {"KSampler", "LoadImage", "ImageBatch", "MomaApply", "MomaFeatureGrab", "MomaSaveContext",
+            "SaveLatent"} <= set(imports.run_node_ids())
 
 
 def test_the_documented_device_call_is_the_one_the_code_makes() -> None:

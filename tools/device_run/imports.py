@@ -25,9 +25,8 @@ CLASS_TYPE = re.compile(r'"class_type":\s*"(?P<id>\w+)"')
 def run_node_ids(repo: Path = REPO) -> list[str]:
     """Node ids named as ``"class_type"`` in the files whose graphs the run executes (plan.GRAPH_SOURCES)."""
     ids: set[str] = set()
-    for source in plan.GRAPH_SOURCES:
-        path = repo / source
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+    for pattern in plan.GRAPH_SOURCES:
+        for file in sorted(repo.glob(pattern)):
             ids.update(match["id"] for match in CLASS_TYPE.finditer(file.read_text(encoding="utf-8")))
     return sorted(node for node in ids if not plan.TEST_ONLY_NODE.match(node))
 

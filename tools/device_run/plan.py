@@ -37,8 +37,9 @@ CUDA_TEST_FILES = ("tests/nodes/test_moma_numerics.py", "tests/nodes/test_moma_a
 # Whole graphs in ComfyUI's default precision (host plan only: the lease has no time for them).
 DEFAULT_PRECISION_TESTS = ("tests/test_smoke_host.py", "tests/nodes/test_moma_apply.py")
 DEFAULT_PRECISION_SELECTION = "smoke or executor or whole_graph or same_seed or fresh_subject_mask"
-# Files whose graphs the run executes (their node ids must be registered by the carried ComfyUI).
-GRAPH_SOURCES = (*CUDA_TEST_FILES, "tests/comfy_exec.py", "benchmarks")
+# Files whose graphs the run executes (glob patterns; their node ids must be registered by the carried ComfyUI).
+GRAPH_SOURCES = (*CUDA_TEST_FILES, "tests/comfy_exec.py", "benchmarks/sampling*.py", "benchmarks/sampling*/**/*.py",
+                 "benchmarks/llava_encode.py")
 TEST_ONLY_NODE = re.compile(r"^MomaTest")  # registered by the tests themselves (tests/peer_packs.py)
 
 
