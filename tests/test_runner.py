@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -513,6 +515,68 @@ def test_gui_web_app_round_trips_every_example_without_a_missing_file(gui_server
             continue  # its context file is what moma_context writes first: not there before that run
         ok, error, _outputs, node_errors = validate_with_object_info(result["api"], info)
         assert ok and not node_errors, (stem, error, node_errors)
+
+
+# frontends that replace the packs' translations when they load their own Chinese bundle (the help pages still work)
+FRONTENDS_DROPPING_PACK_TRANSLATIONS = {"1.32.9"}  # ComfyUI 0.3.75's
+
+
+def _post_setting(url: str, name: str, value: object) -> None:
+    request = urllib.request.Request(f"{url}/settings/{name}", data=json.dumps(value).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.mark.skipif(browser.chromium() is None,
+                    reason="Chromium is not installed: apt-get install chromium (Debian), snap install chromium (Ubuntu), "
+                           "dnf install chromium (Fedora), or set MOMA_CHROMIUM to a Chromium or Chrome executable")
+def test_gui_web_app_in_chinese_shows_the_translations_and_help_pages(gui_server, tmp_path):
+    """With the frontend's language set to Chinese (the setting Comfy.Locale, as its settings dialog sets it), the web
+    app titles the MoMA nodes and labels their inputs from locales/zh, and Apply MoMA Attention's help (the right side
+    panel's Info tab; the node library on older frontends) shows web/docs/MomaApply/zh.md; every node's pages are
+    served where the frontend asks for them. MOMA_FRONTEND_SCREENSHOTS=DIR keeps the screenshots (docs/*.png)."""
+    import asyncio
+
+    zh = json.loads((REPO / "locales" / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
+    en = json.loads((REPO / "locales" / "en" / "nodeDefs.json").read_text(encoding="utf-8"))
+    workflow = json.loads((REPO / "workflows" / "moma_context.json").read_text())
+    shots = {"titles": tmp_path / "frontend_zh_node.png", "help": tmp_path / "frontend_help_panel.png"}
+    for name, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False), ("Comfy.Locale", "zh")):
+        _post_setting(gui_server.url, name, value)
+    debug_port = _free_port()
+    try:
+        with browser.headless_chromium(gui_server.url + "/", debug_port, tmp_path / "profile"):
+            shown = asyncio.run(browser.node_titles_and_help(
+                gui_server.url + "/", debug_port, workflow, "MomaApply", shots,
+                focus=["MomaObjectMasker", "MomaContextEncoder", "MomaFeatureGrab"]))
+    finally:
+        _post_setting(gui_server.url, "Comfy.Locale", "en")
+
+    assert shown["help"].startswith(zh["MomaApply"]["display_name"]), shown["help"][:300]
+    assert zh["MomaApply"]["inputs"]["strength"]["tooltip"] in shown["help"]
+    titled = {node: title for node, title in shown["titles"].items() if node in zh}
+    assert len(titled) >= 6, shown["titles"]
+    language = en if shown["frontend"] in FRONTENDS_DROPPING_PACK_TRANSLATIONS else zh
+    assert titled == {node: language[node]["display_name"] for node in titled}, shown["frontend"]
+    assert shown["inputs"]["MomaApply"]["strength"] == language["MomaApply"]["inputs"]["strength"]["name"]
+
+    folder = shown["python_module"].split(".", 1)[1]  # custom_nodes.<the pack's folder>: the help URLs' prefix
+    docs_url = f"{gui_server.url}/extensions/{urllib.parse.quote(folder)}/docs"
+    for node in en:
+        for lang, page in (("zh", f"{node}/zh.md"), ("en", f"{node}.md")):
+            with urllib.request.urlopen(f"{docs_url}/{page}") as response:
+                assert response.read() == (REPO / "web" / "docs" / page).read_bytes(), (lang, page)
+        with pytest.raises(urllib.error.HTTPError, match="404"):  # English: the frontend falls back to <node>.md
+            urllib.request.urlopen(f"{docs_url}/{node}/en.md")
+
+    keep = os.environ.get("MOMA_FRONTEND_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for path in shots.values():
+            with Image.open(path) as picture:
+                picture = picture.convert("RGB")
+                picture = picture.resize((1280, round(picture.height * 1280 / picture.width)), Image.LANCZOS)
+            picture.quantize(colors=256).save(Path(keep) / path.name, optimize=True)
 
 
 @pytest.mark.parametrize("workflow", host.cases_for_hosts(sorted(p.name for p in API_DIR.glob("*.json")),
