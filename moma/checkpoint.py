@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
+import stat
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +73,7 @@ def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
         raise MomaError(f"Could not read {path} as JSON ({error}).") from None
     if not isinstance(data, dict):
         raise MomaError(f"{path} is not a JSON object.")
@@ -112,17 +114,21 @@ def check_complete(folder: Path, files: list[Path], required: tuple[str, ...], w
         raise MomaError(f"{folder} is incomplete: {', '.join(parts)}. {where_to_get}")
 
 
-def safetensors_header(path: Path, where_to_get: str = "") -> dict:
-    """The JSON header of a .safetensors file (read without loading any tensor); MomaError if it is not one."""
+def safetensors_header(path: Path, where_to_get: str = "", max_bytes: int = 100 << 20) -> dict:
+    """The JSON header of a .safetensors file (read without loading any tensor; at most ``max_bytes`` of it, as
+    safetensors itself allows 100 MB); MomaError if it is not one. Only a regular file is opened (a FIFO would
+    block)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError("not a regular file")
         with open(path, "rb") as handle:
             head = handle.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            size = path.stat().st_size
-            if not 2 <= length <= min(size - 8, 100 << 20):
+            size = os.fstat(handle.fileno()).st_size
+            if not 2 <= length <= min(size - 8, max_bytes):
                 raise ValueError(f"header length {length} does not fit the file's {size} bytes")
             header = json.loads(handle.read(length))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
         raise MomaError(f"{path} is not a readable .safetensors file ({error}); it is probably truncated or another "
                         f"format. {where_to_get}".rstrip()) from None
     if not isinstance(header, dict):

@@ -18,6 +18,7 @@ from .checkpoint import (
     weight_files,
 )
 from .errors import MomaError
+from .limits import check_tensor
 from .transformers_compat import vision_transformer_prefix
 
 CLIP_WHERE_TO_GET = (
@@ -121,6 +122,7 @@ def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,
     if problems or missing:
         raise MomaError(f"{path} does not match its CLIP vision config: missing {missing[:8]} ({len(missing)}), "
                         f"wrong shapes {problems[:8]}. {CLIP_WHERE_TO_GET}")
-    for name in expected:
-        set_parameter(model, name, reference_cast(state.pop(relative[name]), dtype).to(device))
+    for name in expected:  # each tensor checked as it lands (one pass: NaN, infinities, beyond fp16)
+        tensor = reference_cast(state.pop(relative[name]), dtype).to(device)
+        set_parameter(model, name, check_tensor(tensor, str(path), "vision_model." + relative[name], CLIP_WHERE_TO_GET))
     return model.to(device).requires_grad_(False).eval()  # .to: the position-id buffer was built on the CPU

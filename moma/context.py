@@ -6,12 +6,15 @@ A context file holds three float32 tensors (``cond_tokens`` [1,4,768], ``uncond_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checkpoint import safetensors_header
 from .errors import MomaError
+from .limits import PROMPT_CHARS, SUBJECT_CHARS, TEXT_CHARS, check_tensor, check_text, shown, tensor_problem
 from .sd15 import CROSS_ATTENTION_DIM, NUM_MOMA_TOKENS
 from .weights import LLAVA_EMBED_DIM
 
@@ -23,7 +26,10 @@ TENSOR_SHAPES = {
     "llava_emb": (1, LLAVA_EMBED_DIM),
 }
 TEXT_FIELDS = ("subject", "prompt", "sd_prompt")
+TEXT_LIMITS = {"subject": SUBJECT_CHARS, "prompt": PROMPT_CHARS, "sd_prompt": TEXT_CHARS}  # characters
 ADAPTER_FIELD = "adapter_sha256"
+CONTEXT_HEADER_BYTES = 1 << 20  # a context's header: three tensors and its texts (within their limits: < 250 KB)
+CONTEXT_HINT = "Save one with 'Save MoMA Context' (it writes to output/), or put the file in input/."
 
 
 @dataclass
@@ -44,7 +50,7 @@ class MomaContext:
 
 
 def save_context(context: MomaContext, path: str | Path) -> Path:
-    """Write ``context`` as .safetensors (tensors + text metadata)."""
+    """Write ``context`` as .safetensors (tensors + text metadata); MomaError naming the file if it cannot."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -53,9 +59,41 @@ def save_context(context: MomaContext, path: str | Path) -> Path:
     metadata.update({name: getattr(context, name) for name in TEXT_FIELDS})
     if context.adapter_sha256:
         metadata[ADAPTER_FIELD] = context.adapter_sha256
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as error:  # OSError from mkdir; safetensors' own SafetensorError (e.g. file name too long)
+        raise MomaError(f"Could not write the MoMA context file {path} ({type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); choose another "
+                        f"filename_prefix or free the output folder.") from None
     return path
+
+
+def check_context_texts(metadata: dict, path: str | Path) -> None:
+    """A context's texts: each within its limit (``TEXT_LIMITS``) and a subject that is not empty."""
+    for name, limit in TEXT_LIMITS.items():
+        if name not in metadata:
+            raise MomaError(f"{path} is not a valid MoMA context: its metadata has no {name}. Save it again.")
+        try:
+            check_text(name, metadata[name], limit)
+        except MomaError as error:
+            raise MomaError(f"{path}: the saved {error}") from None
+    if not metadata["subject"].strip():
+        raise MomaError(f"{path}: the saved subject is empty, so MoMA would find no subject to mask. Encode the "
+                        f"context again with the object's word as subject (e.g. 'car') and save it.")
+
+
+def context_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a context file's header, read without any tensor (what the folder listing and validation
+    check); MomaError for a file that is unreadable, not safetensors, or not a MoMA context."""
+    path = Path(path)
+    header = safetensors_header(path, CONTEXT_HINT, max_bytes=CONTEXT_HEADER_BYTES)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != CONTEXT_FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise MomaError(f"{path} is not a MoMA context file (metadata format {shown(found)}, expected "
+                        f"{CONTEXT_FORMAT!r}). {CONTEXT_HINT}")
+    return metadata
 
 
 def load_context(path: str | Path) -> MomaContext:
@@ -85,6 +123,9 @@ def load_context(path: str | Path) -> MomaContext:
     if missing or unexpected or wrong or missing_text:
         raise MomaError(f"{path} is not a valid MoMA context: missing tensors {missing}, unexpected tensors "
                         f"{unexpected}, wrong shapes {wrong}, missing metadata {missing_text}. Save it again.")
+    check_context_texts(metadata, path)
+    for key in TENSOR_SHAPES:
+        check_tensor(tensors[key], str(path), key, "Encode the context again and save it.")
     return MomaContext(
         cond_tokens=tensors["cond_tokens"].float(),
         uncond_tokens=tensors["uncond_tokens"].float(),
@@ -103,3 +144,27 @@ def adapter_mismatch(context: MomaContext, fingerprint: str) -> str | None:
             f"{made_with[:12]}...) than the one in MoMA Loader ({fingerprint[:12]}...): its tokens were made by that "
             f"adapter's mapping and projector, so results will differ. Choose the same adapter file, or encode the "
             f"context again with this one.")
+
+
+def token_bound(projector: dict[str, torch.Tensor]) -> float:
+    """The largest magnitude a context token made by this adapter's projector can have.
+
+    The projector ends in LayerNorm over the 768 channels: y = w * (x - mean) / sqrt(var + eps) + b. The
+    normalised vector has zero mean and at most unit variance, so none of its 768 entries exceeds sqrt(767) in
+    magnitude; hence |y_i| <= max|w| * sqrt(767) + max|b| for every token of every context this adapter encodes,
+    whatever the picture and prompt (the unconditional tokens too). 1% is added for rounding in bf16/fp16.
+    """
+    weight, bias = projector["norm.weight"].float(), projector["norm.bias"].float()
+    channels = weight.numel()
+    return (float(weight.abs().max()) * math.sqrt(channels - 1) + float(bias.abs().max())) * 1.01
+
+
+def check_context_tokens(context: MomaContext, projector: dict[str, torch.Tensor], node: str) -> None:
+    """MomaError when the context's tokens are not finite or larger than ``token_bound`` of the adapter."""
+    bound = token_bound(projector)
+    for name in ("cond_tokens", "uncond_tokens"):
+        problem = tensor_problem(getattr(context, name), bound)
+        if problem is not None:
+            raise MomaError(f"{node}: the context's {name} {problem} (this adapter's projector makes tokens of at "
+                            f"most {bound:.3g}), so the context was edited, corrupted or made by another model. "
+                            f"Encode it again with this MoMA adapter.")

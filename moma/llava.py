@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from .clip_vision import CLIP_WHERE_TO_GET, load_clip_vision
 from .errors import MomaError
+from .limits import check_tensor
 from .projection import ImageProjModel, SwiGLUMapping, build_mapping, build_projector
 from .streaming import LayerStreamer, streamed_layers
 from .prompt import (  # noqa: F401  (re-exported: the prompt helpers belong to the LLaVA encoder's API)
@@ -365,7 +366,9 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
             if tensor.shape != expected_shape:
                 raise MomaError(f"{file}: {key} has shape {tuple(tensor.shape)}, config.json implies "
                                 f"{tuple(expected_shape)}. The folder's files do not belong together. {LLAVA_WHERE_TO_GET}")
-            set_parameter(module, name, reference_cast(tensor, dtype).to(device))
+            # checked as it lands (after the cast, on the device: one pass, fast on a GPU; a value beyond fp16 shows)
+            set_parameter(module, name, check_tensor(reference_cast(tensor, dtype).to(device), str(file), key,
+                                                     LLAVA_WHERE_TO_GET))
             loaded.add(key)
         step.advance()
     missing = [key for key in targets if key not in loaded]

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import MomaError
+from .limits import PROMPT_CHARS, SUBJECT_CHARS, check_text
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id for the picture features
@@ -27,6 +28,8 @@ LLAVA_WHERE_TO_GET = (
 
 
 def _check_text(subject: str, prompt: str) -> None:
+    check_text("subject", subject, SUBJECT_CHARS)
+    check_text("prompt", prompt, PROMPT_CHARS)
     if not subject.strip():
         raise MomaError("subject is empty: give the object's class word, e.g. 'car' or 'teddy bear'.")
     for name, text in (("subject", subject), ("prompt", prompt)):
@@ -98,7 +101,7 @@ class LlavaTokenizer:
         if config_file.is_file():
             try:
                 add_bos = bool(json.loads(config_file.read_text(encoding="utf-8")).get("add_bos_token", True))
-            except (OSError, ValueError, AttributeError) as error:
+            except (OSError, ValueError, AttributeError, RecursionError) as error:
                 raise MomaError(f"Could not read {config_file} ({error}). {LLAVA_WHERE_TO_GET}") from None
         return cls(model_file, add_bos=add_bos)
 

@@ -1,12 +1,16 @@
 """SD1.5 attention layout: ComfyUI block keys <-> MoMA adapter indices (diffusers order down, up, mid)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+
+from .limits import BLOCK_WEIGHTS_CHARS, shown
 
 CROSS_ATTENTION_DIM = 768
 NUM_HEADS = 8
 NUM_MOMA_TOKENS = 4
+MAX_BLOCK_WEIGHT = 5.0  # a block_weights entry: 0..5
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,9 @@ def parse_block_weights(text: str) -> dict[tuple[str, int], float]:
     e.g. ``Input = 1, MIDDLE: 0.5,``. Raises ValueError with what is wrong.
     """
     weights = {layer.block: 1.0 for layer in LAYERS}
-    text = re.sub(r"\s*[=:]\s*", "=", text.strip())  # 'input = 1' / 'input: 1' -> 'input=1'
-    parts = [part for part in re.split(r"[\s,;]+", text) if part]
+    if len(text) > BLOCK_WEIGHTS_CHARS:
+        raise ValueError(f"it is {len(text):,} characters long; {BLOCK_WEIGHTS_CHARS:,} are plenty for 16 weights")
+    parts = _block_weight_parts(text)
     if not parts:
         return weights
     if all("=" not in part for part in parts):
@@ -103,11 +108,31 @@ def parse_block_weights(text: str) -> dict[tuple[str, int], float]:
     return weights
 
 
+def _block_weight_parts(text: str) -> list[str]:
+    """The entries of a ``block_weights`` string, with spaces around ``=`` / ``:`` removed and ``:`` read as ``=``
+    ('input = 1' / 'input: 1' -> 'input=1'). Linear in the text's length: each run of separators is matched once
+    (a pattern such as ``\\s*[=:]\\s*`` would rescan a run of spaces from each of its positions)."""
+    pieces = re.split(r"([\s,;]+)", text.strip())
+    parts: list[str] = []
+    for index in range(0, len(pieces), 2):
+        piece = pieces[index]
+        if not piece:
+            continue
+        joined_by_space = index > 0 and pieces[index - 1].isspace()
+        if parts and joined_by_space and (parts[-1][-1] in "=:" or piece[0] in "=:"):
+            parts[-1] += piece
+        else:
+            parts.append(piece)
+    return [part.replace(":", "=") for part in parts]
+
+
 def _weight(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"'{text}' is not a number") from None
-    if not 0.0 <= value <= 5.0:
-        raise ValueError(f"weight {value} is outside 0..5")
+        raise ValueError(f"{shown(text)} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"weight {text!r} is not a finite number (use 0..{MAX_BLOCK_WEIGHT:g})")
+    if not 0.0 <= value <= MAX_BLOCK_WEIGHT:
+        raise ValueError(f"weight {value} is outside 0..{MAX_BLOCK_WEIGHT:g}")
     return value

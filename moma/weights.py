@@ -27,6 +27,7 @@ import torch
 
 from .checkpoint import unpickling_refusal
 from .errors import MomaError
+from .limits import check_tensor
 from .sd15 import CHANNELS_BY_INDEX, CROSS_ATTENTION_DIM, NUM_MOMA_TOKENS
 
 LLAVA_EMBED_DIM = 1024  # width of llava_emb (the SwiGLU mapping's output, the projector's input)
@@ -257,6 +258,9 @@ def _validate(groups: Any, path: Path) -> MomaAdapterWeights:
             f"file. {WHERE_TO_GET}"
         )
 
+    for group, inner in checked.items():  # one pass over the values: NaN, infinities or absurd magnitudes
+        for key, tensor in inner.items():
+            check_tensor(tensor, str(path), f"{group}.{key}", f"Use the original file. {WHERE_TO_GET}")
     attentions = checked["self_cross_attentions"]
     indices = sorted(CHANNELS_BY_INDEX)
     return MomaAdapterWeights(

@@ -8,14 +8,17 @@ import torch
 
 from .node_api import io
 
+from ..moma.context import check_context_tokens
 from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank
-from ..moma.sd15 import LAYERS, parse_block_weights
+from ..moma.sd15 import LAYERS
 from . import host_contract
 from .common import adapter_of, advanced_input, require_sd15, warn_if_other_adapter
 from .patches import MomaRun, install_moma_patches
+from .run_state import object_timestep_ceiling
 from .text_encode import clip_token_ids, sd_tokenizer, subject_tokens
 from .types import MomaContext, MomaModel, MomaRef
+from .validation import apply_problems, apply_settings, choice_problem, verdict, warn_idle_windows
 
 log = logging.getLogger(__name__)
 ADVANCED = advanced_input()  # ComfyUI 0.30 folds these inputs away as "advanced"; 0.3.75 shows them all
@@ -69,21 +72,19 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
     ``sd_prompt`` (e.g. one prompt naming two subjects): the subject tokens are looked up in it.
     """
     host_contract.require(host_contract.APPLY)
+    # the numbers and texts again where they are used (linked values are only known now): nodes/validation.py
+    layer_weights = apply_settings(MomaApply, {
+        "strength": strength, "start_percent": start_percent, "end_percent": end_percent,
+        "context_strength": context_strength, "object_start_percent": object_window[0],
+        "object_end_percent": object_window[1], "context_start_percent": context_window[0],
+        "context_end_percent": context_window[1], "block_weights": block_weights, "prompt": prompt})
     require_sd15(model, "Apply MoMA Attention")
     adapter = adapter_of(moma_model)
-    for name, (start, end) in (("start_percent/end_percent", (start_percent, end_percent)),
-                               ("object_start_percent/object_end_percent", object_window),
-                               ("context_start_percent/context_end_percent", context_window)):
-        if start > end:
-            raise MomaError(f"Apply MoMA Attention: {name}: the start ({start}) is after the end ({end}).")
     for name in ("cond_tokens", "uncond_tokens", "sd_prompt", "subject"):
         if not hasattr(context, name):
             raise MomaError("Apply MoMA Attention: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
+    check_context_tokens(context, adapter.projector, "Apply MoMA Attention")
     warn_if_other_adapter(context, moma_model)
-    try:
-        layer_weights = parse_block_weights(block_weights or "")
-    except ValueError as error:
-        raise MomaError(f"Apply MoMA Attention: block_weights {block_weights!r}: {error}.") from None
     prompt_text = prompt if prompt and prompt.strip() else context.sd_prompt
     positions, prompt_length = subject_positions_in_prompt(prompt_text, context.subject)
     subject = subject_tokens(context.subject, prompt_text)
@@ -91,6 +92,8 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
         log.warning("Apply MoMA Attention: subject %r not found in the prompt %r; the MoMA terms stay unmasked.",
                     context.subject, prompt_text)
     model_sampling = model.get_model_object("model_sampling")
+    warn_idle_windows(start_percent, end_percent, tuple(object_window), tuple(context_window), model_sampling,
+                      object_timestep_ceiling)
     object_gains = {layer.block: float(strength) * float(adapter.scale_learnable[layer.self_index].reshape(-1)[0])
                     * layer_weights[layer.block] for layer in LAYERS}
     context_gains = {layer.block: float(context_strength) * layer_weights[layer.block] for layer in LAYERS}
@@ -177,6 +180,23 @@ class MomaApply(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
+
+    @classmethod
+    def validate_inputs(cls, preset: str | None = None, strength: float | None = None,
+                        start_percent: float | None = None, end_percent: float | None = None,
+                        context_strength: float | None = None, object_start_percent: float | None = None,
+                        object_end_percent: float | None = None, context_start_percent: float | None = None,
+                        context_end_percent: float | None = None, block_weights: str | None = None,
+                        prompt: str | None = None) -> bool | str:
+        # Every FLOAT finite and in range (ComfyUI lets NaN through, and checks nothing for inputs taken here),
+        # each start before its end, block_weights parsed, the texts within their limits.
+        values = {"preset": preset, "strength": strength, "start_percent": start_percent, "end_percent": end_percent,
+                  "context_strength": context_strength, "object_start_percent": object_start_percent,
+                  "object_end_percent": object_end_percent, "context_start_percent": context_start_percent,
+                  "context_end_percent": context_end_percent, "block_weights": block_weights, "prompt": prompt}
+        problems = apply_problems(cls, values)
+        problem = choice_problem("preset", preset, (*PRESET_STRENGTH, "custom")) if not problems else None
+        return verdict(problems + ([problem] if problem else []), values)
 
     @classmethod
     def execute(cls, model, moma_model, context, reference, preset, strength, start_percent, end_percent,

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +16,23 @@ import comfy.utils
 import folder_paths
 from .node_api import io
 
-from ..moma.context import CONTEXT_FORMAT, MomaContext as MomaContextObject, load_context, save_context
+from ..moma.context import (
+    CONTEXT_HINT,
+    MomaContext as MomaContextObject,
+    check_context_texts,
+    context_metadata,
+    load_context,
+    save_context,
+)
 from ..moma.errors import MomaError
 from ..moma.llava import LlavaContextEncoder
 from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context_views
 from ..moma.streaming import resolve_placement, stream_device_bytes
 from . import host_contract
 from .common import warn_if_constant_picture
-from .paths import output_prefix, resolve_inside
+from .paths import log_listing_problem, output_prefix, resolve_inside, walk_folders
 from .types import MomaContext, MomaModel
+from .validation import checked_inputs, input_problems, verdict
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +225,17 @@ class MomaContextEncoder(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, subject: str | None = None, prompt: str | None = None) -> bool | str:
+        values = {"subject": subject, "prompt": prompt}
+        problems = input_problems(cls, values)
+        if not problems and subject is not None and prompt is not None:
+            try:
+                check_texts(subject, prompt)  # an empty subject, LLaVA's control tokens
+            except MomaError as error:
+                problems.append(str(error))
+        return verdict(problems, values)
+
+    @classmethod
     def execute(cls, moma_model: Any, image: torch.Tensor, mask: torch.Tensor, subject: str,
                 prompt: str) -> io.NodeOutput:
         host_contract.require(host_contract.ENCODER)
@@ -239,25 +256,23 @@ class MomaContextEncoder(io.ComfyNode):
 
 
 def _is_context_file(path: str) -> bool:
-    """Cheap check of a .safetensors header's metadata (no tensor is read)."""
+    """Whether ``path`` is a MoMA context (its header's metadata; no tensor is read). Another tool's .safetensors
+    is skipped quietly; a file that cannot be read or has a malformed header is skipped with one log line."""
     try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 1 << 20:
-                return False
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error):
+        context_metadata(path)
+    except MomaError as error:
+        if "is not a MoMA context file" not in str(error):
+            log_listing_problem(f"{path} skipped in the context list: {error}")
         return False
-    return (header.get("__metadata__") or {}).get("format") == CONTEXT_FORMAT
+    return True
 
 
 def context_file_choices() -> list[str]:
-    """Context files in ComfyUI's input/ and output/ folders, as annotated names ('x.safetensors [output]')."""
+    """Context files in ComfyUI's input/ and output/ folders, as annotated names ('x.safetensors [output]').
+    One odd file (unreadable, malformed, a FIFO, a symlink loop) never breaks the list: it is skipped."""
     choices = []
     for kind, root in (("input", folder_paths.get_input_directory()), ("output", folder_paths.get_output_directory())):
-        if not os.path.isdir(root):
-            continue
-        for folder, _dirs, files in os.walk(root, followlinks=True):
+        for folder, files in walk_folders(root):
             for name in files:
                 full = os.path.join(folder, name)
                 if name.lower().endswith(".safetensors") and _is_context_file(full):
@@ -267,7 +282,6 @@ def context_file_choices() -> list[str]:
 
 
 _ANNOTATIONS = {"input": folder_paths.get_input_directory, "output": folder_paths.get_output_directory}
-CONTEXT_HINT = "Save one with 'Save MoMA Context' (it writes to output/), or put the file in input/."
 
 
 def resolve_context_file(context_file: str, path: str) -> Path:
@@ -308,6 +322,7 @@ class MomaSaveContext(io.ComfyNode):
         host_contract.require(host_contract.SAVE)
         if not isinstance(context, MomaContextObject):
             raise MomaError("Save MoMA Context: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
+        checked_inputs(cls, {"filename_prefix": filename_prefix})
         output_dir = folder_paths.get_output_directory()
         prefix = output_prefix("filename_prefix", filename_prefix)
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir)
@@ -316,12 +331,15 @@ class MomaSaveContext(io.ComfyNode):
         return io.NodeOutput(ui={"moma_context": [{"filename": name, "subfolder": subfolder, "type": "output"}]})
 
     @classmethod
-    def validate_inputs(cls, filename_prefix: str) -> bool | str:
-        try:
-            output_prefix("filename_prefix", filename_prefix)
-        except MomaError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, filename_prefix: str | None = None) -> bool | str:
+        values = {"filename_prefix": filename_prefix}
+        problems = input_problems(cls, values)
+        if not problems and filename_prefix is not None:
+            try:
+                output_prefix("filename_prefix", filename_prefix)
+            except MomaError as error:
+                problems.append(str(error))
+        return verdict(problems, values)
 
 
 class MomaLoadContext(io.ComfyNode):
@@ -347,23 +365,28 @@ class MomaLoadContext(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, context_file: str, path: str = "") -> bool | str:
-        try:
-            resolve_context_file(context_file or "", path or "")
-        except MomaError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, context_file: str | None = None, path: str | None = "") -> bool | str:
+        values = {"context_file": context_file, "path": path}
+        problems = input_problems(cls, values)
+        if not problems and path is not None and (context_file is not None or path.strip()):
+            try:
+                resolved = resolve_context_file(context_file or "", path)
+                check_context_texts(context_metadata(resolved), resolved)  # found, a context, its texts fine
+            except MomaError as error:
+                problems.append(str(error))
+        return verdict(problems, values)
 
     @classmethod
     def fingerprint_inputs(cls, context_file: str, path: str = "") -> Any:
         try:
             resolved = resolve_context_file(context_file or "", path or "")
-        except MomaError:
+            return f"{resolved}:{resolved.stat().st_mtime_ns}"
+        except (MomaError, OSError):
             return float("nan")  # never equal: always re-run, so the error shows
-        return f"{resolved}:{resolved.stat().st_mtime_ns}"
 
     @classmethod
     def execute(cls, context_file: str, path: str = "") -> io.NodeOutput:
         host_contract.require(host_contract.LOAD)
+        checked_inputs(cls, {"context_file": context_file, "path": path})
         context = load_context(resolve_context_file(context_file or "", path or ""))
         return io.NodeOutput(context, context.sd_prompt)

@@ -28,6 +28,7 @@ from . import host_contract
 from .common import adapter_of, require_sd15, warn_if_constant_picture
 from .patches import reference_capture_options
 from .types import MomaModel, MomaRef
+from .validation import checked_inputs, input_problems, verdict
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,17 @@ class MomaFeatureGrab(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, subject: str | None = None) -> bool | str:
+        values = {"subject": subject}
+        problems = input_problems(cls, values)
+        if not problems and subject is not None and not subject.strip():
+            problems.append("subject: it is empty; give the object's word, e.g. 'car' or 'dog'.")
+        return verdict(problems, values)
+
+    @classmethod
     def execute(cls, model, moma_model, vae, clip, image, mask, subject, seed,
                 resolution=AUTO_RESOLUTION, latent=None) -> io.NodeOutput:
+        checked_inputs(cls, {"subject": subject})
         if latent is not None:
             resolution = resolution_of_latent(latent)
         elif int(resolution) == AUTO_RESOLUTION:

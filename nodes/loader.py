@@ -16,8 +16,18 @@ from ..moma.model import MomaModel as MomaModelObject
 from ..moma.streaming import PLACEMENTS
 from ..moma.weights import WHERE_TO_GET as ADAPTER_WHERE_TO_GET
 from . import host_contract
-from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER, find_inside, for_input, model_folders, resolve_inside
+from .paths import (
+    CLIP_VISION_FOLDER,
+    LLM_FOLDER,
+    MOMA_FOLDER,
+    find_inside,
+    for_input,
+    model_folders,
+    resolve_inside,
+    walk_folders,
+)
 from .types import MomaModel
+from .validation import choice_problem, input_problems, verdict
 
 HF_CONFIG = "config.json"
 # Last in the llava/clip_vision lists, so a node added to a full install defaults to the real model, while an
@@ -27,12 +37,11 @@ NONE_HINT = f"Choose '{NONE}' if you only apply saved contexts (Load MoMA Contex
 
 
 def _folders_with_config(folder_name: str) -> list[str]:
-    """Sub-folders (relative names) of a model folder that hold a config.json, like ComfyUI's DiffusersLoader."""
+    """Sub-folders (relative names) of a model folder that hold a config.json, like ComfyUI's DiffusersLoader.
+    Nothing is read but the folder listings (``walk_folders``: unreadable folders and symlink loops are skipped)."""
     found: set[str] = set()
     for search_path in folder_paths.get_folder_paths(folder_name):
-        if not os.path.isdir(search_path):
-            continue
-        for root, _dirs, files in os.walk(search_path, followlinks=True):
+        for root, files in walk_folders(search_path):
             if HF_CONFIG in files and os.path.abspath(root) != os.path.abspath(search_path):
                 found.add(os.path.relpath(root, start=search_path).replace(os.sep, "/"))
     return sorted(found)
@@ -133,23 +142,31 @@ class MomaLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str = "auto",
-                        quantization: str = "none") -> bool | str:
+    def validate_inputs(cls, adapter_name: str | None = None, llava_name: str | None = None,
+                        clip_vision_name: str | None = None, precision: str | None = None,
+                        quantization: str | None = None, llava_placement: str | None = None) -> bool | str:
         # Replaces ComfyUI's "value not in list" check with messages that say where to put the files; the same
-        # confinement rule refuses absolute paths and '..'. ComfyUI shows the returned text under each of the
-        # three inputs, so every message starts with the input it is about.
-        problems = []
+        # confinement rule refuses absolute paths and '..'. Every problem, once (nodes/validation.py: verdict).
+        values = {"adapter_name": adapter_name, "llava_name": llava_name, "clip_vision_name": clip_vision_name,
+                  "precision": precision, "quantization": quantization, "llava_placement": llava_placement}
+        problems = input_problems(cls, values)
+        if problems:  # a name over its length limit never reaches the file system
+            return verdict(problems, values)
         for resolve, value in ((resolve_adapter, adapter_name), (resolve_llava, llava_name),
                                (resolve_clip_vision, clip_vision_name)):
+            if value is None:
+                continue
             try:
                 resolve(value)
             except MomaError as error:
                 problems.append(str(error))
         # ComfyUI 0.3.x does not check V3 combo values, and this method replaces the check on 0.30
-        for name, value, choices in (("precision", precision, PRECISIONS), ("quantization", quantization, QUANTIZATIONS)):
-            if value not in choices:
-                problems.append(f"{name}: {value!r} is not one of {', '.join(choices)}.")
-        return " | ".join(problems) or True
+        for name, choices in (("precision", PRECISIONS), ("quantization", QUANTIZATIONS),
+                              ("llava_placement", PLACEMENTS)):
+            problem = choice_problem(name, values[name], choices)
+            if problem:
+                problems.append(problem)
+        return verdict(problems, values)
 
     @classmethod
     def execute(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str, quantization: str,

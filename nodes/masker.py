@@ -13,6 +13,7 @@ from .node_api import io
 from ..moma import masker
 from . import host_contract
 from .paths import REMBG_FOLDER
+from .validation import checked_inputs, choice_problem, input_problems, verdict
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,15 @@ class MomaObjectMasker(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, threshold: float | None = None, rembg_model: str | None = None) -> bool | str:
+        values = {"threshold": threshold, "rembg_model": rembg_model}
+        problems = input_problems(cls, values)
+        if not problems:  # ComfyUI 0.3.x does not check V3 combo values
+            problem = choice_problem("rembg_model", rembg_model, list(masker.REMBG_MODELS))
+            problems += [problem] if problem else []
+        return verdict(problems, values)
+
+    @classmethod
     def execute(
         cls,
         image: torch.Tensor,
@@ -122,6 +132,7 @@ class MomaObjectMasker(io.ComfyNode):
         mask: torch.Tensor | None = None,
     ) -> io.NodeOutput:
         host_contract.require(host_contract.MASKER)
+        checked_inputs(cls, {"threshold": threshold, "rembg_model": rembg_model})
 
         def load_session() -> Any:
             folders = folder_paths.get_folder_paths(REMBG_FOLDER)

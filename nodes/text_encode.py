@@ -16,6 +16,7 @@ from ..moma.subject_mask import PromptTokens, SubjectTokens
 from . import host_contract
 from .common import schema_extras
 from .types import MomaContext
+from .validation import checked_inputs, input_problems, verdict
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,14 @@ class MomaTextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, text: str | None = None) -> bool | str:
+        values = {"text": text}
+        return verdict(input_problems(cls, values), values)
+
+    @classmethod
     def execute(cls, clip, text="", context=None) -> io.NodeOutput:
         host_contract.require(host_contract.TEXT)
+        checked_inputs(cls, {"text": text})
         if context is not None and not hasattr(context, "sd_prompt"):
             raise MomaError("MoMA Text Encode: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
         if not (text or "").strip():

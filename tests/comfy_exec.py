@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,32 @@ def run_api_workflow(prompt: dict, prompt_id: str | None = None) -> dict:
     finally:
         del executor
         gc.collect()
+
+
+def validation_message(validate: Any, *args: Any, **kwargs: Any) -> Any:
+    """What ComfyUI reports for a node's ``validate_inputs`` called directly: True, or the problem's text, whether
+    the node returns it (one input checked) or raises it as a MomaError (several: reported once, on the node)."""
+    from comfyui_moma.moma.errors import MomaError
+
+    try:
+        return validate(*args, **kwargs)
+    except MomaError as error:
+        return str(error)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int, label: str) -> Iterator[None]:
+    """Fail with TimeoutError if the block runs longer than ``seconds`` (SIGALRM, main thread): a generous bound
+    that tells a hang from an answer, not a timing assertion."""
+    import signal
+
+    def expired(*_: Any) -> None:
+        raise TimeoutError(f"{label}: no answer after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -17,7 +17,7 @@ import host  # noqa: E402
 # neither boots ComfyUI nor imports torch, so a demo run's checkpoint load in a child comes beside a 0.05 GiB
 # process, not the 3.3 GiB test host holding the run's loaded checkpoint. Unset (plain `pytest`): everything in
 # one process.
-PROCESS_MODULES = {"test_runner.py", "test_scripts.py"}
+PROCESS_MODULES = {"test_runner.py", "test_scripts.py", "test_hostile_server.py"}
 SPLIT = os.environ.get("MOMA_TEST_SPLIT", "")
 if SPLIT not in ("", "in-process", "processes"):
     raise pytest.UsageError(f"MOMA_TEST_SPLIT={SPLIT!r}: use 'in-process', 'processes' or leave it unset")

@@ -89,15 +89,14 @@ def test_object_info_validation_agrees_with_comfyui(workflow, demo_models_in_hos
             execution.validate_prompt(uuid.uuid4().hex, copy.deepcopy(prompt), None))
         ours_ok, _ours_error, _ours_outputs, ours_errors = validate_with_object_info(copy.deepcopy(prompt), info)
         comfy_verdict = ok and not node_errors
-        if name == "combo typo" and comfy_verdict:
-            # ComfyUI 0.3.x's validator does not check V3 combo values (0.30's does): the check is stricter
-            # there, as the node itself is (it refuses an unknown preset when it runs)
-            assert ours_errors, (name, ours_errors)
-            continue
         assert (ours_ok and not ours_errors) == comfy_verdict, (name, node_errors, ours_errors)
         assert comfy_verdict == (name == "as shipped"), (name, node_errors)
         if node_errors and name != "output index out of range":  # (ComfyUI raises there: the output node errs)
             assert set(ours_errors) == set(node_errors), (name, node_errors, ours_errors)
             for nid in node_errors:
+                if prompt[nid]["class_type"].startswith("Moma"):
+                    # a MoMA node checks its FLOAT and choice inputs in its own validate_inputs (which
+                    # /object_info cannot show): the same node fails, with the node's own error type
+                    continue
                 assert ({e["type"] for e in ours_errors[nid]["errors"]}
                         == {e["type"] for e in node_errors[nid]["errors"]}), (name, nid)

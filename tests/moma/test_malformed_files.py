@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
+import re
 import signal
 import struct
 import zipfile
@@ -366,3 +368,105 @@ def test_saved_context(tmp_path: Path) -> None:
     }
     for label, data in [*_generic(valid, 10), *neighbours.items()]:
         _assert_moma_error(load_context, tmp_path / "context.safetensors", data, f"context {label}", marker)
+
+
+# ---------------------------------------------------------------------------------------------- values
+# Valid files whose numbers are not: NaN, infinities, or finite but absurd (1e30, beyond float16's 65504, which the
+# pack may compute in). Each tensor is checked once as it loads; the error names the file and the tensor.
+
+BAD_VALUES = {"nan": (math.nan, "contains NaN"), "inf": (math.inf, "contains an infinite value"),
+              "-inf": (-math.inf, "contains an infinite value"), "absurd": (1e30, r"reaches 1e\+30, beyond the plausible 65504")}
+
+
+def _poisoned(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    """A copy of ``tensor`` with one entry set to ``value`` (float32 where float16 cannot hold it)."""
+    bad = tensor.clone().float() if abs(value) > 65504 and math.isfinite(value) else tensor.clone()
+    bad.view(-1)[bad.numel() // 2] = value
+    return bad
+
+
+def _assert_names_tensor(run: Callable[[Path], object], path: Path, data: bytes, key: str, expected: str,
+                         label: str) -> None:
+    path.unlink(missing_ok=True)
+    path.write_bytes(data)
+    with _deadline(CASE_SECONDS, label):
+        with pytest.raises(MomaError) as error:
+            run(path)
+    message = str(error.value)
+    assert path.name in message and f"tensor {key!r}" in message, (label, message)
+    assert re.search(expected, message), (label, message)
+
+
+@pytest.mark.parametrize("label", BAD_VALUES)
+def test_adapter_values(tmp_path: Path, adapter_bytes: bytes, label: str) -> None:
+    value, expected = BAD_VALUES[label]
+    upstream = torch.load(io.BytesIO(adapter_bytes), weights_only=True)
+    group, key = {"nan": ("projectors", "norm.weight"), "inf": ("self_cross_attentions", "3.to_v_ip.weight"),
+                  "-inf": ("llm_mapping", "mapping.down_proj.weight"),
+                  "absurd": ("self_cross_attentions", "0.scale_learnable")}[label]
+    upstream[group][key] = _poisoned(upstream[group][key], value)
+    _assert_names_tensor(load_adapter, tmp_path / "attn_adapters_projectors.th", _torch_bytes(upstream),
+                         f"{group}.{key}", expected, f"adapter .th {label}")
+    flat = {f"{name}.{inner}": tensor for name, tensors in upstream.items() for inner, tensor in tensors.items()}
+    _assert_names_tensor(load_adapter, tmp_path / "attn_adapters_projectors.safetensors", _safetensors_bytes(flat),
+                         f"{group}.{key}", expected, f"adapter .safetensors {label}")
+
+
+@pytest.mark.parametrize("label", ["nan", "absurd"])
+def test_llava_shard_values(tmp_path: Path, llava_dir: Path, label: str) -> None:
+    value, expected = BAD_VALUES[label]
+    path, run = _llava_case(tmp_path, llava_dir, SHARD)
+    state = torch.load(llava_dir / SHARD, weights_only=True)
+    key = next(key for key in state if ".layers.0.mlp.down_proj" in key)
+    state[key] = _poisoned(state[key], value)
+    _assert_names_tensor(run, path, _torch_bytes(state), key, expected, f"LLaVA shard {label}")
+
+
+@pytest.mark.parametrize("label", ["inf", "absurd"])
+def test_clip_vision_values(tmp_path: Path, clip_vision_dir: Path, label: str) -> None:
+    from safetensors.torch import load_file
+
+    value, expected = BAD_VALUES[label]
+    state = load_file(clip_vision_dir / "model.safetensors")
+    key = next(key for key in state if key.endswith("encoder.layers.0.self_attn.k_proj.weight") and "text" not in key)
+    state[key] = _poisoned(state[key], value)
+    relative = "vision_model." + key.split("vision_model.", 1)[-1]
+    folder = _variant(tmp_path, clip_vision_dir, "clip-values")
+    (folder / "model.safetensors").unlink()
+    _assert_names_tensor(_load_clip_folder_of, folder / "model.safetensors", _safetensors_bytes(state), relative,
+                         expected, f"CLIP folder {label}")
+    _assert_names_tensor(_load_clip, tmp_path / "clip_vision.safetensors", _safetensors_bytes(state), relative,
+                         expected, f"CLIP single file {label}")
+
+
+def _load_clip_folder_of(path: Path) -> None:
+    _load_clip(path.parent)
+
+
+@pytest.mark.parametrize("label", BAD_VALUES)
+def test_saved_context_values(tmp_path: Path, label: str) -> None:
+    value, expected = BAD_VALUES[label]
+    meta = {"format": "moma-context", "version": "1", "subject": "car", "prompt": "x", "sd_prompt": "photo of a car. x"}
+    good = {"cond_tokens": torch.randn(1, 4, 768), "uncond_tokens": torch.randn(1, 4, 768),
+            "llava_emb": torch.randn(1, 1024)}
+    key = {"nan": "cond_tokens", "inf": "uncond_tokens", "-inf": "llava_emb", "absurd": "cond_tokens"}[label]
+    data = _safetensors_bytes({**good, key: _poisoned(good[key], value)}, meta)
+    _assert_names_tensor(load_context, tmp_path / "context.safetensors", data, key, expected, f"context {label}")
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("subject", "", "the saved subject is empty"),
+    ("subject", "  ", "the saved subject is empty"),
+    ("subject", "car " * 100_000, r"the saved subject: 'car car .*\(400,000 characters\) is longer than the 256"),
+    ("sd_prompt", "x" * 1_000_000, r"the saved sd_prompt: 'xxx.*is longer than the 32,768 characters"),
+])
+def test_saved_context_texts(tmp_path: Path, field: str, value: str, expected: str) -> None:
+    meta = {"format": "moma-context", "version": "1", "subject": "car", "prompt": "x", "sd_prompt": "photo of a car. x"}
+    good = {"cond_tokens": torch.randn(1, 4, 768), "uncond_tokens": torch.randn(1, 4, 768),
+            "llava_emb": torch.randn(1, 1024)}
+    path = tmp_path / "context.safetensors"
+    path.write_bytes(_safetensors_bytes(good, {**meta, field: value}))
+    with _deadline(CASE_SECONDS, f"context {field}"), pytest.raises(MomaError) as error:
+        load_context(path)
+    assert str(path) in str(error.value) and re.search(expected, str(error.value)), str(error.value)[:500]
+    assert len(str(error.value)) < 1000

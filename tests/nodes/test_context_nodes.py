@@ -329,9 +329,9 @@ def test_none_is_the_only_choice_and_passes_validation_without_llava_or_clip(pla
     assert inputs["llava_name"][1]["options"] == ["none"]
     assert inputs["clip_vision_name"][1]["options"] == ["none"]
     assert MomaLoader.validate_inputs(ADAPTER_NAME, "none", "none") is True
-    message = MomaLoader.validate_inputs(ADAPTER_NAME, LLAVA_NAME, "none")
+    message = comfy_exec.validation_message(MomaLoader.validate_inputs, ADAPTER_NAME, LLAVA_NAME, "none")
     assert f"LLaVA folder {LLAVA_NAME!r} not found in {empty}" in message and "Choose 'none'" in message
-    message = MomaLoader.validate_inputs(ADAPTER_NAME, "none", CLIP_NAME)
+    message = comfy_exec.validation_message(MomaLoader.validate_inputs, ADAPTER_NAME, "none", CLIP_NAME)
     assert f"CLIP vision model {CLIP_NAME!r} not found in {empty}" in message and "Choose 'none'" in message
     moma_model = MomaLoader.execute(ADAPTER_NAME, "none", "none", "fp32", "none", False).result[0]
     assert moma_model.llava_dir is None and moma_model.clip_vision_path is None

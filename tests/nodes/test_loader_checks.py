@@ -69,7 +69,7 @@ def test_incomplete_llava_folder_fails_validation(placed, llava_dir: Path, drop:
     with pytest.raises(comfy_exec.WorkflowError) as error:
         comfy_exec.run_api_workflow(_graph(name))
     messages = [item["details"] for item in error.value.node_errors["1"]["errors"]]
-    assert messages and all("llava_name: " in m for m in messages), messages
+    assert len(messages) == 1 and "llava_name: " in messages[0], messages
     import re
 
     assert all(re.search(expected, m) for m in messages), messages
@@ -81,11 +81,11 @@ def test_incomplete_llava_folder_fails_validation(placed, llava_dir: Path, drop:
 def test_empty_shard_and_bad_index_are_named(placed, llava_dir: Path) -> None:
     name = _incomplete(placed, llava_dir, "LLM/empty-shard", "pytorch_model-00001-of-00002.bin")
     (placed / "LLM" / name / "pytorch_model-00001-of-00002.bin").write_bytes(b"")
-    message = MomaLoader.validate_inputs(ADAPTER_NAME, name, CLIP_NAME)
+    message = comfy_exec.validation_message(MomaLoader.validate_inputs, ADAPTER_NAME, name, CLIP_NAME)
     assert "llava_name: " in message and "empty ['pytorch_model-00001-of-00002.bin']" in message
     name = _incomplete(placed, llava_dir, "LLM/bad-index", "pytorch_model.bin.index.json")
     (placed / "LLM" / name / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": []}))
-    assert "has no weight_map" in MomaLoader.validate_inputs(ADAPTER_NAME, name, CLIP_NAME)
+    assert "has no weight_map" in comfy_exec.validation_message(MomaLoader.validate_inputs, ADAPTER_NAME, name, CLIP_NAME)
 
 
 @pytest.mark.parametrize("drop,expected", [("model.safetensors", "No model weights"), ("config.json", "has no config.json")])
@@ -93,7 +93,7 @@ def test_incomplete_clip_vision_folder_fails_validation(placed, llava_dir: Path,
                                                         expected: str) -> None:
     comfy_exec.link(placed / "LLM" / "MoMA_llava_7b", llava_dir)
     name = _incomplete(placed, clip_vision_dir, f"clip_vision/incomplete-{drop.replace('.', '-')}", drop)
-    message = MomaLoader.validate_inputs(ADAPTER_NAME, "MoMA_llava_7b", name)
+    message = comfy_exec.validation_message(MomaLoader.validate_inputs, ADAPTER_NAME, "MoMA_llava_7b", name)
     assert message.startswith("clip_vision_name: ") and expected in message, message
 
 
@@ -101,5 +101,5 @@ def test_clip_single_file_that_is_not_safetensors_fails_validation(placed, llava
     comfy_exec.link(placed / "LLM" / "MoMA_llava_7b", llava_dir)
     (placed / "clip_vision" / "broken.safetensors").write_bytes(b"\xff" * 64)
     _CREATED.append(placed / "clip_vision" / "broken.safetensors")
-    message = MomaLoader.validate_inputs(ADAPTER_NAME, "MoMA_llava_7b", "broken.safetensors")
+    message = comfy_exec.validation_message(MomaLoader.validate_inputs, ADAPTER_NAME, "MoMA_llava_7b", "broken.safetensors")
     assert message.startswith("clip_vision_name: ") and "not a readable .safetensors file" in message, message

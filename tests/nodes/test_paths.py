@@ -83,7 +83,8 @@ def test_loader_refuses_paths_out_of_its_folders_naming_input_value_and_folders(
         inputs = {"adapter": ADAPTER_NAME, "llava": LLAVA_NAME, "clip": CLIP_NAME}
         inputs[input_name.removesuffix("_name").replace("clip_vision", "clip")] = value
         messages = _refused(_loader_graph(**inputs), "1")
-        # ComfyUI repeats a validate_inputs message under each input; the message itself names the right one.
+        # reported once (not under each of the Loader's inputs), naming the input it concerns
+        assert len(messages) == 1, messages
         for message in messages:
             assert f"{input_name}: {value!r} is refused" in message, message
             assert str(folder) in message
@@ -97,10 +98,18 @@ def test_loader_refuses_paths_out_of_its_folders_naming_input_value_and_folders(
 
 def test_a_wrong_llava_name_is_reported_as_llava_name(placed, reference_picture) -> None:
     messages = _refused(_loader_graph(llava="NotThere"), "1")
-    assert all("llava_name: LLaVA folder 'NotThere' not found in" in message for message in messages), messages
+    assert len(messages) == 1 and "llava_name: LLaVA folder 'NotThere' not found in" in messages[0], messages
     assert not any("adapter_name:" in message for message in messages)
     messages = _refused(_loader_graph(clip="NotThere"), "1")
-    assert all("clip_vision_name: CLIP vision model 'NotThere' not found in" in message for message in messages)
+    assert len(messages) == 1 and "clip_vision_name: CLIP vision model 'NotThere' not found in" in messages[0]
+
+
+def test_a_missing_adapter_is_reported_once(placed, reference_picture) -> None:
+    """ComfyUI lists a text returned by validate_inputs under every input the method takes (the Loader's five);
+    the Loader raises it instead, which ComfyUI reports once, on the node."""
+    messages = _refused(_loader_graph(adapter="absent.th"), "1")
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("adapter_name: MoMA adapter 'absent.th' not found in"), messages
 
 
 def test_symlinks_inside_and_extra_model_paths_folders_are_fine(placed, tmp_path: Path, llava_dir: Path,
@@ -127,7 +136,7 @@ def test_symlinks_inside_and_extra_model_paths_folders_are_fine(placed, tmp_path
         moma_model = MomaLoader.execute("other_adapter.th", LLAVA_NAME, "vision", "fp32", "none", False).result[0]
         assert moma_model.adapter_path == extra / "moma" / "other_adapter.th"
         assert moma_model.clip_vision_path == extra / "clip_vision" / "vision"
-        message = MomaLoader.validate_inputs("absent.th", LLAVA_NAME, CLIP_NAME)
+        message = comfy_exec.validation_message(MomaLoader.validate_inputs, "absent.th", LLAVA_NAME, CLIP_NAME)
         assert str(extra / "moma") in message and str(placed / "moma") in message  # every folder searched
     finally:
         for name, (paths, exts) in saved.items():
@@ -190,6 +199,7 @@ def test_save_prefix_cannot_leave_the_output_folder(comfy_host, prefix: str) -> 
 
 def test_empty_and_odd_names(placed) -> None:
     for value in ("", " ", ".", "a\0b", "C:\\models\\x.th", "~/x.th"):
-        message = MomaLoader.validate_inputs(value, LLAVA_NAME, CLIP_NAME)
+        message = comfy_exec.validation_message(MomaLoader.validate_inputs, value, LLAVA_NAME, CLIP_NAME)
         assert isinstance(message, str) and message.startswith("adapter_name: "), (value, message)
-    assert MomaLoadContext.validate_inputs("", "").startswith("context_file: no MoMA context file chosen")
+    message = comfy_exec.validation_message(MomaLoadContext.validate_inputs, "", "")
+    assert message.startswith("context_file: no MoMA context file chosen")
