@@ -4,6 +4,7 @@
 the run changes: the subject mask tracker, device copies of the bank and tokens, the gates decided from the
 schedule. The helpers below read ComfyUI's ``extra_options`` (layer grid, latent size, animation windows).
 All maths lives in ``moma.attention`` / ``moma.subject_mask``.
+
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ..moma import attention as moma_attention
 from ..moma.errors import MomaError
 from ..moma.reference import AutoReferenceBank, ReferenceBank
 from ..moma.sd15 import AttentionLayer
-from ..moma.subject_mask import COND, SubjectMaskTracker
+from ..moma.subject_mask import COND, UNCOND, SubjectMaskTracker
 from .text_encode import prompt_tag
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def _latent_grid(extra_options: dict) -> tuple[int, int]:
 RUN_STATES_KEY = "moma_run_states"  # transformer_options key: run key -> MomaRunState, per sampling run
 
 
+
 def window_frames(extra_options: dict) -> Optional[list[int]]:
     """The frames of the current animation context window: AnimateDiff-Evolved's ``ad_params["sub_idxs"]`` or
     ComfyUI's own context windows' ``context_window.index_list``; None outside a window."""
@@ -170,6 +172,9 @@ class MomaRunState:
         self.subject_positions, self.prompt_length = run.subject_positions, run.prompt_length
         self._positive_seen: Optional[list] = None
         self._notes: set[str] = set()
+        self._step_depth = 0  # inside a sampler step (PREDICT_NOISE): the tracker holds the step's mask
+        self._step_uncond: list | None = None  # the negative conds list of the step's sampler evaluation
+        self.kind_map: dict[int, int] = {}  # this evaluation's chunk index -> cond/uncond kind, where they differ
 
     def __deepcopy__(self, memo: dict) -> "MomaRunState":
         return self  # one state per run, whatever copies the run's options
@@ -216,6 +221,57 @@ class MomaRunState:
     def run_inactive(self) -> bool:
         """MoMA is off for this whole sampling run (its windows miss the schedule): no subject maps needed."""
         return self.plan == (False, False)
+
+    # --- sampler steps and evaluations ------------------------------------------------------------
+    def begin_step(self) -> None:
+        """A sampler step (one prediction of the guider) begins: its evaluations read the mask it starts with."""
+        self._step_depth += 1
+        if self._step_depth == 1:
+            self._step_uncond = None
+            self.tracker.hold()
+
+    def end_step(self) -> None:
+        """The step is over: the mask from its sampler evaluation becomes current."""
+        self._step_depth = max(0, self._step_depth - 1)
+        if self._step_depth == 0:
+            self._step_uncond = None
+            self.tracker.release()
+
+    def begin_evaluation(self, conds: list, frames: list[int] | None) -> bool:
+        """Start one model evaluation; returns whether it is the sampler's own (its subject maps make the next
+        mask) rather than a guidance add-on's extra pass. The sampler's evaluation has [positive, negative]
+        (a guider without a negative, e.g. BasicGuider, passes [positive] only; then every evaluation is the
+        sampler's); an add-on passes one list. An add-on pass of the step's negative conds (SAG's) evaluates
+        them as the negative half: its rows get the uncond context tokens, as the sampler's negative rows did."""
+        has_uncond = len(conds) > 1 and conds[1] is not None
+        self.cfg_seen = self.cfg_seen or has_uncond
+        sampler_evaluation = has_uncond or not self.cfg_seen
+        if len(conds) > 1:  # the sampler's own evaluation, [positive, negative]; add-ons pass one list
+            self.follow_positive_prompt(conds[0])
+        if has_uncond and self._step_depth:
+            self._step_uncond = conds[1]
+        uncond = self._step_uncond
+        self.kind_map = {} if sampler_evaluation or uncond is None else {
+            index: UNCOND for index, cond in enumerate(conds) if cond is uncond and index != UNCOND}
+        self.tracker.discard_partial()
+        self.tracker.begin_evaluation(frames)
+        return sampler_evaluation
+
+    def finish_evaluation(self, sampler_evaluation: bool) -> None:
+        """Close the evaluation: the sampler's maps make the next mask; an add-on's are dropped."""
+        self.kind_map = {}
+        if sampler_evaluation:
+            self.tracker.finish_evaluation()
+        else:
+            self.tracker.discard_partial()
+
+    def chunk_kinds(self, extra_options: dict) -> list[int]:
+        """cond/uncond kind of each chunk of this UNet call's rows (ComfyUI's ``cond_or_uncond``, where an add-on
+        pass of the negative conds counts as uncond)."""
+        kinds = extra_options["cond_or_uncond"]
+        if not self.kind_map:
+            return list(kinds)
+        return [self.kind_map.get(kind, kind) for kind in kinds]
 
     def follow_positive_prompt(self, positive: Optional[list]) -> None:
         """Check, once per list of positive conds (once per run), which text the positive conditioning was made
@@ -381,7 +437,7 @@ class MomaRunState:
     def cross_attention(self, layer: AttentionLayer, previous: Optional[ReplacePatch], q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
-        chunk_kinds = list(extra_options["cond_or_uncond"])
+        chunk_kinds = self.chunk_kinds(extra_options)
         chunks = len(chunk_kinds)
         rows, tokens = q.shape[0], q.shape[1]
         batch = rows // chunks
@@ -405,3 +461,4 @@ class MomaRunState:
             mask = self.gated_mask(gate, "context", extra_options, grid, chunks, batch, q.device, q.dtype)
             out = out + context_out if mask is None else torch.addcmul(out, context_out, mask)
         return out
+
