@@ -146,6 +146,7 @@ class SubjectMaskTracker:
         self._clip: Optional[torch.Tensor] = None  # [frames of the clip, H, W], 1 where no mask is known
         self._held = False  # inside a sampler step: finished masks are staged until ``release``
         self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # mask, valid, clip
+        self._items_cache: dict[tuple, torch.Tensor | None] = {}
 
     def begin_evaluation(self, frames: Optional[list[int]]) -> None:
         """Start a model evaluation of these frames of the clip (an animation context window), or of the whole
@@ -179,6 +180,7 @@ class SubjectMaskTracker:
         self._clip = None
         self._held = False
         self._staged = None
+        self._items_cache.clear()
 
     def hold(self) -> None:
         """A sampler step begins: until ``release`` every evaluation reads the current mask; finished
@@ -192,6 +194,7 @@ class SubjectMaskTracker:
             self._mask, self._valid, self._clip = self._staged
             self._staged = None
             self._rows_cache.clear()
+            self._items_cache.clear()
 
     def add(self, layer_maps: torch.Tensor, chunk_kinds: list[int], layers: int = 1) -> None:
         """layer_maps: [len(chunk_kinds) * B, H, W], rows chunk-major as ComfyUI batches them (the sum of
@@ -257,6 +260,7 @@ class SubjectMaskTracker:
                 if self._frames is not None and len(self._frames) == mask.shape[0]:
                     self._clip = self._store_frames(self._clip, mask, self._frames, in_place=True)
                 self._rows_cache.clear()
+                self._items_cache.clear()
         self._sums.clear()
         self._counts.clear()
 
@@ -283,6 +287,15 @@ class SubjectMaskTracker:
                 return self._clip[list(self._frames)]
             return None
         return self._mask
+
+    def current_items(self) -> torch.Tensor | None:
+        """The current mask of the current evaluation's batch items, [B, H, W] float, or None (unmasked); one
+        device op per step for an animation context window, none otherwise."""
+        if self._mask is None:
+            return None
+        if self._frames not in self._items_cache:
+            self._items_cache[self._frames] = self._current()
+        return self._items_cache[self._frames]
 
     def rows(self, grid: tuple[int, int], chunks: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The current mask for a layer: [chunks * B, h*w, 1] (same mask for cond and uncond rows), or None."""
