@@ -19,7 +19,12 @@ from a Feature Grab with the generation's LATENT connected, "ref@SIZE"), interle
 - the Feature Grab (reference pass) time in units of one plain CFG step;
 - peak RSS of the process while sampling (a thread polls RSS every few ms; and peak CUDA memory on a GPU);
 - the re-run check: the same workflow executed twice through ComfyUI's executor does not run the LLaVA
-  context encoder (nor the reference pass) again.
+  context encoder (nor the reference pass) again;
+- recompiles under torch.compile, plain vs MoMA (benchmarks/sampling_recompiles.py): the whole UNet compiled as
+  core TorchCompileModel does it and as other packs do it, over whole sampling runs at 64x64: compiled frames,
+  recompiles and their guard failures, graph breaks, recompile-limit hits (``--compile-backend``, default
+  aot_eager: the recompiles do not depend on the backend); ``--recompiles-only`` prints only these,
+  ``--skip-recompiles`` leaves them out.
 
 ``--batch-growth`` measures only how the cost grows with the latent batch: plain and MoMA (30% bank, Feature
 Grab with the LATENT connected) at ``--batches`` (default 1 4 16) on ``--batch-image-size`` (default 128) images:
@@ -49,6 +54,7 @@ if str(REPO / "tools") not in sys.path:
 from sampling_batch import format_batch_table, measure_batch_growth  # noqa: E402
 from sampling_common import RssMonitor, boot_comfy, place_model  # noqa: E402
 from sampling_counts import COUNT_SIZE, format_counts  # noqa: E402
+from sampling_recompiles import format_recompiles, measure_recompiles  # noqa: E402
 from sampling_rerun import rerun_check  # noqa: E402
 from sampling_sizes import format_table, measure  # noqa: E402
 
@@ -77,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rerun-only", action="store_true", help="only the executor re-run check")
     parser.add_argument("--count-only", action="store_true",
                         help=f"only the aten op / host read counts per UNet call (at {COUNT_SIZE}x{COUNT_SIZE})")
+    parser.add_argument("--recompiles-only", action="store_true",
+                        help="only the recompile counts under torch.compile, plain vs MoMA")
+    parser.add_argument("--skip-recompiles", action="store_true", help="leave the recompile counts out")
+    parser.add_argument("--compile-backend", choices=["aot_eager", "inductor"], default="aot_eager",
+                        help="torch.compile backend for the recompile counts (dynamo's guards, hence its "
+                             "recompiles, do not depend on it)")
     parser.add_argument("--batch-growth", action="store_true",
                         help="only the batch-growth rows: plain and MoMA at each --batches latent batch size")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="batch sizes for --batch-growth")
@@ -117,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0 if result["status"] == "pass" else 1
 
+    if opts.recompiles_only:
+        report = measure_recompiles(opts, hostinfo)
+        print()
+        print(format_recompiles(report["recompiles"]))
+        if opts.json:
+            opts.json.parent.mkdir(parents=True, exist_ok=True)
+            opts.json.write_text(json.dumps(report, indent=2, default=str))
+            print(f"\nJSON written to {opts.json}")
+        added = [entry["added_recompiles"] for entries in report["recompiles"]["styles"].values()
+                 for entry in entries.values()]
+        return 0 if max(added) <= 0 else 1
+
     monitor = RssMonitor()
     if opts.batch_growth:
         report = measure_batch_growth(opts, hostinfo, monitor)
@@ -148,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     print()
     print(format_counts(report["op_counts"]))
+    if "recompiles" in report:
+        print()
+        print(format_recompiles(report["recompiles"]))
     if profile_text:
         print(profile_text)
     if opts.json:

@@ -29,6 +29,7 @@ from sampling_common import (
     time_reference_pass,
 )
 from sampling_counts import COUNT_SIZE, count_ops, format_counts
+from sampling_recompiles import COMPILE_SIZE, count_recompiles
 
 TARGETS = {"30%": {256: 1.05, 512: 1.20}, "full": {256: 1.5, 512: 1.5}}
 MEMORY_TARGET_MB = 250.0
@@ -159,6 +160,12 @@ def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMoni
             for name, patched in variants.items():
                 profile_text += profile_step(name, patched, sampling) + "\n"
 
+    if not opts.skip_recompiles:  # last: compiling leaves nothing behind that the measurements above could see
+        print(f"Counting recompiles under torch.compile ({opts.compile_backend}) at {COMPILE_SIZE}x{COMPILE_SIZE}...",
+              flush=True)
+        recompiles = count_recompiles({"plain": model, "moma 30%": variants["moma 30%"]}, positive, negative,
+                                      opts.compile_backend)
+
     report = {
         "date": started.isoformat(timespec="seconds"),
         "machine": machine_info(device, load_before),
@@ -173,6 +180,8 @@ def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMoni
         "reference_pass_at_generation_size": matched_reference,
         "targets": {"ratio": TARGETS, "memory_over_plain_mb": MEMORY_TARGET_MB},
     }
+    if not opts.skip_recompiles:
+        report["recompiles"] = recompiles
     return report, profile_text
 
 def _verdict(ok: bool | None) -> str:
