@@ -18,6 +18,7 @@ from .checkpoint import (
     weight_files,
 )
 from .errors import MomaError
+from .transformers_compat import vision_transformer_prefix
 
 CLIP_WHERE_TO_GET = (
     "Download openai/clip-vit-large-patch14-336 from Hugging Face (config.json, model.safetensors, "
@@ -110,9 +111,8 @@ def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,
     config._attn_implementation = "eager"  # the reference's transformers (4.37) had no SDPA path for CLIP
     with parameters_on_meta():
         model = CLIPVisionModel(config)
-    # transformers 4.x nests the transformer as CLIPVisionModel.vision_model; 5.x does not.
     expected = dict(model.named_parameters())
-    inner_prefix = "vision_model." if any(name.startswith("vision_model.") for name in expected) else ""
+    inner_prefix = vision_transformer_prefix(model)  # transformers 4 and 5 name them differently
     relative = {name: name[len(inner_prefix):] for name in expected}
     problems = [f"vision_model.{relative[name]} {tuple(state[relative[name]].shape)} (expected {tuple(param.shape)})"
                 for name, param in expected.items()

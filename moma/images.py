@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .errors import MomaError
+from .transformers_compat import clip_image_processor_class
 
 REFERENCE_SIZE = 512  # the reference stretches every picture and mask to 512x512
 CLIP_IMAGE_SIZE = 336
@@ -83,19 +84,9 @@ def prepare_reference(image: torch.Tensor, mask: torch.Tensor, size: int = REFER
     return PreparedReference(rgb=rgb_array, object_mask=object_mask, whitened=Image.fromarray(whitened))
 
 
-def _pil_processor_class() -> type:
-    # transformers >= 5 has a PIL backend class and a torchvision default; 4.x's CLIPImageProcessor is PIL-based.
-    # The reference (transformers 4.37) resized with PIL, so the PIL backend is the exact one.
-    try:
-        from transformers import CLIPImageProcessorPil as processor_class
-    except ImportError:
-        from transformers import CLIPImageProcessor as processor_class
-    return processor_class
-
-
 def load_clip_image_processor(clip_vision_path: str | Path | None = None):
     """CLIPImageProcessor (PIL backend) from the CLIP folder's preprocessor_config.json, else OpenAI 336 defaults."""
-    processor_class = _pil_processor_class()
+    processor_class = clip_image_processor_class()  # PIL-backed on transformers 4 and 5
     if clip_vision_path is not None:
         folder = Path(clip_vision_path)
         if folder.is_dir() and (folder / "preprocessor_config.json").is_file():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .node_api import ComfyExtension, io
 
+from . import host_contract
 from . import paths  # noqa: F401  (registers the pack's model folders with folder_paths)
 from .apply import MomaApply
 from .context import MomaContextEncoder, MomaLoadContext, MomaSaveContext
@@ -11,6 +12,8 @@ from .loader import MomaLoader
 from .masker import MomaObjectMasker
 from .preview import MomaSubjectMaskPreview
 from .text_encode import MomaTextEncode
+
+host_contract.check_host()  # once, when ComfyUI loads the pack: one log line if a hook it relies on is gone
 
 NODES: list[type[io.ComfyNode]] = [
     MomaLoader,

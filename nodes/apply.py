@@ -11,6 +11,7 @@ from .node_api import io
 from ..moma.errors import MomaError
 from ..moma.reference import ReferenceBank
 from ..moma.sd15 import LAYERS, parse_block_weights
+from . import host_contract
 from .common import adapter_of, advanced_input, require_sd15, warn_if_other_adapter
 from .patches import MomaRun, install_moma_patches
 from .text_encode import clip_token_ids, sd_tokenizer, subject_tokens
@@ -20,6 +21,31 @@ log = logging.getLogger(__name__)
 ADVANCED = advanced_input()  # ComfyUI 0.30 folds these inputs away as "advanced"; 0.3.75 shows them all
 
 PRESET_STRENGTH = {"context": 1.0, "texture": 0.4}  # the reference README's recommended values
+DEFAULT_STRENGTH = 1.0  # the strength widget's default: an untouched widget is never warned about
+
+
+def preset_strength(preset: str, strength: float) -> float:
+    """The strength ``preset`` samples with: its fixed value, or ``strength`` for 'custom'. A strength set away from
+    the widget's default (and from the preset's value) that a preset overrides is warned about."""
+    if preset not in PRESET_STRENGTH:
+        return strength
+    fixed = PRESET_STRENGTH[preset]
+    if strength not in (DEFAULT_STRENGTH, fixed):
+        log.warning("Apply MoMA Attention: preset %r samples with its fixed strength %s; the strength %s you set is "
+                    "not used. Choose preset 'custom' to use it.", preset, fixed, strength)
+    return fixed
+
+
+def warn_if_other_subject(context: Any, reference: Any) -> str | None:
+    """Log (and return) a warning when the reference bank (Feature Grab) and the context name other subjects."""
+    words = [" ".join(str(getattr(part, "subject", "") or "").lower().split()) for part in (reference, context)]
+    if not all(words) or words[0] == words[1]:
+        return None
+    message = (f"Apply MoMA Attention: Self-Attention Feature Grab's subject is {reference.subject!r} but the "
+               f"context's (LLaVA Context Encoder or Load MoMA Context) is {context.subject!r}. MoMA takes both from "
+               "one object: give both the same subject word.")
+    log.warning(message)
+    return message
 
 
 def subject_positions_in_prompt(sd_prompt: str, subject: str) -> tuple[list[int], int]:
@@ -42,6 +68,7 @@ def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[Re
     ``moma.sd15.parse_block_weights``). ``prompt``: the positive prompt's text when it is not the context's
     ``sd_prompt`` (e.g. one prompt naming two subjects): the subject tokens are looked up in it.
     """
+    host_contract.require(host_contract.APPLY)
     require_sd15(model, "Apply MoMA Attention")
     adapter = adapter_of(moma_model)
     for name, (start, end) in (("start_percent/end_percent", (start_percent, end_percent)),
@@ -111,9 +138,12 @@ class MomaApply(io.ComfyNode):
                 MomaContext.Input("context", tooltip="From LLaVA Context Encoder or Load MoMA Context."),
                 MomaRef.Input("reference", tooltip="From Self-Attention Feature Grab."),
                 io.Combo.Input("preset", options=["context", "texture", "custom"], default="context",
-                               tooltip="context: strength 1.0; texture: 0.4; custom: use the strength below."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="Object-detail strength (only with preset 'custom'); context 1.0-1.2, texture 0.4-0.6."),
+                               tooltip="context: strength fixed at 1.0; texture: fixed at 0.4 (the strength widget is "
+                                       "then not used); custom: the strength widget below."),
+                io.Float.Input("strength", default=DEFAULT_STRENGTH, min=0.0, max=2.0, step=0.05,
+                               tooltip="Object-detail strength, used ONLY with preset 'custom' (the other presets fix "
+                                       "it: context 1.0, texture 0.4; a different value here is ignored, with a "
+                                       "warning). Good values: context 1.0-1.2, texture 0.4-0.6."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Sampling progress where MoMA starts acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -154,7 +184,8 @@ class MomaApply(io.ComfyNode):
                 context_start_percent=0.0, context_end_percent=1.0, block_weights="", prompt=None) -> io.NodeOutput:
         if preset not in (*PRESET_STRENGTH, "custom"):  # ComfyUI 0.3.x does not check V3 combo values
             raise MomaError(f"Apply MoMA Attention: preset {preset!r} is not one of context, texture, custom.")
-        strength = PRESET_STRENGTH.get(preset, strength)
+        strength = preset_strength(preset, strength)
+        warn_if_other_subject(context, reference)
         return io.NodeOutput(apply_moma(
             model, moma_model, context, reference, strength, start_percent, end_percent, attn_mask,
             context_strength=context_strength, object_window=(object_start_percent, object_end_percent),

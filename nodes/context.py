@@ -23,6 +23,7 @@ from ..moma.errors import MomaError
 from ..moma.llava import LlavaContextEncoder
 from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context_views
 from ..moma.streaming import resolve_placement, stream_device_bytes
+from . import host_contract
 from .common import warn_if_constant_picture
 from .paths import output_prefix, resolve_inside
 from .types import MomaContext, MomaModel
@@ -220,6 +221,7 @@ class MomaContextEncoder(io.ComfyNode):
     @classmethod
     def execute(cls, moma_model: Any, image: torch.Tensor, mask: torch.Tensor, subject: str,
                 prompt: str) -> io.NodeOutput:
+        host_contract.require(host_contract.ENCODER)
         if not isinstance(moma_model, MomaModelObject):
             raise MomaError("LLaVA Context Encoder: moma_model must come from a 'MoMA Loader' node.")
         moma_model.require_encoder()  # a loader set to 'none' (saved contexts only) cannot encode
@@ -303,6 +305,7 @@ class MomaSaveContext(io.ComfyNode):
 
     @classmethod
     def execute(cls, context: Any, filename_prefix: str) -> io.NodeOutput:
+        host_contract.require(host_contract.SAVE)
         if not isinstance(context, MomaContextObject):
             raise MomaError("Save MoMA Context: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
         output_dir = folder_paths.get_output_directory()
@@ -361,5 +364,6 @@ class MomaLoadContext(io.ComfyNode):
 
     @classmethod
     def execute(cls, context_file: str, path: str = "") -> io.NodeOutput:
+        host_contract.require(host_contract.LOAD)
         context = load_context(resolve_context_file(context_file or "", path or ""))
         return io.NodeOutput(context, context.sd_prompt)

@@ -24,6 +24,7 @@ from ..moma.reference import (
     resize_reference_image,
     sample_latent_posterior,
 )
+from . import host_contract
 from .common import adapter_of, require_sd15, warn_if_constant_picture
 from .patches import reference_capture_options
 from .types import MomaModel, MomaRef
@@ -79,6 +80,7 @@ def prepare_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, ima
                            mask: torch.Tensor, subject: str, seed: int) -> Callable[[int], ReferenceBank]:
     """Check the inputs and encode the subject word now; the returned function runs the reference pass at a
     given resolution (for 'auto', when sampling starts and the generation's size is known)."""
+    host_contract.require(host_contract.GRAB)
     require_sd15(model, "Self-Attention Feature Grab")
     adapter = adapter_of(moma_model)
     if image.dim() != 4:

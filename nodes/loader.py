@@ -15,6 +15,7 @@ from ..moma.prompt import LLAVA_WHERE_TO_GET, LlavaTokenizer
 from ..moma.model import MomaModel as MomaModelObject
 from ..moma.streaming import PLACEMENTS
 from ..moma.weights import WHERE_TO_GET as ADAPTER_WHERE_TO_GET
+from . import host_contract
 from .paths import CLIP_VISION_FOLDER, LLM_FOLDER, MOMA_FOLDER, find_inside, for_input, model_folders, resolve_inside
 from .types import MomaModel
 
@@ -153,6 +154,7 @@ class MomaLoader(io.ComfyNode):
     @classmethod
     def execute(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str, quantization: str,
                 keep_llava_loaded: bool, llava_placement: str = "auto") -> io.NodeOutput:
+        host_contract.require(host_contract.LOADER)
         moma_model = MomaModelObject.load(
             resolve_adapter(adapter_name), resolve_llava(llava_name), resolve_clip_vision(clip_vision_name),
             precision=precision, quantization=quantization, keep_llava_loaded=keep_llava_loaded,

@@ -1,6 +1,7 @@
 """MoMA Object Masker: reference IMAGE -> object MASK and the white-background IMAGE LLaVA sees."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import comfy.model_management
@@ -10,7 +11,10 @@ import torch
 from .node_api import io
 
 from ..moma import masker
+from . import host_contract
 from .paths import REMBG_FOLDER
+
+log = logging.getLogger(__name__)
 
 
 def rembg_model_choices() -> list[str]:
@@ -55,12 +59,17 @@ class MomaObjectMasker(io.ComfyNode):
             display_name="MoMA Object Masker",
             category="MoMA",
             description=(
-                "Masks the object of a reference image (rembg, the image's alpha cut-out, or a mask you "
-                "connect) and shows it on a white background, the picture MoMA's LLaVA sees."
+                "Masks the object of a reference image and shows it on a white background, the picture MoMA's "
+                "LLaVA sees. The mask is the one you connect, else the IMAGE's alpha when it is an RGBA cut-out, "
+                "else rembg's. Load Image splits a cut-out PNG into the picture without alpha (IMAGE) and its "
+                "transparency (MASK, 1 = transparent): to use the cut-out, pass both through Join Image with Alpha "
+                "into 'image' (a picture without transparency then goes to rembg), or wire that MASK into 'mask' "
+                "with 'invert' on."
             ),
             inputs=[
-                io.Image.Input("image", tooltip="The reference image(s). RGBA images with a real alpha "
-                               "cut-out use their alpha as the mask instead of running rembg."),
+                io.Image.Input("image", tooltip="The reference image(s). An RGBA IMAGE with a real cut-out uses its "
+                               "alpha instead of rembg. Load Image's IMAGE has no alpha: for a cut-out PNG, join it "
+                               "with Load Image's MASK in Join Image with Alpha first."),
                 io.Combo.Input(
                     "rembg_model",
                     options=choices,
@@ -88,8 +97,10 @@ class MomaObjectMasker(io.ComfyNode):
                 io.Mask.Input(
                     "mask", optional=True,
                     tooltip="Optional object mask (1 = object), e.g. from SAM: it is thresholded, grown and "
-                            "inverted like rembg's, and rembg is not run. LoadImage's MASK of a cut-out PNG is "
-                            "the transparency (background = 1): use it with invert on.",
+                            "inverted like rembg's, and rembg is not run. Load Image's MASK of a cut-out PNG is "
+                            "its transparency (1 = background): use it here with invert on. For a picture without "
+                            "transparency that MASK is all 0 (the whole picture, inverted): use Join Image with "
+                            "Alpha instead.",
                 ),
             ],
             outputs=[
@@ -110,11 +121,20 @@ class MomaObjectMasker(io.ComfyNode):
         invert: bool,
         mask: torch.Tensor | None = None,
     ) -> io.NodeOutput:
+        host_contract.require(host_contract.MASKER)
+
         def load_session() -> Any:
             folders = folder_paths.get_folder_paths(REMBG_FOLDER)
             path = masker.resolve_model_file(rembg_model, folders, progress=_DownloadProgress())
             return masker.load_rembg_session(rembg_model, path, providers=_onnx_providers())
 
+        if mask is not None and mask.numel() and bool(mask.min() == mask.max()):
+            value = mask.reshape(-1)[:1].reshape(1, 1).float()
+            whole = bool(masker.refine_mask(value, threshold, 0, invert).all())
+            log.warning("MoMA Object Masker: the connected mask is %g everywhere (Load Image's MASK of a picture "
+                        "without transparency is all 0), so the object is %s. Disconnect it to use rembg; for a "
+                        "cut-out PNG, pass Load Image's IMAGE and MASK through Join Image with Alpha into 'image'.",
+                        float(value), "the whole picture" if whole else "nothing")
         object_mask, white = masker.object_masks(
             image, load_session, input_mask=mask, threshold=threshold, grow=grow, invert=invert
         )

@@ -13,6 +13,7 @@ from .node_api import io
 
 from ..moma.errors import MomaError
 from ..moma.subject_mask import PromptTokens, SubjectTokens
+from . import host_contract
 from .common import schema_extras
 from .types import MomaContext
 
@@ -102,6 +103,7 @@ class MomaTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, text="", context=None) -> io.NodeOutput:
+        host_contract.require(host_contract.TEXT)
         if context is not None and not hasattr(context, "sd_prompt"):
             raise MomaError("MoMA Text Encode: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
         if not (text or "").strip():

@@ -1,45 +1,48 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU (CI has none): the pack's tests on CUDA and the benchmarks there.
+# The checks that need an NVIDIA GPU (CI has none), as one prepared run (docs/gpu.md; tools/device_run/).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR]        (after scripts/setup_host.sh, on a machine with CUDA)
+#   bash scripts/gpu_check.sh --pack               here: build .gpu-pack/ (git-ignored), the folder the GPU call
+#                                                  carries: ComfyUI 0.30 from the installed host, cut to what an
+#                                                  in-process SD1.5 graph needs, and wheels of what the machine lacks
+#   bash scripts/gpu_check.sh --dry-run            here, on the CPU: check the packing (sizes, the call's limits) and
+#                                                  run the same steps at CPU sizes in a Python holding only the GPU
+#                                                  machine's packages and the carried files; what comes back fits
+#   bash scripts/gpu_check.sh --bare [OUT_DIR]     on a lent bare GPU machine: its python3, the carried .gpu-pack/;
+#                                                  fixtures written there; about 9 minutes at most
+#   bash scripts/gpu_check.sh [OUT_DIR]            on a machine with CUDA and the host scripts/setup_host.sh installs
+#                                                  (more steps, no lease deadline)
 #
-# 1. exactness on CUDA in fp32: the patched UNet against the explicit formulas (1e-4), the Apply/Feature Grab
-#    behaviour tests and the context nodes (LLaVA on the GPU), ComfyUI started on the GPU with --force-fp32;
-# 2. the sampling benchmark on CUDA in ComfyUI's default precision (fp16 for SD1.5): MoMA / plain per step,
-#    peak CUDA memory;
-# 3. the whole graph through the executor and the smoke tests in ComfyUI's default precision;
-# 4. the LLaVA benchmark on CUDA in fp16, full width (hidden 4096) with MOMA_GPU_LLAVA_LAYERS decoder layers;
-# 5. LLaVA resident vs streamed vs cpu, fp16 and bf16, also under 6 / 8 GB caps, at the real 7B shape (32 layers).
-# Logs and JSON go to OUT_DIR (default: ./gpu-check). Every step runs even if an earlier one fails; the exit
-# status is that of the first failing step.
+# The device-tool call (one call; the lead's checkout, after --pack and --dry-run there):
+#   run(command='bash scripts/gpu_check.sh --bare "$OUT"', carry=['.gpu-pack'], timeout_s=600)
+#
+# Steps (each with its own time limit; one that overruns is cut off and recorded, the next still runs):
+#   setup            install the carried wheels (pip --no-index --no-deps --target), describe the machine
+#   imports          boot ComfyUI from the carried tree with the pack on CUDA; what fails to import and why
+#   fixtures         write the tests' real-format fixtures (full-layout SD1.5, LLaVA, CLIP, adapter, pictures)
+#   tests-cuda-fp32  the CUDA exactness tests in fp32 (patched UNet = explicit formulas at 1e-4, Apply, Feature
+#                    Grab, context nodes, streaming = resident)
+#   sampling-cuda    benchmarks/sampling.py on CUDA at 512 and 768 in ComfyUI's default precision: MoMA / plain per
+#                    step (target <= 1.25 at 512), reference pass, peak CUDA memory, ops and syncs per UNet call
+#   llava-7b         benchmarks/llava_encode.py --matrix at the real 7B shape, fp16: resident vs streamed, 8 and
+#                    6 GB caps (target under 6 GB: peak <= 2.5 GB, encode <= 3x resident, tokens equal)
+# Results under OUT_DIR (default: $OUT, else ./gpu-check): summary.json (every step, its results and the targets),
+# one log per step, logs.tar.gz (every log, the raw JSON and JUnit XML). Exit status 0 only when every step passed
+# and no target was missed.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT_DIR=${1:-$REPO/gpu-check}
-PY=${MOMA_PYTHON:-${MOMA_HOST_DIR:-$REPO/.host/comfyui-${MOMA_COMFYUI:-0.30}}/venv/bin/python}
-LLAVA_LAYERS=${MOMA_GPU_LLAVA_LAYERS:-4}
-mkdir -p "$OUT_DIR"
 cd "$REPO"
-export PYTHONUNBUFFERED=1
-status=0
-step() {  # step NAME TIMEOUT_S COMMAND...
-  local name=$1 limit=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log" | grep -vE "^\s*$" | tail -n 25
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc"
-  [ "$status" -ne 0 ] || status=$rc
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+device_run() {  # PYTHON ARGS...: tools/ on the path of the runner only (each step sets its own PYTHONPATH)
+  local py=$1; shift
+  PYTHONPATH="$REPO/tools" PYTHONUNBUFFERED=1 "$py" -m device_run "$@"
 }
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
-
-step tests-cuda-fp32 ${MOMA_GPU_T1:-200} env MOMA_TEST_DEVICE=cuda MOMA_TEST_FP32=1 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/nodes/test_moma_numerics.py tests/nodes/test_moma_apply.py tests/nodes/test_context_nodes.py \
-  tests/moma/test_llava_streaming.py
-step sampling-cuda ${MOMA_GPU_T2:-120} "$PY" benchmarks/sampling.py --device cuda --sizes 512 256 --steps 8 --repeats 3 \
-  --skip-rerun --json "$OUT_DIR/sampling-cuda.json"
-step tests-cuda-default ${MOMA_GPU_T3:-90} env MOMA_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_smoke_host.py tests/nodes/test_moma_apply.py -k "smoke or executor or whole_graph or same_seed or fresh_subject_mask"
-step llava-cuda ${MOMA_GPU_T4:-150} "$PY" benchmarks/llava_encode.py --device cuda --precision fp16 --full-width \
-  --layers "$LLAVA_LAYERS" --json "$OUT_DIR/llava-cuda.json"
-step llava-placement-cuda ${MOMA_GPU_T5:-900} "$PY" benchmarks/llava_encode.py --device cuda --matrix --full-width \
-  --layers 32 --repeats 2 --json "$OUT_DIR/llava-placement-cuda.json"
-exit $status
+case "${1:-}" in
+  -h|--help) usage ;;
+  --pack) shift; device_run python3 pack "$@" ;;
+  --dry-run) shift; device_run python3 dry-run "$@" ;;
+  --bare) shift; device_run python3 run --plan bare --out "${1:-${OUT:-$REPO/gpu-check}}" ;;
+  -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  *)
+    PY=${MOMA_PYTHON:-${MOMA_HOST_DIR:-$REPO/.host/comfyui-${MOMA_COMFYUI:-0.30}}/venv/bin/python}
+    device_run "$PY" run --plan host --python "$PY" --out "${1:-$REPO/gpu-check}" ;;
+esac

@@ -7,7 +7,9 @@
    mask (the demo's stand-in rembg is random too), with the Object Masker's mask and white-background
    picture saved too: docs/demo_outputs.png, labelled;
 2. ComfyUI's web app from `run_workflow.py --gui --demo`, in headless Chromium, with the MoMA context
-   example loaded: docs/graph_moma_context.png (what the real frontend draws).
+   example loaded: docs/graph_moma_context.png (what the real frontend draws);
+3. the help pages' small pictures (web/docs/images/), cut from those two: the Object Masker's input and outputs,
+   and the example graph (`--help-pictures-only` makes just these, from the docs/*.png already there).
 Prints the demo's peak RSS (the figure in README's Requirements).
 """
 from __future__ import annotations
@@ -138,10 +140,29 @@ def graph_screenshot(work: Path, target: Path) -> None:
     picture.save(target, optimize=True)
 
 
+def help_pictures(docs: Path, target: Path) -> None:
+    """The help pages' pictures, small enough for the node library's side panel."""
+    target.mkdir(parents=True, exist_ok=True)
+    with Image.open(docs / "demo_outputs.png") as strip:
+        masker = strip.convert("RGB").crop((0, 0, 3 * TILE, TILE))  # reference, object mask, what LLaVA sees
+    masker.resize((3 * 160, 160), Image.LANCZOS).save(target / "object_masker.png", optimize=True)
+    with Image.open(docs / "graph_moma_context.png") as graph:
+        graph = graph.convert("RGB")
+        graph = graph.resize((960, round(graph.height * 960 / graph.width)), Image.LANCZOS)
+    graph.quantize(colors=128).save(target / "moma_context_graph.png", optimize=True)
+    for name in ("object_masker.png", "moma_context_graph.png"):
+        print(target / name, (target / name).stat().st_size // 1024, "KB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--help-pictures-only", action="store_true",
+                        help="only cut the help pages' pictures (web/docs/images) from the docs/*.png already there")
     opts = parser.parse_args()
+    if opts.help_pictures_only:
+        help_pictures(opts.out, REPO / "web" / "docs" / "images")
+        return
     opts.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="moma-pictures-") as tmp:
         work = Path(tmp)
@@ -149,6 +170,7 @@ def main() -> None:
         graph_screenshot(work, opts.out / "graph_moma_context.png")
     for name in ("demo_outputs.png", "graph_moma_context.png"):
         print(opts.out / name, (opts.out / name).stat().st_size // 1024, "KB")
+    help_pictures(opts.out, REPO / "web" / "docs" / "images")
 
 
 if __name__ == "__main__":

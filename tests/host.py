@@ -5,7 +5,7 @@ Imported by tests/conftest.py before any test module.
 After ``boot()``:
 - ComfyUI's root is on sys.path (never the pack's root), args are ``--cpu`` (``MOMA_TEST_DEVICE=cuda`` keeps
   ComfyUI's GPU instead, and ``MOMA_TEST_FP32=1`` adds ``--force-fp32``: the GPU checks), base directory is a fresh
-  temporary folder whose ``custom_nodes/comfyui_moma`` links to this checkout;
+  temporary folder whose ``custom_nodes/comfyui-moma`` links to this checkout (moma_runner.common.PACK_LINK_NAME);
 - the pack module ComfyUI loaded is also importable as ``comfyui_moma`` (same module objects), so tests
   write ``from comfyui_moma.moma.attention import ...``.
 """

@@ -87,7 +87,9 @@ def expected_context(llava_dir: Path, clip_vision_dir: Path, adapter_file: Path,
 
     config = json.loads((llava_dir / "config.json").read_text())
     ids = expected_ids(llava_dir, subject, prompt)
-    vision = CLIPVisionModel.from_pretrained(str(clip_vision_dir), dtype=torch.float32).eval()
+    # loaded as stored, then fp32 (exact from fp16): the same on transformers 4 (keyword torch_dtype, default fp32)
+    # and 5 (keyword dtype, default the file's)
+    vision = CLIPVisionModel.from_pretrained(str(clip_vision_dir)).float().eval()
     with torch.no_grad():
         hidden_states = vision(pixel_values=_expected_pixels(rgb, mask), output_hidden_states=True).hidden_states
         patches = hidden_states[-2][0, 1:]  # penultimate layer, CLS dropped: [576, 1024]

@@ -13,17 +13,19 @@ import copy
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import host  # noqa: F401  (puts tools/ on sys.path)
 import pytest
-from moma_runner import common, demo, models
+from moma_demo import browser
+from moma_runner import boot, common, demo, gui, models
 from moma_runner import workflow as graph
 from PIL import Image
 
@@ -125,6 +127,77 @@ def test_reference_resolution_and_context_overrides():
     assert prompt[loader]["inputs"]["path"] == ""
     assert [(s.node_id, s.input_name, s.source, s.annotate) for s in staged] == [(loader, "context_file", context, True)]
     assert graph.context_file_inputs(prompt) == [(loader, prompt[loader]["inputs"]["context_file"])]
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in API_DIR.glob("*.json")))
+def test_the_gui_demo_shrinks_each_example_and_nothing_else(workflow):
+    """--gui --demo's on-prompt handler (demo.shrink_for_demo): each example's latents become 64 pixels on the longer
+    side and its sampler 2 steps; every other input stays; a second pass changes nothing; the file is untouched."""
+    text = (API_DIR / workflow).read_text()
+    prompt = json.loads(text)
+    before = copy.deepcopy(prompt)
+    changes = demo.shrink_for_demo(prompt)
+    for nid, node in prompt.items():
+        inputs, old = node["inputs"], before[nid]["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            assert (inputs["width"], inputs["height"]) == (demo.DEMO_SIZE, demo.DEMO_SIZE)
+            assert f"image {old['width']}x{old['height']} -> {demo.DEMO_SIZE}x{demo.DEMO_SIZE}" in changes
+            inputs, old = ({k: v for k, v in d.items() if k not in ("width", "height")} for d in (inputs, old))
+        if node["class_type"] == "KSampler":
+            assert inputs["steps"] == demo.DEMO_STEPS and f"steps {old['steps']} -> {demo.DEMO_STEPS}" in changes
+            inputs, old = ({k: v for k, v in d.items() if k != "steps"} for d in (inputs, old))
+        assert inputs == old, nid
+    assert changes and demo.shrink_for_demo(prompt) == []
+    assert (API_DIR / workflow).read_text() == text
+
+
+def test_the_gui_demo_shrink_keeps_the_aspect_and_leaves_small_or_linked_values():
+    prompt = {
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 768, "height": 512, "batch_size": 1}},
+        "2": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 30, "start_at_step": 10}},
+        "3": {"class_type": "BasicScheduler", "inputs": {"steps": 20}},
+        "4": {"class_type": "MomaFeatureGrab", "inputs": {"resolution": 512}},
+        "5": {"class_type": "MomaFeatureGrab", "inputs": {"resolution": 0}},
+        "6": {"class_type": "KSampler", "inputs": {"steps": ["9", 0]}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 48, "height": 32, "batch_size": 1}},
+    }
+    changes = demo.shrink_for_demo(prompt)
+    assert (prompt["1"]["inputs"]["width"], prompt["1"]["inputs"]["height"]) == (64, 40)
+    assert prompt["2"]["inputs"]["steps"] == 30  # starts at step 10: shrinking would skip the whole run
+    assert prompt["3"]["inputs"]["steps"] == demo.DEMO_STEPS
+    assert prompt["4"]["inputs"]["resolution"] == demo.DEMO_REFERENCE_RESOLUTION
+    assert prompt["5"]["inputs"]["resolution"] == 0  # auto follows the shrunk size
+    assert prompt["6"]["inputs"]["steps"] == ["9", 0]
+    assert (prompt["7"]["inputs"]["width"], prompt["7"]["inputs"]["height"]) == (48, 32)
+    assert changes == ["image 768x512 -> 64x40", f"steps 20 -> {demo.DEMO_STEPS}",
+                       f"Feature Grab resolution 512 -> {demo.DEMO_REFERENCE_RESOLUTION}"]
+
+
+def test_only_the_demo_gui_loads_the_shrinking_hook(tmp_path):
+    plain = gui.comfy_arguments(tmp_path, 8188, cpu=True)
+    demo_args = gui.comfy_arguments(tmp_path, 8188, cpu=True, demo=True)
+    assert "--extra-model-paths-config" not in plain
+    paths_file = Path(demo_args[demo_args.index("--extra-model-paths-config") + 1])
+    assert paths_file == gui.write_demo_paths(tmp_path) and paths_file.parent == tmp_path / "user"
+    assert str(gui.DEMO_NODES_DIR) in paths_file.read_text()
+    assert sorted(p.name for p in gui.DEMO_NODES_DIR.iterdir() if p.suffix == ".py") == ["moma_demo_sizes.py"]
+
+
+def test_the_pack_is_linked_under_the_registry_name_and_an_old_link_is_replaced(tmp_path):
+    """custom_nodes/comfyui-moma (what a Manager or registry install names the folder: the template browser lists
+    the examples under it); a link of an earlier version (comfyui_moma) to this checkout goes, so the pack is not
+    loaded twice; another folder of that name is left alone."""
+    assert common.PACK_LINK_NAME == "comfyui-moma"
+    old = tmp_path / "base" / "custom_nodes" / "comfyui_moma"
+    old.parent.mkdir(parents=True)
+    old.symlink_to(REPO, target_is_directory=True)
+    link = boot.make_base_dir(tmp_path / "base")
+    assert link == tmp_path / "base" / "custom_nodes" / "comfyui-moma" and link.resolve() == REPO
+    assert not old.is_symlink() and not old.exists()
+    other = tmp_path / "other"
+    (other / "custom_nodes" / "comfyui_moma").mkdir(parents=True)  # e.g. a clone of the pack: not ours to remove
+    boot.make_base_dir(other)
+    assert (other / "custom_nodes" / "comfyui_moma").is_dir() and (other / "custom_nodes" / "comfyui-moma").is_symlink()
 
 
 def test_ui_format_is_rejected_with_advice(tmp_path):
@@ -343,14 +416,72 @@ def test_gui_starts_comfyui_with_the_pack_and_a_clean_log(gui_server):
     assert f"open http://127.0.0.1:{gui_server.port}" in log and "To see the GUI go to" in log
     assert "IMPORT FAILED" not in log and "Cannot import" not in log and "Traceback" not in log
     assert "Failed to initialize database" not in log and (gui_server.base / "user" / "comfyui.db").is_file()
-    assert "comfyui_moma" in log  # ComfyUI's import-time line for the pack
+    assert f"custom_nodes/{common.PACK_LINK_NAME}" in log  # ComfyUI's import-time line for the pack
     sample = REPO / "workflows" / "input" / "moma_reference.jpg"
     assert (gui_server.base / "input" / sample.name).read_bytes() == sample.read_bytes()
     with urllib.request.urlopen(f"{gui_server.url}/view?filename={sample.name}&type=input") as response:
         assert response.read() == sample.read_bytes()
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
+def test_gui_log_leaves_out_database_migrations_and_kernel_backends(gui_server):
+    """The --gui log (comfy_main.py's filters): no alembic migration dump, no comfy-kitchen backend list; ComfyUI's
+    own lines around them (device, versions, the URL) stay."""
+    log = gui_server.log.read_text()
+    for internal in ("alembic", "Running upgrade", "Context impl SQLiteImpl", "non-transactional DDL",
+                     "Revision ID", "Database upgraded", "Found comfy_kitchen backend"):
+        assert internal not in log, internal
+    assert "Device: cpu" in log and "ComfyUI version:" in log and "Starting server" in log
+
+
+def test_gui_lists_the_examples_under_the_pack_folder_name(gui_server):
+    """The real server's template routes: the examples under comfyui-moma (Workflow > Browse Templates), served."""
+    with urllib.request.urlopen(f"{gui_server.url}/workflow_templates") as response:
+        listing = json.load(response)
+    ui_files = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    assert sorted(listing[common.PACK_LINK_NAME]) == ui_files and "comfyui_moma" not in listing
+    for stem in ui_files:
+        url = f"{gui_server.url}/api/workflow_templates/{common.PACK_LINK_NAME}/{stem}.json"
+        with urllib.request.urlopen(url) as response:
+            assert json.load(response) == json.loads((REPO / "workflows" / f"{stem}.json").read_text())
+
+
+@pytest.mark.slow
+def test_gui_demo_runs_a_queued_example_at_the_demo_size(gui_server):
+    """What the web app's Queue button sends for moma_context (its API twin, 512x512 and 50 steps) runs on the
+    --gui --demo server at 64x64 with 2 steps; the server logs one line saying so."""
+    prompt = json.loads((API_DIR / "moma_context.json").read_text())
+    request = urllib.request.Request(f"{gui_server.url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    started = time.monotonic()
+    with urllib.request.urlopen(request) as response:
+        prompt_id = json.load(response)["prompt_id"]
+    while True:
+        with urllib.request.urlopen(f"{gui_server.url}/history/{prompt_id}") as response:
+            history = json.load(response).get(prompt_id)
+        if history and history.get("status", {}).get("completed") is not None:
+            break
+        assert time.monotonic() - started < 600, "the demo run did not finish in 10 minutes"
+        time.sleep(1)
+    assert history["status"]["status_str"] == "success", history["status"]
+    ran = history["prompt"][2]
+    (latent,) = [node for node in ran.values() if node["class_type"] == "EmptyLatentImage"]
+    (sampler,) = [node for node in ran.values() if node["class_type"] == "KSampler"]
+    assert (latent["inputs"]["width"], latent["inputs"]["height"], sampler["inputs"]["steps"]) == (64, 64, 2)
+    images = [image for output in history["outputs"].values() for image in output.get("images", [])
+              if image["type"] == "output"]
+    assert images
+    for image in images:
+        with Image.open(gui_server.base / "output" / image["subfolder"] / image["filename"]) as picture:
+            assert picture.size == (demo.DEMO_SIZE, demo.DEMO_SIZE)
+    log = gui_server.log.read_text()
+    assert log.count("[comfyui-moma] demo: run shrunk for a CPU") >= 1
+    assert "image 512x512 -> 64x64, steps 50 -> 2" in log
+    print(f"moma_context on the --gui --demo server: {time.monotonic() - started:.1f} s from the post to the image")
+
+
+@pytest.mark.skipif(browser.chromium() is None,
+                    reason="Chromium is not installed: apt-get install chromium (Debian), snap install chromium (Ubuntu), "
+                           "dnf install chromium (Fedora), or set MOMA_CHROMIUM to a Chromium or Chrome executable")
 def test_gui_web_app_round_trips_every_example_without_a_missing_file(gui_server, tmp_path):
     """ComfyUI's frontend (the version the host serves), served by --gui --demo, loads every UI file, exports
     exactly its API twin ("Export (API)" = graphToPrompt) and saves it back unchanged: the files are what the
@@ -383,6 +514,68 @@ def test_gui_web_app_round_trips_every_example_without_a_missing_file(gui_server
             continue  # its context file is what moma_context writes first: not there before that run
         ok, error, _outputs, node_errors = validate_with_object_info(result["api"], info)
         assert ok and not node_errors, (stem, error, node_errors)
+
+
+# frontends that replace the packs' translations when they load their own Chinese bundle (the help pages still work)
+FRONTENDS_DROPPING_PACK_TRANSLATIONS = {"1.32.9"}  # ComfyUI 0.3.75's
+
+
+def _post_setting(url: str, name: str, value: object) -> None:
+    request = urllib.request.Request(f"{url}/settings/{name}", data=json.dumps(value).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.mark.skipif(browser.chromium() is None,
+                    reason="Chromium is not installed: apt-get install chromium (Debian), snap install chromium (Ubuntu), "
+                           "dnf install chromium (Fedora), or set MOMA_CHROMIUM to a Chromium or Chrome executable")
+def test_gui_web_app_in_chinese_shows_the_translations_and_help_pages(gui_server, tmp_path):
+    """With the frontend's language set to Chinese (the setting Comfy.Locale, as its settings dialog sets it), the web
+    app titles the MoMA nodes and labels their inputs from locales/zh, and Apply MoMA Attention's help (the right side
+    panel's Info tab; the node library on older frontends) shows web/docs/MomaApply/zh.md; every node's pages are
+    served where the frontend asks for them. MOMA_FRONTEND_SCREENSHOTS=DIR keeps the screenshots (docs/*.png)."""
+    import asyncio
+
+    zh = json.loads((REPO / "locales" / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
+    en = json.loads((REPO / "locales" / "en" / "nodeDefs.json").read_text(encoding="utf-8"))
+    workflow = json.loads((REPO / "workflows" / "moma_context.json").read_text())
+    shots = {"titles": tmp_path / "frontend_zh_node.png", "help": tmp_path / "frontend_help_panel.png"}
+    for name, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False), ("Comfy.Locale", "zh")):
+        _post_setting(gui_server.url, name, value)
+    debug_port = _free_port()
+    try:
+        with browser.headless_chromium(gui_server.url + "/", debug_port, tmp_path / "profile"):
+            shown = asyncio.run(browser.node_titles_and_help(
+                gui_server.url + "/", debug_port, workflow, "MomaApply", shots,
+                focus=["MomaObjectMasker", "MomaContextEncoder", "MomaFeatureGrab"]))
+    finally:
+        _post_setting(gui_server.url, "Comfy.Locale", "en")
+
+    assert shown["help"].startswith(zh["MomaApply"]["display_name"]), shown["help"][:300]
+    assert zh["MomaApply"]["inputs"]["strength"]["tooltip"] in shown["help"]
+    titled = {node: title for node, title in shown["titles"].items() if node in zh}
+    assert len(titled) >= 6, shown["titles"]
+    language = en if shown["frontend"] in FRONTENDS_DROPPING_PACK_TRANSLATIONS else zh
+    assert titled == {node: language[node]["display_name"] for node in titled}, shown["frontend"]
+    assert shown["inputs"]["MomaApply"]["strength"] == language["MomaApply"]["inputs"]["strength"]["name"]
+
+    folder = shown["python_module"].split(".", 1)[1]  # custom_nodes.<the pack's folder>: the help URLs' prefix
+    docs_url = f"{gui_server.url}/extensions/{urllib.parse.quote(folder)}/docs"
+    for node in en:
+        for lang, page in (("zh", f"{node}/zh.md"), ("en", f"{node}.md")):
+            with urllib.request.urlopen(f"{docs_url}/{page}") as response:
+                assert response.read() == (REPO / "web" / "docs" / page).read_bytes(), (lang, page)
+        with pytest.raises(urllib.error.HTTPError, match="404"):  # English: the frontend falls back to <node>.md
+            urllib.request.urlopen(f"{docs_url}/{node}/en.md")
+
+    keep = os.environ.get("MOMA_FRONTEND_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for path in shots.values():
+            with Image.open(path) as picture:
+                picture = picture.convert("RGB")
+                picture = picture.resize((1280, round(picture.height * 1280 / picture.width)), Image.LANCZOS)
+            picture.quantize(colors=256).save(Path(keep) / path.name, optimize=True)
 
 
 @pytest.mark.parametrize("workflow", host.cases_for_hosts(sorted(p.name for p in API_DIR.glob("*.json")),

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import comfy_exec
+from moma_runner import common
 from comfyui_moma.moma.sd15 import LAYERS, NUM_HEADS
 
-PACK = "comfyui_moma"
+PACK = "comfyui_moma"  # the import alias of the loaded pack (tests/host.py)
+FOLDER = common.PACK_LINK_NAME  # its folder under custom_nodes/, as a Manager or registry install names it
 LATENT_SIZE = 8  # 64x64 pixels
 STEPS = 2
 BATCH = 2  # cond and uncond run as one batch on CPU
@@ -38,14 +40,14 @@ def test_comfyui_registered_the_pack_and_its_nodes(comfy_host) -> None:
 
     pack = sys.modules[comfy_host.pack_module_name]
     assert sys.modules[PACK] is pack
-    assert Path(nodes.LOADED_MODULE_DIRS[PACK]) == comfy_host.base_dir / "custom_nodes" / PACK
+    assert Path(nodes.LOADED_MODULE_DIRS[FOLDER]) == comfy_host.base_dir / "custom_nodes" / FOLDER
     assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # so ComfyUI took the V3 comfy_entrypoint path
     extension = asyncio.run(pack.comfy_entrypoint())
     assert isinstance(extension, ComfyExtension)
     # The oracle is the pack's public API written out here (node ids are what saved workflows refer to), not the
     # pack's own list: what ComfyUI registered from this folder must be exactly these nodes.
     registered = {node_id: cls for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items()
-                  if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == f"custom_nodes.{PACK}"}
+                  if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == f"custom_nodes.{FOLDER}"}
     assert set(registered) == set(PUBLIC_NODES), sorted(registered)
     for node_id, display_name in PUBLIC_NODES.items():
         info = registered[node_id].GET_NODE_INFO_V1()  # what /object_info serves

@@ -26,6 +26,7 @@ from PIL import Image
 
 import comfy_exec
 import host
+from moma_runner.common import PACK_LINK_NAME
 
 pytestmark = [
     pytest.mark.soak,
@@ -140,7 +141,7 @@ def test_soak(sd15_checkpoint: Path, adapter_file: Path, llava_dir: Path, clip_v
     base = Path(tempfile.mkdtemp(prefix="moma-soak-"))
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir()
-    comfy_exec.link(base / "custom_nodes" / "comfyui_moma", host.REPO)
+    comfy_exec.link(base / "custom_nodes" / PACK_LINK_NAME, host.REPO)
     comfy_exec.link(base / "models" / "checkpoints" / sd15_checkpoint.name, sd15_checkpoint)
     comfy_exec.link(base / "models" / "moma" / adapter_file.name, adapter_file)
     comfy_exec.link(base / "models" / "LLM" / "MoMA_llava_7b", llava_dir)

@@ -31,7 +31,7 @@ from PIL import Image
 
 import comfy_exec
 import fixtures
-from moma_runner import demo, models
+from moma_runner import common, demo, models
 from moma_runner import workflow as graph
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ TITLE_BAR = 30  # the frontend draws a node's title above its ``pos``
 REFERENCE_NAME = "moma_reference.jpg"
 SAVED_CONTEXT = "moma/context_00001_.safetensors"  # what MomaSaveContext writes first (prefix moma/context)
 TEST_SIZE, TEST_STEPS, TEST_RESOLUTION = 64, 2, 128
-PACK = "comfyui_moma"
+PACK = common.PACK_LINK_NAME  # the pack's folder under custom_nodes/: what the template browser lists
 
 
 def load(path: Path) -> Any:

@@ -8,12 +8,16 @@ process), the peak of their summed PSS (each shared page split between its proce
 holds) and the largest single process's RSS with its command line. ``--log PATH`` writes every sample (time,
 summed RSS, summed PSS or "-" where it could not be a new peak, largest RSS in GiB, that process's command
 line) to find when and where the peak came.
-Exits with COMMAND's status. Used by .ci/run to measure the test runs' memory.
+Exits with COMMAND's status (128 + N when a signal N ended it). COMMAND runs with MOMA_RSS_PEAK=<label> in its
+environment, so a script that measures itself (scripts/test.sh) knows it is measured already. Ctrl-C reaches
+COMMAND as usual (the terminal sends it to both); this process waits for it to end and still prints the peak.
+Used by .ci/run to measure the test runs' memory, and by scripts/test.sh.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command after --")
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env={**os.environ, "MOMA_RSS_PEAK": args.label})
+    signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C: COMMAND gets it too and decides; we wait for it
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     peak = {"total": 0, "pss": 0, "largest": 0, "name": ""}
     done = threading.Event()
 
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[rss_peak] {args.label}: peak RSS of the process tree {peak['total'] / gib:.2f} GiB (summed: shared pages "
           f"once per process), peak PSS of the tree {peak['pss'] / gib:.2f} GiB, largest process "
           f"{peak['largest'] / gib:.2f} GiB RSS ({peak['name']})", flush=True)
-    return status
+    return 128 - status if status < 0 else status
 
 
 if __name__ == "__main__":

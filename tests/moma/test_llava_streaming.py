@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import comfyui_moma
 from comfyui_moma.moma.model import MomaModel, encode_context
 from comfyui_moma.moma.streaming import resolve_placement, streamed_layers
 
 SUBJECT, PROMPT = "duck toy", "A duck toy in the rain."
+PACK_MODULE = comfyui_moma.__name__  # the name ComfyUI imported the pack under (from its folder's path)
 DEVICE = os.environ.get("MOMA_TEST_DEVICE", "cpu")  # cpu (CI: cpu -> cpu copies), or cuda with MOMA_TEST_DEVICE=cuda (pinned, side stream)
 
 
@@ -35,7 +37,7 @@ def _our_hooks(module: torch.nn.Module) -> list:
     """Hooks the streamer (or the encoder's progress bookkeeping) left on ``module``; transformers' own
     output-capturing hooks stay installed by design."""
     hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-    return [hook for hook in hooks if "comfyui_moma" in getattr(hook, "__module__", "")]
+    return [hook for hook in hooks if getattr(hook, "__module__", "").startswith(PACK_MODULE + ".")]
 
 
 def _storages(module: torch.nn.Module) -> dict[str, int]:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import PACK_LINK_NAME, REPO
+from .common import LEGACY_LINK_NAMES, PACK_LINK_NAME, REPO
 
-PACK_ALIAS = "comfyui_moma"  # the loaded pack is also importable under this name (same module objects)
+# the loaded pack is also importable under this name (same module objects); not its folder's name (PACK_LINK_NAME)
+PACK_ALIAS = "comfyui_moma"
 BASE_SUBDIRS = ("custom_nodes", "models", "input", "output", "temp", "user")
 
 
@@ -41,9 +42,16 @@ class ComfyHost:
 
 
 def make_base_dir(base_dir: Path, link_name: str = PACK_LINK_NAME) -> Path | None:
-    """Create a ComfyUI base directory with the pack linked under ``custom_nodes/``; return the new link."""
+    """Create a ComfyUI base directory with the pack linked under ``custom_nodes/``; return the new link.
+
+    A link to this checkout under an earlier name (LEGACY_LINK_NAMES) is replaced by ``link_name``, so the pack is
+    never loaded twice; a folder or a link to anything else is left alone."""
     for sub in BASE_SUBDIRS:
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
+    for legacy in LEGACY_LINK_NAMES:
+        old = base_dir / "custom_nodes" / legacy
+        if legacy != link_name and old.is_symlink() and old.resolve() == REPO:
+            old.unlink()
     link = base_dir / "custom_nodes" / link_name
     if link.exists() or link.is_symlink():
         return None
@@ -97,6 +105,14 @@ def configure(comfy_root: Path, base_dir: Path | None, *, cpu: bool, force_fp32:
         folder_paths.set_input_directory(str(base_dir / "input"))
         folder_paths.set_temp_directory(str(base_dir / "temp"))
     return ComfyHost(comfy_root=comfy_root, base_dir=base_dir, device="cpu" if cpu else "gpu")
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a CUDA or MPS device."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or (mps is not None and mps.is_available())
 
 
 def loaded_pack_module() -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .backend import Backend
 from .common import (DEFAULT_WORKFLOW, EXIT_FAILED, EXIT_MISSING, EXIT_OK, EXIT_USAGE, REPO, RunnerError,
-                     host_dir, rel)
+                     default_base_dir, host_dir, rel)
 from .models import MissingModel, format_missing, load_models_table, model_uses, table_entry
 from .progress import Progress
 from .workflow import Overrides, StagedInput, apply_overrides, context_file_inputs, ids_of, load_workflow
@@ -117,17 +117,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.gui and (args.server or args.check or args.download):
         parser.error("--gui starts a server: it does not combine with --server, --check or --download")
     return args
-
-
-def default_base_dir(args: argparse.Namespace) -> Path | None:
-    """The base directory the in-process runner and --gui use."""
-    if args.base_dir is not None:
-        return args.base_dir.resolve()
-    if args.demo:
-        return host_dir() / "demo-base"
-    if args.comfyui is not None:
-        return None  # a user's own install: its own models/, input/, output/
-    return host_dir() / "base"
 
 
 def make_backend(args: argparse.Namespace) -> Backend:

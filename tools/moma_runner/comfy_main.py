@@ -2,10 +2,13 @@
 
     python -m moma_runner.comfy_main COMFY_ROOT [ComfyUI's main.py arguments...]
 
-The one difference from ``python main.py``: where the host leaves out a dependency on purpose, the import
-failure of the core node file that needs it is replaced by one line saying so (the rest of ComfyUI's log,
-every other failure included, passes unchanged). Start it with ``tools/`` as the working directory and on
-sys.path, never the pack's root (whose nodes/ would shadow ComfyUI's nodes.py).
+The differences from ``python main.py`` are in the log only, through logging filters and levels (nothing of
+ComfyUI is replaced): where the host leaves out a dependency on purpose, the import failure of the core node
+file that needs it is replaced by one line saying so; the database migrations ComfyUI runs on its first start
+in a base directory (alembic's plugin, context and revision lines) and its list of comfy-kitchen kernel
+backends are left out. Every warning and error, and the rest of ComfyUI's log, passes unchanged. Start it
+with ``tools/`` as the working directory and on sys.path, never the pack's root (whose nodes/ would shadow
+ComfyUI's nodes.py).
 """
 from __future__ import annotations
 
@@ -19,6 +22,19 @@ ABSENT_ON_PURPOSE = {
     "nodes_glsl.py": ("comfy_angle", "ComfyUI's GLSL shader node needs comfy-angle and PyOpenGL (OpenGL ES "
                                      "libraries), which the host does not install; that one node is absent"),
 }
+
+
+# Loggers whose INFO lines describe internals nobody acts on: shown from WARNING up.
+QUIET_LOGGERS = ("alembic",)  # the database migrations (plugin set-up, SQLite context, each revision's text)
+# ComfyUI's own INFO lines of the same kind (logged on the root logger), by how they start.
+QUIET_PREFIXES = ("Found comfy_kitchen backend ", "Database upgraded from ")
+
+
+class QuietInternals(logging.Filter):
+    """Drops the root logger's INFO (and lower) records that start with one of ``QUIET_PREFIXES``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.getMessage().startswith(QUIET_PREFIXES)
 
 
 class KnownAbsentNodes(logging.Filter):
@@ -67,6 +83,9 @@ def main(argv: list[str]) -> None:
     sys.argv = [str(comfy_root / "main.py"), *argv[1:]]
     sys.path.insert(0, str(comfy_root))
     logging.getLogger().addFilter(KnownAbsentNodes())
+    logging.getLogger().addFilter(QuietInternals())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     runpy.run_path(str(comfy_root / "main.py"), run_name="__main__")
 
 

@@ -114,6 +114,40 @@ def demo_overrides(prompt: dict, ov: Overrides) -> None:
         ov.reference_resolution = DEMO_REFERENCE_RESOLUTION
 
 
+def shrink_for_demo(prompt: dict) -> list[str]:
+    """``--gui --demo``: cut a queued graph down to what a CPU runs in under a minute on the tiny models, in place.
+
+    Empty latents larger than DEMO_SIZE get DEMO_SIZE on their longer side (aspect kept, multiples of 8), sampler
+    steps above DEMO_STEPS become DEMO_STEPS (a KSamplerAdvanced only when it starts at step 0), and a Feature Grab
+    resolution above DEMO_REFERENCE_RESOLUTION becomes that ('auto' stays: it follows the shrunk size). Only literal
+    values; what is already small stays. Returns what changed, e.g. ``["image 512x512 -> 64x64", "steps 50 -> 2"]``.
+    """
+    changes: list[str] = []
+    for nid in ids_of(prompt, *LATENT_SIZE_CLASSES):
+        inputs = prompt[nid]["inputs"]
+        width, height = inputs.get("width"), inputs.get("height")
+        if isinstance(width, int) and isinstance(height, int) and max(width, height) > DEMO_SIZE:
+            scale = DEMO_SIZE / max(width, height)
+            inputs["width"], inputs["height"] = (max(16, round(side * scale / 8) * 8) for side in (width, height))
+            changes.append(f"image {width}x{height} -> {inputs['width']}x{inputs['height']}")
+    for class_type, name in STEPS_INPUTS.items():
+        for nid in ids_of(prompt, class_type):
+            inputs = prompt[nid]["inputs"]
+            steps = inputs.get(name)
+            if class_type == "KSamplerAdvanced" and inputs.get("start_at_step", 0) != 0:
+                continue
+            if isinstance(steps, int) and steps > DEMO_STEPS:
+                inputs[name] = DEMO_STEPS
+                changes.append(f"steps {steps} -> {DEMO_STEPS}")
+    for nid in ids_of(prompt, "MomaFeatureGrab"):
+        inputs = prompt[nid]["inputs"]
+        resolution = inputs.get("resolution")
+        if isinstance(resolution, int) and resolution > DEMO_REFERENCE_RESOLUTION:
+            inputs["resolution"] = DEMO_REFERENCE_RESOLUTION
+            changes.append(f"Feature Grab resolution {resolution} -> {DEMO_REFERENCE_RESOLUTION}")
+    return list(dict.fromkeys(changes))
+
+
 def demo_context_subject(prompt: dict) -> str:
     """The subject the graph's Feature Grab uses (the saved context must name the same object)."""
     for nid in ids_of(prompt, "MomaFeatureGrab"):

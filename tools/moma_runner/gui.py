@@ -3,35 +3,27 @@
 The base directory is the host's ``base/`` (``demo-base/`` with --demo, or --base-dir): the pack is linked
 into its custom_nodes/, the sample reference picture the example workflows load is copied into its input/
 (unless a file of that name is there), the database is a file in its user/ folder, and with --demo the
-tiny stand-in models are linked under every file name the example workflows use. ComfyUI's own main.py then
-replaces this process (through comfy_main.py, which explains the node files the host leaves out).
+tiny stand-in models are linked under every file name the example workflows use, and every queued graph is
+shrunk to the demo's sizes (demo_gui_nodes/moma_demo_sizes.py, loaded by ComfyUI from a custom-node folder
+named in an extra-paths file in user/). ComfyUI's own main.py then replaces this process (through
+comfy_main.py, which keeps internals out of the log).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
 
 from . import boot
-from .common import API_DIR, EXAMPLES_DIR, REPO, RunnerError, host_dir
+from .common import API_DIR, PACK_LINK_NAME, REPO, RunnerError, default_base_dir, host_dir, place_samples
+from .demo import DEMO_SIZE, DEMO_STEPS, demo_model_builders, link_demo_models
 
-SAMPLE_DIR = EXAMPLES_DIR / "input"  # moma_reference.jpg and its mask (tools/moma_demo/sample.py)
 LISTEN = "127.0.0.1"
-
-
-def place_samples(input_dir: Path) -> list[Path]:
-    """Copy the sample reference picture and mask into ``input_dir`` where no file of that name exists."""
-    placed = []
-    input_dir.mkdir(parents=True, exist_ok=True)
-    for sample in sorted(SAMPLE_DIR.iterdir()):
-        target = input_dir / sample.name
-        if sample.is_file() and not target.exists():
-            shutil.copyfile(sample, target)
-            placed.append(target)
-    return placed
+DEMO_NODES_DIR = Path(__file__).resolve().parent / "demo_gui_nodes"  # custom-node folder of --gui --demo only
+DEMO_PATHS_FILE = "moma-demo-paths.yaml"  # written into the base's user/: names DEMO_NODES_DIR for ComfyUI
 
 
 def comfy_arguments(base_dir: Path, port: int, cpu: bool, demo: bool = False) -> list[str]:
@@ -42,7 +34,18 @@ def comfy_arguments(base_dir: Path, port: int, cpu: bool, demo: bool = False) ->
         arguments.append("--cpu")
         if demo:  # the demo's random UNet held in fp8 (ComfyUI computes in fp32): 0.8 GB (see inprocess.py)
             arguments.append("--fp8_e4m3fn-unet")
+    if demo:
+        arguments += ["--extra-model-paths-config", str(base_dir / "user" / DEMO_PATHS_FILE)]
     return arguments
+
+
+def write_demo_paths(base_dir: Path) -> Path:
+    """The extra-paths file that adds DEMO_NODES_DIR to ComfyUI's custom-node folders (absolute: every ComfyUI
+    version reads it the same way)."""
+    path = base_dir / "user" / DEMO_PATHS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"moma_demo_gui:\n  custom_nodes: {json.dumps(str(DEMO_NODES_DIR))}\n", encoding="utf-8")
+    return path
 
 
 def port_free(port: int) -> bool:
@@ -56,7 +59,6 @@ def port_free(port: int) -> bool:
 
 def link_demo_models_for_examples(comfy_root: Path, base_dir: Path) -> None:
     """--demo: the tiny stand-ins under every model name an example workflow uses."""
-    from .demo import demo_model_builders, link_demo_models
     from .models import load_models_table, model_uses
     from .workflow import load_workflow
 
@@ -71,9 +73,6 @@ def link_demo_models_for_examples(comfy_root: Path, base_dir: Path) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Start the GUI (replaces this process with ComfyUI; returns only on an error)."""
-    from .cli import default_base_dir
-    from .inprocess import has_accelerator
-
     comfy_root = (args.comfyui or host_dir() / "ComfyUI").resolve()
     if not (comfy_root / "main.py").is_file():
         raise RunnerError(f"No ComfyUI found at {comfy_root}. Run `bash scripts/setup_host.sh` (or pass --comfyui "
@@ -90,10 +89,13 @@ def serve(args: argparse.Namespace) -> int:
     if args.demo:
         print(f"demo: tiny random-weight models in {base_dir / 'models'} (images are noise)")
         link_demo_models_for_examples(comfy_root, base_dir)
-    cpu = args.cpu or not has_accelerator()
+        write_demo_paths(base_dir)
+        print(f"demo: each queued run is shrunk to {DEMO_SIZE}x{DEMO_SIZE} pixels and {DEMO_STEPS} steps, under a "
+              "minute on a CPU (the workflows keep their settings; real models run them as saved)")
+    cpu = args.cpu or not boot.has_accelerator()
     command = [sys.executable, "-m", "moma_runner.comfy_main", str(comfy_root), *comfy_arguments(base_dir, args.port, cpu, bool(args.demo))]
     print(f"ComfyUI {comfy_root} with the pack, base directory {base_dir}, on {'CPU' if cpu else 'GPU'}")
-    print(f"open http://{LISTEN}:{args.port}  (the example workflows: Workflow > Browse Templates > comfyui_moma; "
+    print(f"open http://{LISTEN}:{args.port}  (the example workflows: Workflow > Browse Templates > {PACK_LINK_NAME}; "
           "Ctrl-C stops the server)", flush=True)
     tools = str(REPO / "tools")
     env = {**os.environ, "PYTHONPATH": tools + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from . import boot
 from .backend import Backend
-from .common import EXIT_FAILED, EXIT_USAGE, REPO, RunnerError
+from .common import EXIT_FAILED, EXIT_USAGE, REPO, RunnerError, place_samples
 from .models import MissingModel, ModelUse, folder_label
 from .progress import Progress
 from .validation import format_execution_error, format_validation_error
@@ -50,14 +50,6 @@ class _RunnerServer:
 
     def queue_updated(self) -> None:
         pass
-
-
-def has_accelerator() -> bool:
-    """Whether torch sees a CUDA or MPS device."""
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    return torch.cuda.is_available() or (mps is not None and mps.is_available())
 
 
 class InProcessBackend(Backend):
@@ -95,14 +87,12 @@ class InProcessBackend(Backend):
 
     def prepare(self) -> None:
         if self.base_dir is not None:
-            from .gui import place_samples
-
             link = boot.make_base_dir(self.base_dir)
             if link is not None:
                 print(f"linked the pack into {link}")
             for placed in place_samples(self.base_dir / "input"):
                 print(f"sample picture: {placed} (what the example workflows load)")
-        cpu = self.force_cpu or not has_accelerator()
+        cpu = self.force_cpu or not boot.has_accelerator()
         try:
             # on a CPU the demo's random UNet is held in fp8 (--fp8_e4m3fn-unet; ComfyUI computes in fp32): 0.8 GB,
             # not fp16's 1.6 (or the 3.2 GB fp32 copy ComfyUI makes by default), and its load peaks ~0.8 GB lower.
