@@ -23,8 +23,8 @@ from a Feature Grab with the generation's LATENT connected, "ref@SIZE"), interle
 - recompiles under torch.compile, plain vs MoMA (benchmarks/sampling_recompiles.py): the whole UNet compiled as
   core TorchCompileModel does it and as other packs do it, over whole sampling runs at 64x64: compiled frames,
   recompiles and their guard failures, graph breaks, recompile-limit hits (``--compile-backend``, default
-  aot_eager: the recompiles do not depend on the backend); ``--recompiles-only`` prints only these,
-  ``--skip-recompiles`` leaves them out.
+  aot_eager: the recompiles do not depend on the backend), with ``--recompiles`` (a few minutes on a CPU) or
+  alone with ``--recompiles-only``.
 
 ``--batch-growth`` measures only how the cost grows with the latent batch: plain and MoMA (30% bank, Feature
 Grab with the LATENT connected) at ``--batches`` (default 1 4 16) on ``--batch-image-size`` (default 128) images:
@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"only the aten op / host read counts per UNet call (at {COUNT_SIZE}x{COUNT_SIZE})")
     parser.add_argument("--recompiles-only", action="store_true",
                         help="only the recompile counts under torch.compile, plain vs MoMA")
-    parser.add_argument("--skip-recompiles", action="store_true", help="leave the recompile counts out")
+    parser.add_argument("--recompiles", action="store_true",
+                        help="also count recompiles under torch.compile, plain vs MoMA (after the other measurements)")
     parser.add_argument("--compile-backend", choices=["aot_eager", "inductor"], default="aot_eager",
                         help="torch.compile backend for the recompile counts (dynamo's guards, hence its "
                              "recompiles, do not depend on it)")

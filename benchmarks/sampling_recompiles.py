@@ -1,4 +1,4 @@
-"""Recompiles under torch.compile (benchmarks/sampling.py: in the default run, and alone with ``--recompiles-only``):
+"""Recompiles under torch.compile (benchmarks/sampling.py ``--recompiles``, or alone with ``--recompiles-only``):
 plain SD1.5 vs MoMA, the whole UNet compiled as core TorchCompileModel does it (its own execute; ComfyUI 0.30 drops
 dynamo's guards on transformer_options, 0.3.75 keeps them) and as other packs do it (torch.compile of the diffusion
 model, every guard kept), over whole sampling runs (KSampler euler from t = 999: the first step has no subject

@@ -160,7 +160,7 @@ def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMoni
             for name, patched in variants.items():
                 profile_text += profile_step(name, patched, sampling) + "\n"
 
-    if not opts.skip_recompiles:  # last: compiling leaves nothing behind that the measurements above could see
+    if opts.recompiles:  # last: the measurements above never run next to a compiled model
         print(f"Counting recompiles under torch.compile ({opts.compile_backend}) at {COMPILE_SIZE}x{COMPILE_SIZE}...",
               flush=True)
         recompiles = count_recompiles({"plain": model, "moma 30%": variants["moma 30%"]}, positive, negative,
@@ -180,7 +180,7 @@ def measure(opts: argparse.Namespace, hostinfo: boot.ComfyHost, monitor: RssMoni
         "reference_pass_at_generation_size": matched_reference,
         "targets": {"ratio": TARGETS, "memory_over_plain_mb": MEMORY_TARGET_MB},
     }
-    if not opts.skip_recompiles:
+    if opts.recompiles:
         report["recompiles"] = recompiles
     return report, profile_text
 
