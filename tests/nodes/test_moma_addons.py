@@ -140,6 +140,7 @@ def _one_mask_per_step(steps):
     return steps
 
 
+@pytest.mark.default_host_only  # the node is the same in 0.3.75; the heun test covers its steps there
 def test_pag_reads_the_mask_of_the_step_and_acts_as_on_a_plain_model(setup, baselines):
     """Core PerturbedAttentionGuidance's extra cond pass runs after the sampler's evaluation (a post-CFG
     function): it reads that evaluation's mask (before: the mask that evaluation had just made, so PAG scaled
