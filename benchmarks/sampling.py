@@ -48,8 +48,9 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tools") not in sys.path:
-    sys.path.append(str(REPO / "tools"))  # last: the pack's one ComfyUI boot and the real-format model writers
+for folder in (REPO / "tools", REPO / "benchmarks"):  # the benchmark's parts, also when this file is loaded by path
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))  # last: the pack's one ComfyUI boot and the real-format model writers
 
 from sampling_batch import format_batch_table, measure_batch_growth  # noqa: E402
 from sampling_common import RssMonitor, boot_comfy, place_model  # noqa: E402
