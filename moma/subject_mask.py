@@ -121,10 +121,16 @@ class SubjectMaskTracker:
     in one UNet call or several) ``finish_evaluation`` turns the layer means into the mask that the *next*
     evaluation uses. One tracker per Apply node; ``reset`` at the start of every sampling run.
 
+    Sampler steps (``hold`` .. ``release``): inside a step every evaluation reads the mask the step started
+    with; a finished evaluation's mask is staged and becomes current at ``release``, so a guidance add-on that
+    evaluates the model again after the sampler's evaluation (PAG, SAG) reads the same mask as that evaluation.
+    Outside a step a finished evaluation's mask is current at once.
+
     Animation context windows (``begin_evaluation`` with the window's frame indices): each window is one
     evaluation of some frames of the clip, so the mask is kept per frame of the whole clip: a window's masks
-    are written at its frames and the next window reads the latest mask of each of its own frames (frames not
-    evaluated yet are unmasked, as every frame is at the first step).
+    are written at its frames and a later evaluation reads the latest mask of each of its own frames (in a
+    step: as it was when the step began; frames not evaluated yet are unmasked, as every frame is at the first
+    step).
     """
 
     def __init__(self) -> None:
@@ -138,6 +144,9 @@ class SubjectMaskTracker:
         self._rows_cache: dict[tuple, torch.Tensor] = {}
         self._frames: Optional[tuple[int, ...]] = None  # the current evaluation's frames of the clip, or None
         self._clip: Optional[torch.Tensor] = None  # [frames of the clip, H, W], 1 where no mask is known
+        self._held = False  # inside a sampler step: finished masks are staged until ``release``
+        self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # mask, valid, clip
+        self._items_cache: dict[tuple, torch.Tensor | None] = {}
 
     def begin_evaluation(self, frames: Optional[list[int]]) -> None:
         """Start a model evaluation of these frames of the clip (an animation context window), or of the whole
@@ -146,16 +155,18 @@ class SubjectMaskTracker:
 
     @property
     def mask(self) -> Optional[torch.Tensor]:
-        """The current subject mask, or None when there is none or it carries no information (a host read:
-        for callers outside the sampling path)."""
-        if self._mask is None or not bool(self._valid):
+        """The newest subject mask (inside a step: the one the next step reads), or None when there is none or
+        it carries no information (a host read: for callers outside the sampling path)."""
+        mask, valid = (self._staged[0], self._staged[1]) if self._staged is not None else (self._mask, self._valid)
+        if mask is None or not bool(valid):
             return None
-        return self._mask
+        return mask
 
     def final_mask_on_cpu(self) -> Optional[torch.Tensor]:
         """The last mask [B, H, W] (with context windows: of every frame of the clip) as a CPU float tensor, or
         None (one host copy: at the end of a run)."""
-        mask = self._clip if self._clip is not None else self.mask
+        clip = self._staged[2] if self._staged is not None else self._clip
+        mask = clip if clip is not None else self.mask
         return None if mask is None else mask.detach().float().cpu()
 
     def reset(self) -> None:
@@ -167,6 +178,23 @@ class SubjectMaskTracker:
         self._rows_cache.clear()
         self._frames = None
         self._clip = None
+        self._held = False
+        self._staged = None
+        self._items_cache.clear()
+
+    def hold(self) -> None:
+        """A sampler step begins: until ``release`` every evaluation reads the current mask; finished
+        evaluations stage theirs."""
+        self._held = True
+
+    def release(self) -> None:
+        """The step is over: the mask its evaluations staged (if any) becomes current."""
+        self._held = False
+        if self._staged is not None:
+            self._mask, self._valid, self._clip = self._staged
+            self._staged = None
+            self._rows_cache.clear()
+            self._items_cache.clear()
 
     def add(self, layer_maps: torch.Tensor, chunk_kinds: list[int], layers: int = 1) -> None:
         """layer_maps: [len(chunk_kinds) * B, H, W], rows chunk-major as ComfyUI batches them (the sum of
@@ -220,23 +248,37 @@ class SubjectMaskTracker:
                 uncond = None
             if uncond is not None:
                 uncond = uncond.to(cond.device)
-            mask, self._valid = subject_mask_and_validity(cond, uncond)
-            self._mask = torch.where(self._valid, mask, 1.0)
-            if self._frames is not None and len(self._frames) == self._mask.shape[0]:
-                self._store_frames(self._mask, self._frames)
-            self._rows_cache.clear()
+            mask, valid = subject_mask_and_validity(cond, uncond)
+            mask = torch.where(valid, mask, 1.0)
+            if self._held:  # the step's evaluations keep reading the current mask; this one is next
+                clip = self._staged[2] if self._staged is not None else self._clip
+                if self._frames is not None and len(self._frames) == mask.shape[0]:
+                    clip = self._store_frames(clip, mask, self._frames, in_place=clip is not self._clip)
+                self._staged = (mask, valid, clip)
+            else:
+                self._mask, self._valid = mask, valid
+                if self._frames is not None and len(self._frames) == mask.shape[0]:
+                    self._clip = self._store_frames(self._clip, mask, self._frames, in_place=True)
+                self._rows_cache.clear()
+                self._items_cache.clear()
         self._sums.clear()
         self._counts.clear()
 
-    def _store_frames(self, mask: torch.Tensor, frames: tuple[int, ...]) -> None:
-        """Write a window's masks [len(frames), H, W] at its frames of the clip (device ops only)."""
+    @staticmethod
+    def _store_frames(clip: torch.Tensor | None, mask: torch.Tensor, frames: tuple[int, ...],
+                      in_place: bool) -> torch.Tensor:
+        """``clip`` with a window's masks [len(frames), H, W] written at its frames (device ops only); a new
+        tensor unless ``in_place`` (the current clip stays as it is while a step is held)."""
         length = max(frames) + 1
-        if self._clip is None or self._clip.shape[0] < length or self._clip.shape[1:] != mask.shape[1:]:
+        if clip is None or clip.shape[0] < length or clip.shape[1:] != mask.shape[1:]:
             grown = torch.ones((length, *mask.shape[1:]), device=mask.device, dtype=mask.dtype)
-            if self._clip is not None and self._clip.shape[1:] == mask.shape[1:]:
-                grown[:self._clip.shape[0]] = self._clip.to(mask.device)
-            self._clip = grown
-        self._clip[list(frames)] = mask.to(self._clip.dtype)
+            if clip is not None and clip.shape[1:] == mask.shape[1:]:
+                grown[:clip.shape[0]] = clip.to(mask.device)
+            clip = grown
+        elif not in_place:
+            clip = clip.clone()
+        clip[list(frames)] = mask.to(clip.dtype)
+        return clip
 
     def _current(self) -> Optional[torch.Tensor]:
         """The mask for the current evaluation's batch: of its frames when it is a context window."""
@@ -245,6 +287,15 @@ class SubjectMaskTracker:
                 return self._clip[list(self._frames)]
             return None
         return self._mask
+
+    def current_items(self) -> torch.Tensor | None:
+        """The current mask of the current evaluation's batch items, [B, H, W] float, or None (unmasked); one
+        device op per step for an animation context window, none otherwise."""
+        if self._mask is None:
+            return None
+        if self._frames not in self._items_cache:
+            self._items_cache[self._frames] = self._current()
+        return self._items_cache[self._frames]
 
     def rows(self, grid: tuple[int, int], chunks: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The current mask for a layer: [chunks * B, h*w, 1] (same mask for cond and uncond rows), or None."""

@@ -21,7 +21,9 @@ from ..moma.reference import AutoReferenceBank, ReferenceBank, capture_reference
 from ..moma.sd15 import LAYER_BY_BLOCK, LAYERS, AttentionLayer
 from ..moma.subject_mask import COND, SubjectMaskTracker, SubjectTokens
 from .run_state import (
+    FRAMES_KEY,
     RUN_STATES_KEY,
+    CallFrame,
     MomaRunState,
     ReplacePatch,
     comfy_attention,
@@ -30,6 +32,7 @@ from .run_state import (
     window_frames,
     object_timestep_ceiling,
 )
+from . import run_state
 
 # Samplers evaluate the model at sigmas within the schedule's range; euler's churn raises one by at most
 # sqrt(2). A gate is decided for the whole run only if it holds over the range widened by this factor.
@@ -178,37 +181,95 @@ class MomaRun:
         self.last_subject_mask = state.tracker.final_mask_on_cpu()  # only after a run that finished
         return result
 
+    def predict_noise(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """PREDICT_NOISE wrapper: one sampler step (the guider's prediction at one sigma: the sampler's evaluation
+        and whatever guidance add-ons evaluate after it). Every evaluation inside reads the mask the step began
+        with; the mask from the sampler's evaluation becomes current when the step ends. A sampler that
+        evaluates the model twice per step (heun, dpm_2) predicts twice: each prediction is a step here."""
+        # CFGGuider.predict_noise(x, timestep, model_options, seed)
+        model_options = kwargs.get("model_options", args[2] if len(args) > 2 else None) or {}
+        states = model_options.get("transformer_options", {}).get(RUN_STATES_KEY) or {}
+        state = states.get(self.key)
+        if state is None:  # not inside this run's outer_sample: nothing to hold
+            return executor(*args, **kwargs)
+        state.begin_step()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            state.end_step()
+
     def calc_cond_batch(self, executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: Any,
                         model_options: dict) -> Any:
         """CALC_COND_BATCH wrapper: one model evaluation (cond and uncond, in one UNet call or several).
 
-        Its subject maps become the mask of the next evaluation. Extra evaluations that guidance add-ons make
-        inside a CFG step with only one of the two (PAG, SAG) are not evaluations of the sampler: their maps
-        are dropped, so they neither skew nor replace the mask.
+        The sampler's evaluation's subject maps become the mask of the next step. Extra evaluations that guidance
+        add-ons make inside a CFG step with only one of the two (PAG, SAG) are not evaluations of the sampler:
+        they read the step's mask and their maps are dropped, so they neither skew nor replace the mask.
         """
-        state = self.state(model_options.get("transformer_options", {}))
-        if len(conds) > 1:  # the sampler's own evaluation, [positive, negative]; add-ons pass one list
-            state.follow_positive_prompt(conds[0])
-        tracker = state.tracker
-        tracker.discard_partial()
-        frames = window_frames(model_options.get("transformer_options", {}))
-        tracker.begin_evaluation(frames if frames is not None and len(frames) == x_in.shape[0] else None)
-        out = executor(model, conds, x_in, timestep, model_options)
-        has_uncond = len(conds) > 1 and conds[1] is not None
-        state.cfg_seen = state.cfg_seen or has_uncond
-        if has_uncond or not state.cfg_seen:
-            tracker.finish_evaluation()
-        else:
-            tracker.discard_partial()
+        transformer_options = model_options.get("transformer_options", {})
+        state = self.state(transformer_options)
+        frames = window_frames(transformer_options)
+        sampler_evaluation = state.begin_evaluation(
+            conds, frames if frames is not None and len(frames) == x_in.shape[0] else None)
+        try:
+            out = executor(model, conds, x_in, timestep, model_options)
+        except BaseException:
+            state.finish_evaluation(False)
+            raise
+        state.finish_evaluation(sampler_evaluation)
         return out
 
-    # --- the two terms (in the call's run state) ---------------------------------------------------
+    def apply_model(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """APPLY_MODEL wrapper: one UNet call. Puts the call's ``CallFrame`` in its transformer_options, built
+        here, outside any compiled region (what MoMA's terms read inside a torch.compile trace), and hands the
+        subject maps a compiled call recorded in it to the tracker afterwards."""
+        # BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        args = list(args)
+        in_args = len(args) > 5
+        options = args[5] if in_args else kwargs.get("transformer_options")
+        x = args[0] if args else kwargs.get("x")
+        if not isinstance(options, dict) or "cond_or_uncond" not in options or not isinstance(x, torch.Tensor):
+            return executor(*args, **kwargs)
+        state = self.state(options)
+        context = args[3] if len(args) > 3 else kwargs.get("c_crossattn")
+        frame = state.call_frame(x, context, options, _compute_dtype(getattr(executor, "class_obj", None), x))
+        options = {**options, FRAMES_KEY: {**options.get(FRAMES_KEY, {}), self.key: frame}}
+        if in_args:
+            args[5] = options
+        else:
+            kwargs["transformer_options"] = options
+        out = executor(*args, **kwargs)
+        state.collect(frame, (int(x.shape[-2]), int(x.shape[-1])))
+        return out
+
+    # --- the two terms (in the call's run state, or inside a compiled call from its frame) -----------
+    def call_frame(self, extra_options: dict) -> CallFrame | None:
+        """This UNet call's frame when MoMA's terms must read it (inside a torch.compile trace), else None."""
+        if not run_state.use_call_frame():
+            return None
+        frames = extra_options.get(FRAMES_KEY)
+        return frames.get(self.key) if frames is not None else None
+
     def object_term(self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        frame = self.call_frame(extra_options)
+        if frame is not None:
+            return frame.object_term(self, layer, out, q, extra_options)
         return self.state(extra_options).object_term(layer, out, q, extra_options)
 
     def cross_attention(self, layer: AttentionLayer, previous: Optional[ReplacePatch], q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        frame = self.call_frame(extra_options)
+        if frame is not None:
+            return frame.cross_attention(self, layer, previous, q, k, v, extra_options)
         return self.state(extra_options).cross_attention(layer, previous, q, k, v, extra_options)
+
+
+def _compute_dtype(base_model: Any, x: torch.Tensor) -> torch.dtype:
+    """The dtype ComfyUI runs this UNet in (its manual-cast dtype when the weights are stored in another)."""
+    try:
+        return base_model.manual_cast_dtype or base_model.get_dtype()
+    except AttributeError:
+        return x.dtype
 
 
 class _ChainedPatch:
@@ -379,8 +440,9 @@ def moma_runs_of(model: Any) -> list[MomaRun]:
 
 
 def install_moma_patches(model: Any, run: MomaRun) -> None:
-    """Install MoMA on a *cloned* ModelPatcher: 16 attn1 + 16 attn2 replaces (chained onto existing ones),
-    the post-CFG hook that closes each evaluation, and the wrapper that scopes state to one run."""
+    """Install MoMA on a *cloned* ModelPatcher: 16 attn1 + 16 attn2 replaces (chained onto existing ones) and
+    the wrappers: one state per sampling run (OUTER_SAMPLE), one mask per sampler step (PREDICT_NOISE), the
+    sampler's evaluation vs add-on passes (CALC_COND_BATCH), the frame of each UNet call (APPLY_MODEL)."""
     for layer in LAYERS:
         for kind, patch_cls in (("attn1", MomaSelfAttentionPatch), ("attn2", MomaCrossAttentionPatch)):
             previous, key = _existing_replace(model.model_options, kind, layer.block)
@@ -390,8 +452,11 @@ def install_moma_patches(model: Any, run: MomaRun) -> None:
     on_clone = comfy.patcher_extension.CallbacksMP.ON_CLONE
     if copy_patches_on_clone not in model.get_callbacks(on_clone, CLONE_CALLBACK_KEY):
         model.add_callback_with_key(on_clone, CLONE_CALLBACK_KEY, copy_patches_on_clone)
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run.key, run.outer_sample)
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, run.key, run.calc_cond_batch)
+    wrappers = comfy.patcher_extension.WrappersMP
+    model.add_wrapper_with_key(wrappers.OUTER_SAMPLE, run.key, run.outer_sample)
+    model.add_wrapper_with_key(wrappers.PREDICT_NOISE, run.key, run.predict_noise)
+    model.add_wrapper_with_key(wrappers.CALC_COND_BATCH, run.key, run.calc_cond_batch)
+    model.add_wrapper_with_key(wrappers.APPLY_MODEL, run.key, run.apply_model)
 
 
 class ReferenceCapturePatch:

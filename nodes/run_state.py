@@ -4,6 +4,14 @@
 the run changes: the subject mask tracker, device copies of the bank and tokens, the gates decided from the
 schedule. The helpers below read ComfyUI's ``extra_options`` (layer grid, latent size, animation windows).
 All maths lives in ``moma.attention`` / ``moma.subject_mask``.
+
+Compiled models (``torch.compile``, core TorchCompileModel): inside a dynamo trace the patches do not read the run
+state, whose Python values (dict sizes, a mask that is None at the first step, gates decided per run) a compiled
+frame would either guard on (a recompile each time one changes) or, where the compile drops its guards on
+``transformer_options`` (TorchCompileModel on ComfyUI 0.30), bake in. They read a ``CallFrame`` instead: made by
+MoMA's APPLY_MODEL wrapper before each UNet call, outside the compiled region, with the same structure at every
+call (tensors only: the mask is all ones where there is none, the gates are 0/1 tensors, the rows' cond/uncond
+kinds an index tensor); its subject maps go to the tracker after the call.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from ..moma import attention as moma_attention
 from ..moma.errors import MomaError
 from ..moma.reference import AutoReferenceBank, ReferenceBank
 from ..moma.sd15 import AttentionLayer
-from ..moma.subject_mask import COND, SubjectMaskTracker
+from ..moma.subject_mask import COND, UNCOND, SubjectMaskTracker, mask_to_grid
 from .text_encode import prompt_tag
 
 if TYPE_CHECKING:
@@ -107,6 +115,17 @@ def _latent_grid(extra_options: dict) -> tuple[int, int]:
 
 
 RUN_STATES_KEY = "moma_run_states"  # transformer_options key: run key -> MomaRunState, per sampling run
+FRAMES_KEY = "moma_call_frames"  # transformer_options key of one UNet call: run key -> CallFrame
+
+
+def use_call_frame() -> bool:
+    """Whether MoMA's terms read the UNet call's ``CallFrame`` (inside a torch.compile trace) instead of the run
+    state (eager)."""
+    return _is_compiling()
+
+
+_is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) \
+    or torch._dynamo.is_compiling
 
 
 def window_frames(extra_options: dict) -> Optional[list[int]]:
@@ -170,6 +189,9 @@ class MomaRunState:
         self.subject_positions, self.prompt_length = run.subject_positions, run.prompt_length
         self._positive_seen: Optional[list] = None
         self._notes: set[str] = set()
+        self._step_depth = 0  # inside a sampler step (PREDICT_NOISE): the tracker holds the step's mask
+        self._step_uncond: list | None = None  # the negative conds list of the step's sampler evaluation
+        self.kind_map: dict[int, int] = {}  # this evaluation's chunk index -> cond/uncond kind, where they differ
 
     def __deepcopy__(self, memo: dict) -> "MomaRunState":
         return self  # one state per run, whatever copies the run's options
@@ -217,6 +239,57 @@ class MomaRunState:
         """MoMA is off for this whole sampling run (its windows miss the schedule): no subject maps needed."""
         return self.plan == (False, False)
 
+    # --- sampler steps and evaluations ------------------------------------------------------------
+    def begin_step(self) -> None:
+        """A sampler step (one prediction of the guider) begins: its evaluations read the mask it starts with."""
+        self._step_depth += 1
+        if self._step_depth == 1:
+            self._step_uncond = None
+            self.tracker.hold()
+
+    def end_step(self) -> None:
+        """The step is over: the mask from its sampler evaluation becomes current."""
+        self._step_depth = max(0, self._step_depth - 1)
+        if self._step_depth == 0:
+            self._step_uncond = None
+            self.tracker.release()
+
+    def begin_evaluation(self, conds: list, frames: list[int] | None) -> bool:
+        """Start one model evaluation; returns whether it is the sampler's own (its subject maps make the next
+        mask) rather than a guidance add-on's extra pass. The sampler's evaluation has [positive, negative]
+        (a guider without a negative, e.g. BasicGuider, passes [positive] only; then every evaluation is the
+        sampler's); an add-on passes one list. An add-on pass of the step's negative conds (SAG's) evaluates
+        them as the negative half: its rows get the uncond context tokens, as the sampler's negative rows did."""
+        has_uncond = len(conds) > 1 and conds[1] is not None
+        self.cfg_seen = self.cfg_seen or has_uncond
+        sampler_evaluation = has_uncond or not self.cfg_seen
+        if len(conds) > 1:  # the sampler's own evaluation, [positive, negative]; add-ons pass one list
+            self.follow_positive_prompt(conds[0])
+        if has_uncond and self._step_depth:
+            self._step_uncond = conds[1]
+        uncond = self._step_uncond
+        self.kind_map = {} if sampler_evaluation or uncond is None else {
+            index: UNCOND for index, cond in enumerate(conds) if cond is uncond and index != UNCOND}
+        self.tracker.discard_partial()
+        self.tracker.begin_evaluation(frames)
+        return sampler_evaluation
+
+    def finish_evaluation(self, sampler_evaluation: bool) -> None:
+        """Close the evaluation: the sampler's maps make the next mask; an add-on's are dropped."""
+        self.kind_map = {}
+        if sampler_evaluation:
+            self.tracker.finish_evaluation()
+        else:
+            self.tracker.discard_partial()
+
+    def chunk_kinds(self, extra_options: dict) -> list[int]:
+        """cond/uncond kind of each chunk of this UNet call's rows (ComfyUI's ``cond_or_uncond``, where an add-on
+        pass of the negative conds counts as uncond)."""
+        kinds = extra_options["cond_or_uncond"]
+        if not self.kind_map:
+            return list(kinds)
+        return [self.kind_map.get(kind, kind) for kind in kinds]
+
     def follow_positive_prompt(self, positive: Optional[list]) -> None:
         """Check, once per list of positive conds (once per run), which text the positive conditioning was made
         from. Tagged by MoMA Text Encode: the subject's tokens are looked up in that text, so they are right
@@ -261,7 +334,7 @@ class MomaRunState:
                     f"{run.subject_positions})."))
         if (positions, length) != (self.subject_positions, self.prompt_length):
             self.subject_positions, self.prompt_length = positions, length
-            for key in [key for key in self.device_cache if key[0] in ("cols", "subject")]:
+            for key in [key for key in self.device_cache if key[0] in ("cols", "subject", "subject_weights")]:
                 del self.device_cache[key]  # built from the old positions
 
     def _note(self, level: int, message: str) -> None:
@@ -381,7 +454,7 @@ class MomaRunState:
     def cross_attention(self, layer: AttentionLayer, previous: Optional[ReplacePatch], q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
-        chunk_kinds = list(extra_options["cond_or_uncond"])
+        chunk_kinds = self.chunk_kinds(extra_options)
         chunks = len(chunk_kinds)
         rows, tokens = q.shape[0], q.shape[1]
         batch = rows // chunks
@@ -404,4 +477,128 @@ class MomaRunState:
             context_out = moma_attention.merge_head_output(_sdpa(q_heads, token_k, token_v), rows, tokens)
             mask = self.gated_mask(gate, "context", extra_options, grid, chunks, batch, q.device, q.dtype)
             out = out + context_out if mask is None else torch.addcmul(out, context_out, mask)
+        return out
+
+    # --- the compiled path: one CallFrame per UNet call --------------------------------------------
+    def call_frame(self, x: torch.Tensor, context: Any, extra_options: dict, dtype: torch.dtype) -> CallFrame:
+        """What MoMA's terms read inside a compiled UNet call: every value a tensor (or a per-run constant), with
+        the same structure at every call of the run. Device tensors are built once per run (the mask once per
+        step); no host read."""
+        device = x.device
+        kinds = tuple(self.chunk_kinds(extra_options))
+        batch = x.shape[0] // len(kinds)
+        mask = self.tracker.current_items()
+        if mask is None or mask.shape[0] != batch:
+            mask = self._cached(("ones", batch, tuple(x.shape[-2:]), str(device)),
+                                lambda: torch.ones((batch, *x.shape[-2:]), device=device))
+        elif mask.device != device:  # multi-GPU: the mask was made on another device
+            mask = mask.to(device)
+        row_uncond = self._cached(("row_kinds", kinds, batch, str(device)), lambda: torch.tensor(
+            [0 if kind == COND else 1 for kind in kinds], dtype=torch.long).repeat_interleave(batch).to(device))
+        user = None
+        if self.run.attn_mask is not None:
+            sub_idxs = window_frames(extra_options)
+
+            def build_user() -> torch.Tensor:
+                user_mask = self.run.attn_mask.float()
+                return _rows_of(user_mask.reshape(-1, 1, *user_mask.shape[-2:]), batch, extra_options).to(device)
+
+            user = self._cached(("user_items", batch, tuple(sub_idxs) if sub_idxs else None, str(device)), build_user)
+        subject = None
+        if isinstance(context, torch.Tensor) and context.ndim == 3:
+            subject = self._subject_weights(int(context.shape[1]), device, dtype)
+        # as 0/1 tensors [1]; one constant per term and value (two inputs of a compiled call never alias)
+        gates = tuple(self._cached((f"gate_{term}", value, str(device)), lambda value=value: torch.tensor(
+            [value], device=device)) if isinstance(value, bool) else value.reshape(1)
+            for term, value in zip(("object", "context"), self.gates(extra_options)))
+        bank = self.reference_bank(extra_options) if self.run.bank is not None else None
+        bank_on_device = None if bank is None else self._cached(
+            ("frame_bank", id(bank), str(device), dtype),
+            lambda: {block: (bank.keys[block].to(device, dtype).unsqueeze(0),
+                             bank.values[block].to(device, dtype).unsqueeze(0)) for block in bank.keys})
+        tokens = self._cached(("frame_tokens", str(device), dtype), lambda: {
+            block: (k.to(device, dtype), v.to(device, dtype)) for block, (k, v) in self.run.context_kv_master.items()})
+        return CallFrame(mask=mask, row_uncond=row_uncond, user=user, subject=subject, object_gate=gates[0],
+                         context_gate=gates[1], bank=bank_on_device, tokens=tokens, kinds=list(kinds))
+
+    def _subject_weights(self, text_length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[text_length]: 1 at the subject's columns, 0 elsewhere (all 0 without subject tokens or when MoMA is
+        off for the whole run: the maps then carry no information and the mask stays all ones)."""
+        def build() -> torch.Tensor:
+            weights = torch.zeros(text_length, dtype=dtype)
+            columns = None if self.run_inactive() else self.subject_columns(text_length, torch.device("cpu"))
+            if columns is not None:
+                weights[columns] = 1.0
+            return weights.to(device)
+
+        return self._cached(("subject_weights", text_length, str(device), dtype), build)
+
+    def collect(self, frame: CallFrame, latent_grid: tuple[int, int]) -> None:
+        """After a UNet call: the subject maps a compiled call recorded in its frame go to the tracker."""
+        for subject_probs, grid in frame.records:
+            self.tracker.add_probs(subject_probs, grid, latent_grid, frame.kinds)
+        frame.records.clear()
+
+
+class CallFrame:
+    """One UNet call's MoMA inputs for the compiled path (see the module docstring) and the two terms computed
+    from them. ``records`` collects the call's subject maps ([rows, h*w], layer grid) for the tracker."""
+
+    def __init__(self, *, mask: torch.Tensor, row_uncond: torch.Tensor, user: torch.Tensor | None,
+                 subject: torch.Tensor | None, object_gate: torch.Tensor, context_gate: torch.Tensor,
+                 bank: dict | None, tokens: dict, kinds: list[int]) -> None:
+        self.mask = mask  # [B, H, W] float32 at the latent grid: the step's subject mask of each item, or ones
+        self.row_uncond = row_uncond  # [rows] long: 0 for a cond row, 1 for an uncond row
+        self.user = user  # [B, 1, h, w] float32: each item's user MASK (Apply's attn_mask), or None
+        self.subject = subject  # [text tokens] in the compute dtype: 1 at the subject's columns
+        self.object_gate = object_gate  # [1] bool
+        self.context_gate = context_gate  # [1] bool
+        self.bank = bank  # block -> ([1, M, C], [1, M, C]) the reference bank on the device, or None
+        self.tokens = tokens  # block -> ([2, 4, C], [2, 4, C]) the context tokens' K/V (cond, uncond) on the device
+        self.kinds = kinds  # the call's chunk kinds (host side, for the tracker)
+        self.records: list[tuple[torch.Tensor, tuple[int, int]]] = []
+
+    def spatial_mask(self, grid: tuple[int, int], rows: int, dtype: torch.dtype, gate: torch.Tensor) -> torch.Tensor:
+        """What a MoMA term is multiplied by on this layer: subject mask x user mask x gate, [rows, h*w, 1]."""
+        mask = mask_to_grid(self.mask, grid).to(dtype)
+        chunks = rows // mask.shape[0]
+        mask = mask.repeat(chunks, 1, 1)
+        if self.user is not None:
+            user = F.interpolate(self.user, size=tuple(grid), mode="bilinear", align_corners=False)
+            mask = mask * user.reshape(user.shape[0], -1, 1).repeat(chunks, 1, 1).to(dtype)
+        return mask * gate.to(dtype).view(1, 1, 1)
+
+    def object_term(self, run: MomaRun, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor,
+                    extra_options: dict) -> torch.Tensor:
+        gain = run.object_gains[layer.block]
+        if self.bank is None or gain == 0.0:
+            return out
+        heads = extra_options["n_heads"]
+        bank_k, bank_v = self.bank[layer.block]
+        ref_k = moma_attention.split_heads(bank_k.to(q.dtype), heads).contiguous()
+        ref_v = moma_attention.split_heads(bank_v.to(q.dtype), heads).contiguous()
+        ref_out = moma_attention.reference_attention_heads(q, ref_k, ref_v, sdpa=_sdpa)
+        mask = self.spatial_mask(layer_grid(extra_options, q.shape[1]), q.shape[0], q.dtype, self.object_gate)
+        return moma_attention.add_object_shortcut(out, ref_out, gain, mask)
+
+    def cross_attention(self, run: MomaRun, layer: AttentionLayer, previous: ReplacePatch | None,
+                        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        rows, tokens = q.shape[0], q.shape[1]
+        out = previous(q, k, v, extra_options) if previous is not None else comfy_attention(q, k, v, heads, extra_options)
+        grid = layer_grid(extra_options, tokens)
+        q_heads = moma_attention.split_heads(q, heads)
+        if self.subject is not None and self.subject.shape[0] == k.shape[1]:
+            indicator = self.subject.to(q.dtype).view(1, 1, -1, 1).expand(rows, heads, -1, q.shape[-1] // heads)
+            k_heads = moma_attention.split_heads(k, heads)
+            if k_heads.shape[0] != rows:  # a context shared by every row
+                k_heads = k_heads.expand(rows, -1, -1, -1)
+            subject_probs = moma_attention.subject_attention_mass(q_heads, k_heads, indicator.contiguous(), sdpa=_sdpa)
+            self.records.append((subject_probs, grid))
+        if run.context_gains[layer.block] != 0.0:
+            tokens_k, tokens_v = self.tokens[layer.block]
+            token_k = moma_attention.split_heads(tokens_k.index_select(0, self.row_uncond).to(q.dtype), heads)
+            token_v = moma_attention.split_heads(tokens_v.index_select(0, self.row_uncond).to(q.dtype), heads)
+            context_out = moma_attention.merge_head_output(_sdpa(q_heads, token_k, token_v), rows, tokens)
+            out = torch.addcmul(out, context_out, self.spatial_mask(grid, rows, q.dtype, self.context_gate))
         return out
