@@ -315,6 +315,23 @@ def _check_wrappers() -> None:
                          "timestep, model_options)")
 
 
+def _check_step_wrappers() -> None:
+    """PREDICT_NOISE (one sampler step: the guider's ``outer_predict_noise(x, timestep, model_options, seed)``, which
+    the pack's wrapper reads the run's state from) and APPLY_MODEL (one UNet call: ``BaseModel.apply_model(x, t,
+    c_concat, c_crossattn, control, transformer_options)``, where the pack builds the call's frame)."""
+    extension = _module("comfy.patcher_extension")
+    _attr(extension, "WrappersMP.PREDICT_NOISE")
+    _attr(extension, "WrappersMP.APPLY_MODEL")
+    guider_class = _attr(_module("comfy.samplers"), "CFGGuider")
+    outer_predict_noise = _attr(guider_class, "outer_predict_noise")
+    _accepts(outer_predict_noise, positional=("self", "x", "timestep", "model_options"))
+    _source_mentions(outer_predict_noise, "PREDICT_NOISE")
+    _source_mentions(_attr(guider_class, "__call__"), "outer_predict_noise")
+    apply_model = _attr(_module("comfy.model_base"), "BaseModel.apply_model")
+    _accepts(apply_model, positional=("self", "x", "t", "c_concat", "c_crossattn", "control", "transformer_options"))
+    _source_mentions(apply_model, "APPLY_MODEL")
+
+
 def _check_model_options_clone() -> None:
     clone_options = _attr(_module("comfy.model_patcher"), "create_model_options_clone")
     original = {"transformer_options": {"patches_replace": {"attn1": {}}}}
@@ -424,6 +441,8 @@ HOOKS: tuple[Hook, ...] = (
          _check_clone_callbacks),
     Hook("comfy.patcher_extension.WrappersMP.OUTER_SAMPLE / CALC_COND_BATCH (add_wrapper_with_key, CFGGuider, "
          "calc_cond_batch)", (APPLY,), _check_wrappers),
+    Hook("comfy.patcher_extension.WrappersMP.PREDICT_NOISE / APPLY_MODEL (CFGGuider.outer_predict_noise, "
+         "BaseModel.apply_model)", (APPLY,), _check_step_wrappers),
     Hook("comfy.model_patcher.create_model_options_clone", (APPLY,), _check_model_options_clone),
     Hook("comfy.model_sampling.ModelSamplingDiscrete (percent_to_sigma, timestep, sigma_max)", (APPLY, GRAB),
          _check_model_sampling),

@@ -6,6 +6,7 @@ All maths lives in ``moma.attention`` / ``moma.subject_mask``; this module only 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import uuid
 from typing import Any, Callable, Optional, Union
@@ -33,6 +34,8 @@ from .run_state import (
     object_timestep_ceiling,
 )
 from . import run_state
+
+log = logging.getLogger(__name__)
 
 # Samplers evaluate the model at sigmas within the schedule's range; euler's churn raises one by at most
 # sqrt(2). A gate is decided for the whole run only if it holds over the range widened by this factor.
@@ -169,6 +172,7 @@ class MomaRun:
             state.bank = self.bank.bank_for_latent(*latent_size(noise))
         original = getattr(guider, "model_options", None)
         if original is not None:
+            warn_if_shadowed(original, self)
             options = comfy.model_patcher.create_model_options_clone(original)
             transformer_options = options.setdefault("transformer_options", {})
             transformer_options[RUN_STATES_KEY] = {**transformer_options.get(RUN_STATES_KEY, {}), self.key: state}
@@ -403,6 +407,38 @@ def _existing_replace(model_options: dict, kind: str, block: tuple[str, int]) ->
         if key in patches:
             return patches[key], key
     return None, block
+
+
+def shadowing_patches(model_options: dict, run: MomaRun) -> list[tuple[str, tuple[str, int], Any]]:
+    """(kind, block, patch) for each layer where the replace patch ComfyUI will call does not lead to ``run``'s
+    patch: another node applied after Apply MoMA installed a patch of its own that does not chain (core
+    SelfAttentionGuidance at ``("middle", 0, 0)``, which ComfyUI looks up before MoMA's 2-tuple key)."""
+    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
+    shadowed = []
+    for kind in ("attn1", "attn2"):
+        table = replaces.get(kind, {})
+        for layer in LAYERS:
+            patch = table.get((layer.block[0], layer.block[1], 0), table.get(layer.block))
+            link = patch
+            while isinstance(link, _ChainedPatch) and link.run is not run:
+                link = link.previous
+            if not (isinstance(link, _ChainedPatch) and link.run is run):
+                shadowed.append((kind, layer.block, patch))
+    return shadowed
+
+
+def warn_if_shadowed(model_options: dict, run: MomaRun) -> None:
+    """Once per sampling run: name the layers where a patch applied after MoMA replaced MoMA's (it does not act
+    there). Host-side, no tensor read."""
+    shadowed = shadowing_patches(model_options, run)
+    if not shadowed:
+        return
+    owners = sorted({getattr(patch, "__qualname__", type(patch).__qualname__) for _, _, patch in shadowed})
+    where = ", ".join(f"{kind} {block[0]}_{block[1]}" for kind, block, _ in shadowed)
+    log.warning("Apply MoMA Attention (subject %r): a node applied after it replaced MoMA's attention patch at %s "
+                "(%s) without passing on to it, so MoMA does not act there. Apply that node (e.g. Self-Attention "
+                "Guidance) before Apply MoMA Attention.",
+                run.subject.subject if run.subject is not None else "?", where, ", ".join(owners))
 
 
 CLONE_CALLBACK_KEY = "moma"

@@ -164,7 +164,7 @@ def test_pag_reads_the_mask_of_the_step_and_acts_as_on_a_plain_model(setup, base
 
 
 @pytest.mark.default_host_only
-def test_sag_reads_the_mask_of_the_step_and_evaluates_the_negative_as_uncond(setup, baselines):
+def test_sag_reads_the_mask_of_the_step_and_evaluates_the_negative_as_uncond(setup, baselines, caplog):
     """Core SelfAttentionGuidance evaluates the negative conds again on a blurred input after the sampler's
     evaluation: that pass reads the step's mask, and its rows are the negative half (MoMA's uncond context
     tokens), as the negative rows of the sampler's evaluation were."""
@@ -174,9 +174,11 @@ def test_sag_reads_the_mask_of_the_step_and_evaluates_the_negative_as_uncond(set
     plain, alone, moma = baselines
     with_sag = sag.SelfAttentionGuidance.execute(moma, 0.5, 2.0)[0]
     plain_effect = _rel(_sample(sag.SelfAttentionGuidance.execute(model, 0.5, 2.0)[0], positive, negative), plain)
-    with masks_read_per_step(run_state.MomaRunState) as steps:
+    with masks_read_per_step(run_state.MomaRunState) as steps, caplog.at_level("WARNING"):
         product = _sample(with_sag, positive, negative)
     assert [len(masks) for masks in _one_mask_per_step(steps)] == [2, 2, 2]  # the sampler's UNet call, SAG's
+    # SAG applied after MoMA replaced MoMA's middle-block self-attention: said once in the run
+    assert sum("attn1 middle_0" in record.getMessage() for record in caplog.records) == 1
     moma_effect = _rel(product, alone)
     assert 0.2 * plain_effect < moma_effect < 2.0 * plain_effect, (moma_effect, plain_effect)
     with evaluations_by_hand(_run_of(moma)):
@@ -184,6 +186,34 @@ def test_sag_reads_the_mask_of_the_step_and_evaluates_the_negative_as_uncond(set
     print(f"\nSAG at {SIZE}x{SIZE}: relative L2 change plain {plain_effect:.4f}, MoMA {moma_effect:.4f}; product vs "
           f"oracle max abs {float((product - oracle).abs().max()):.3g}")
     torch.testing.assert_close(product, oracle, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.default_host_only
+def test_a_patch_applied_after_moma_that_does_not_chain_is_named(setup, moma_model, moma_context, caplog):
+    """Core SAG applied after Apply MoMA puts its recording self-attention at ("middle", 0, 0), which ComfyUI looks up
+    before MoMA's ("middle", 0): MoMA does not act in that block, and each sampling run says so, once. SAG applied
+    before MoMA is chained (MoMA found its patch), so nothing is said."""
+    import logging
+
+    import comfy_extras.nodes_sag as sag
+    from comfyui_moma.nodes.patches import shadowing_patches, warn_if_shadowed
+
+    model, bank, _, _ = setup
+    moma = apply_moma(model, moma_model, moma_context, bank, 1.0, 0.0, 1.0)
+    run = _run_of(moma)
+    sag_after = sag.SelfAttentionGuidance.execute(moma, 0.5, 2.0)[0]
+    assert [(kind, block) for kind, block, _ in shadowing_patches(sag_after.model_options, run)] == [
+        ("attn1", ("middle", 0))]
+    assert shadowing_patches(moma.model_options, run) == []
+    sag_first = apply_moma(sag.SelfAttentionGuidance.execute(model, 0.5, 2.0)[0], moma_model, moma_context, bank,
+                           1.0, 0.0, 1.0)
+    assert shadowing_patches(sag_first.model_options, _run_of(sag_first)) == []
+    ipadapter_after = peer_packs.apply_ipadapter_style(moma, "after")  # .add()s onto MoMA's patches: chained
+    assert shadowing_patches(ipadapter_after.model_options, run) == []
+    with caplog.at_level(logging.WARNING):
+        warn_if_shadowed(sag_after.model_options, run)
+    warnings = [r.getMessage() for r in caplog.records if "without passing on to it" in r.getMessage()]
+    assert len(warnings) == 1 and "attn1 middle_0" in warnings[0] and "before Apply MoMA" in warnings[0], warnings
 
 
 def test_two_evaluation_samplers_advance_the_mask_at_each_evaluation(setup, moma_model, moma_context):
