@@ -8,7 +8,7 @@ node layer passes ComfyUI's own (SDPA, xformers, ...), the default here is torch
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Optional[torch.Tensor] = None, **_: object
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None, **_: object
 ) -> torch.Tensor:
     """Plain softmax attention through torch SDPA; ``mask`` is an additive bias broadcastable to [B, H, Nq, Nk]."""
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), attn_mask=mask)
@@ -41,9 +41,9 @@ def text_attention_with_subject_probs(
     k: torch.Tensor,
     v: torch.Tensor,
     heads: int,
-    subject_columns: Optional[torch.Tensor],
+    subject_columns: torch.Tensor | None,
     compute_output: bool = True,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Text cross-attention plus the subject-token attention map the subject mask is built from.
 
     The softmax is over all text keys (in fp32); the map is the probability mass on ``subject_columns``,
@@ -146,7 +146,7 @@ def add_object_shortcut(
     self_out: torch.Tensor,
     ref_out: torch.Tensor,
     gain: float,
-    spatial_mask: Optional[torch.Tensor],
+    spatial_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """h + strength * scale_learnable * mask * h_ref (added before to_out). spatial_mask: [B, N, 1] or None."""
     if spatial_mask is None:

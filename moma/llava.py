@@ -47,7 +47,6 @@ from .clip_vision import CLIP_WHERE_TO_GET, load_clip_vision
 from .errors import MomaError
 from .limits import check_tensor
 from .projection import ImageProjModel, SwiGLUMapping, build_mapping, build_projector
-from .streaming import LayerStreamer, streamed_layers
 from .prompt import (  # noqa: F401  (re-exported: the prompt helpers belong to the LLaVA encoder's API)
     IMAGE_TOKEN_INDEX,
     LLAVA_WHERE_TO_GET,
@@ -56,6 +55,7 @@ from .prompt import (  # noqa: F401  (re-exported: the prompt helpers belong to 
     llava_user_prompt,
     sd_prompt,
 )
+from .streaming import LayerStreamer, streamed_layers
 from .weights import LLM_HIDDEN, MomaAdapterWeights
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
                         f"({type(error).__name__}: {error}). {LLAVA_WHERE_TO_GET}") from None
     round_rope_tables_to_fp16(language_model.rotary_emb)
     targets: dict[str, tuple[nn.Module, str]] = {}
-    for name, param in language_model.named_parameters():
+    for name, _ in language_model.named_parameters():
         targets["model." + name] = (language_model, name)
     for name, _ in mm_projector.named_parameters():
         targets["model.mm_projector." + name] = (mm_projector, name)

@@ -9,12 +9,20 @@ from typing import Any
 
 import torch
 
+from .clip_vision import CLIP_WHERE_TO_GET
 from .context import MomaContext
 from .convert import preferred_adapter_file
-from .images import llava_pixel_values, load_clip_image_processor
-from .clip_vision import CLIP_WHERE_TO_GET
 from .errors import MomaError
-from .llava import PRECISIONS, QUANTIZATIONS, InterruptFn, LlavaContextEncoder, LlavaFolder, ProgressFn, load_context_encoder
+from .images import llava_pixel_values, load_clip_image_processor
+from .llava import (
+    PRECISIONS,
+    QUANTIZATIONS,
+    InterruptFn,
+    LlavaContextEncoder,
+    LlavaFolder,
+    ProgressFn,
+    load_context_encoder,
+)
 from .projection import build_projector, context_tokens, mean_llava_embedding
 from .prompt import LlavaTokenizer, llava_prompt, sd_prompt
 from .streaming import PLACEMENTS, resolve_placement

@@ -11,8 +11,8 @@ import logging
 import math
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,7 @@ def binarise_object_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return mask[0, 0] > 0.5 / 255.0
 
 
-def object_token_index(object_mask: torch.Tensor, grid: tuple[int, int]) -> Optional[torch.Tensor]:
+def object_token_index(object_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
     """Flat indices of the object's tokens on a layer grid (nearest resize); None when the mask is empty there."""
     small = F.interpolate(object_mask[None, None].float(), size=tuple(grid), mode="nearest")[0, 0]
     index = small.flatten().nonzero().flatten()
@@ -139,7 +139,7 @@ class ReferenceBank:
     def release_device_copy(self) -> None:
         self._device_cache.clear()
 
-    def __deepcopy__(self, memo: dict) -> "ReferenceBank":
+    def __deepcopy__(self, memo: dict) -> ReferenceBank:
         return self  # immutable tensors; ComfyUI deep-copies model_options on every clone
 
     def layer_token_counts(self) -> dict[tuple[str, int], int]:
@@ -151,7 +151,7 @@ def capture_reference_layer(
     v: torch.Tensor,
     to_k_ip: torch.Tensor,
     to_v_ip: torch.Tensor,
-    token_index: Optional[torch.Tensor],
+    token_index: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K_ref = to_k_ip(k), V_ref = to_v_ip(v) for one attn1 layer of the reference pass, object tokens only.
 
@@ -183,12 +183,12 @@ class AutoReferenceBank:
     def __init__(self, reference_pass: Callable[[int], ReferenceBank], subject: str, views: int = 1) -> None:
         self.subject = subject
         self.views = views
-        self._banks: "OrderedDict[int, ReferenceBank]" = OrderedDict()
+        self._banks: OrderedDict[int, ReferenceBank] = OrderedDict()
         self._pass_id = next(_pass_ids)
         _REFERENCE_PASSES[self._pass_id] = reference_pass
         weakref.finalize(self, _REFERENCE_PASSES.pop, self._pass_id, None)
 
-    def __deepcopy__(self, memo: dict) -> "AutoReferenceBank":
+    def __deepcopy__(self, memo: dict) -> AutoReferenceBank:
         return self
 
     def bank_for_latent(self, latent_height: int, latent_width: int) -> ReferenceBank:

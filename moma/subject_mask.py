@@ -7,8 +7,8 @@ non-square and non-512 sizes work and the work is 64x smaller.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ def layer_subject_map(subject_probs: torch.Tensor, grid: tuple[int, int], out_gr
 
 
 def subject_mask_and_validity(
-    cond_mean: torch.Tensor, uncond_mean: Optional[torch.Tensor], threshold: float = MASK_THRESHOLD
+    cond_mean: torch.Tensor, uncond_mean: torch.Tensor | None, threshold: float = MASK_THRESHOLD
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer-averaged maps -> the subject mask used at the next model evaluation, without host reads.
 
@@ -66,8 +66,8 @@ def subject_mask_and_validity(
 
 
 def combine_subject_maps(
-    cond_mean: torch.Tensor, uncond_mean: Optional[torch.Tensor], threshold: float = MASK_THRESHOLD
-) -> Optional[torch.Tensor]:
+    cond_mean: torch.Tensor, uncond_mean: torch.Tensor | None, threshold: float = MASK_THRESHOLD
+) -> torch.Tensor | None:
     """:func:`subject_mask_and_validity` as a mask or None (reads the validity on the host)."""
     mask, valid = subject_mask_and_validity(cond_mean, uncond_mean, threshold)
     return mask if bool(valid) else None
@@ -136,25 +136,25 @@ class SubjectMaskTracker:
     def __init__(self) -> None:
         # [B, H, W] at the latent grid, or None (unmasked); a mask without information is all ones, so the
         # sampling path never reads a device value on the host (``mask`` says None for it, reading it).
-        self._mask: Optional[torch.Tensor] = None
-        self._valid: Optional[torch.Tensor] = None
+        self._mask: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
         self._pending: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int], tuple[int, ...]]] = []
         self._rows_cache: dict[tuple, torch.Tensor] = {}
-        self._frames: Optional[tuple[int, ...]] = None  # the current evaluation's frames of the clip, or None
-        self._clip: Optional[torch.Tensor] = None  # [frames of the clip, H, W], 1 where no mask is known
+        self._frames: tuple[int, ...] | None = None  # the current evaluation's frames of the clip, or None
+        self._clip: torch.Tensor | None = None  # [frames of the clip, H, W], 1 where no mask is known
         self._held = False  # inside a sampler step: finished masks are staged until ``release``
         self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # mask, valid, clip
         self._items_cache: dict[tuple, torch.Tensor | None] = {}
 
-    def begin_evaluation(self, frames: Optional[list[int]]) -> None:
+    def begin_evaluation(self, frames: list[int] | None) -> None:
         """Start a model evaluation of these frames of the clip (an animation context window), or of the whole
         batch (None)."""
         self._frames = tuple(frames) if frames is not None else None
 
     @property
-    def mask(self) -> Optional[torch.Tensor]:
+    def mask(self) -> torch.Tensor | None:
         """The newest subject mask (inside a step: the one the next step reads), or None when there is none or
         it carries no information (a host read: for callers outside the sampling path)."""
         mask, valid = (self._staged[0], self._staged[1]) if self._staged is not None else (self._mask, self._valid)
@@ -162,7 +162,7 @@ class SubjectMaskTracker:
             return None
         return mask
 
-    def final_mask_on_cpu(self) -> Optional[torch.Tensor]:
+    def final_mask_on_cpu(self) -> torch.Tensor | None:
         """The last mask [B, H, W] (with context windows: of every frame of the clip) as a CPU float tensor, or
         None (one host copy: at the end of a run)."""
         clip = self._staged[2] if self._staged is not None else self._clip
@@ -280,7 +280,7 @@ class SubjectMaskTracker:
         clip[list(frames)] = mask.to(clip.dtype)
         return clip
 
-    def _current(self) -> Optional[torch.Tensor]:
+    def _current(self) -> torch.Tensor | None:
         """The mask for the current evaluation's batch: of its frames when it is a context window."""
         if self._frames is not None and self._clip is not None:
             if max(self._frames) < self._clip.shape[0]:
@@ -297,7 +297,7 @@ class SubjectMaskTracker:
             self._items_cache[self._frames] = self._current()
         return self._items_cache[self._frames]
 
-    def rows(self, grid: tuple[int, int], chunks: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def rows(self, grid: tuple[int, int], chunks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """The current mask for a layer: [chunks * B, h*w, 1] (same mask for cond and uncond rows), or None."""
         if self._mask is None:
             return None

@@ -1,15 +1,16 @@
 """ComfyUI nodes of the pack: thin adapters from ComfyUI types to ``moma`` calls."""
 from __future__ import annotations
 
-from .node_api import ComfyExtension, io
-
-from . import host_contract
-from . import paths  # noqa: F401  (registers the pack's model folders with folder_paths)
+from . import (
+    host_contract,
+    paths,  # noqa: F401  (registers the pack's model folders with folder_paths)
+)
 from .apply import MomaApply
 from .context import MomaContextEncoder, MomaLoadContext, MomaSaveContext
 from .feature_grab import MomaFeatureGrab
 from .loader import MomaLoader
 from .masker import MomaObjectMasker
+from .node_api import ComfyExtension, io
 from .preview import MomaSubjectMaskPreview
 from .text_encode import MomaTextEncode
 

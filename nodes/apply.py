@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
-
-from .node_api import io
 
 from ..moma.context import check_context_tokens
 from ..moma.errors import MomaError
@@ -14,6 +12,7 @@ from ..moma.reference import ReferenceBank
 from ..moma.sd15 import LAYERS
 from . import host_contract
 from .common import adapter_of, advanced_input, require_sd15, warn_if_other_adapter
+from .node_api import io
 from .patches import MomaRun, install_moma_patches
 from .run_state import object_timestep_ceiling
 from .text_encode import clip_token_ids, sd_tokenizer, subject_tokens
@@ -58,11 +57,11 @@ def subject_positions_in_prompt(sd_prompt: str, subject: str) -> tuple[list[int]
     return subject_tokens(subject, sd_prompt).positions(token_ids), len(token_ids)
 
 
-def apply_moma(model: Any, moma_model: Any, context: Any, reference: Optional[ReferenceBank], strength: float,
-               start_percent: float, end_percent: float, attn_mask: Optional[torch.Tensor] = None, *,
+def apply_moma(model: Any, moma_model: Any, context: Any, reference: ReferenceBank | None, strength: float,
+               start_percent: float, end_percent: float, attn_mask: torch.Tensor | None = None, *,
                context_strength: float = 1.0, object_window: tuple[float, float] = (0.0, 1.0),
                context_window: tuple[float, float] = (0.0, 1.0), block_weights: str = "",
-               prompt: Optional[str] = None) -> Any:
+               prompt: str | None = None) -> Any:
     """A clone of ``model`` with MoMA installed; ``model`` itself is left untouched.
 
     ``strength``/``object_window``: the object path (reference features in self-attention); ``context_strength``/

@@ -9,8 +9,8 @@ import torch
 
 from ..moma.context import adapter_mismatch
 from ..moma.errors import MomaError
-from ..moma.weights import adapter_fingerprint
 from ..moma.sd15 import CROSS_ATTENTION_DIM
+from ..moma.weights import adapter_fingerprint
 
 
 def require_sd15(model: Any, node: str) -> None:

@@ -7,29 +7,31 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import comfy.cli_args
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
-from .node_api import io
+import torch
 
 from ..moma.context import (
     CONTEXT_HINT,
-    MomaContext as MomaContextObject,
     check_context_texts,
     context_metadata,
     load_context,
     save_context,
 )
+from ..moma.context import (
+    MomaContext as MomaContextObject,
+)
 from ..moma.errors import MomaError
 from ..moma.llava import LlavaContextEncoder
-from ..moma.model import MomaModel as MomaModelObject, check_texts, encode_context_views
+from ..moma.model import MomaModel as MomaModelObject
+from ..moma.model import check_texts, encode_context_views
 from ..moma.streaming import resolve_placement, stream_device_bytes
 from . import host_contract
 from .common import warn_if_constant_picture
+from .node_api import io
 from .paths import log_listing_problem, output_prefix, resolve_inside, walk_folders
 from .types import MomaContext, MomaModel
 from .validation import checked_inputs, input_problems, verdict

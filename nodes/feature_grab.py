@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
-
-import torch
+from collections.abc import Callable
+from typing import Any
 
 import comfy.model_management
+import torch
 from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer
-from .node_api import io
 
 from ..moma.errors import MomaError
 from ..moma.reference import (
     AUTO_RESOLUTION,
     REFERENCE_RESOLUTION,
-    AutoReferenceBank,
     REFERENCE_TEXT_TOKENS,
+    AutoReferenceBank,
     ReferenceBank,
     binarise_object_mask,
     generation_resolution,
@@ -26,6 +25,7 @@ from ..moma.reference import (
 )
 from . import host_contract
 from .common import adapter_of, require_sd15, warn_if_constant_picture
+from .node_api import io
 from .patches import reference_capture_options
 from .types import MomaModel, MomaRef
 from .validation import checked_inputs, input_problems, verdict

@@ -6,16 +6,16 @@ import os
 from pathlib import Path
 
 import folder_paths
-from .node_api import io
 
-from ..moma.errors import MomaError
 from ..moma.clip_vision import CLIP_WHERE_TO_GET, check_clip_vision_path
+from ..moma.errors import MomaError
 from ..moma.llava import PRECISIONS, QUANTIZATIONS, LlavaFolder
-from ..moma.prompt import LLAVA_WHERE_TO_GET, LlavaTokenizer
 from ..moma.model import MomaModel as MomaModelObject
+from ..moma.prompt import LLAVA_WHERE_TO_GET, LlavaTokenizer
 from ..moma.streaming import PLACEMENTS
 from ..moma.weights import WHERE_TO_GET as ADAPTER_WHERE_TO_GET
 from . import host_contract
+from .node_api import io
 from .paths import (
     CLIP_VISION_FOLDER,
     LLM_FOLDER,

@@ -8,10 +8,10 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-from .node_api import io
 
 from ..moma import masker
 from . import host_contract
+from .node_api import io
 from .paths import REMBG_FOLDER
 from .validation import checked_inputs, choice_problem, input_problems, verdict
 

@@ -9,18 +9,19 @@ import copy
 import logging
 import math
 import uuid
-from typing import Any, Callable, Optional, Union
-
-import torch
-import torch.nn.functional as F
+from collections.abc import Callable
+from typing import Any
 
 import comfy.model_patcher
 import comfy.patcher_extension
+import torch
+import torch.nn.functional as F
 
 from ..moma.errors import MomaError
 from ..moma.reference import AutoReferenceBank, ReferenceBank, capture_reference_layer, object_token_index
 from ..moma.sd15 import LAYER_BY_BLOCK, LAYERS, AttentionLayer
 from ..moma.subject_mask import COND, SubjectMaskTracker, SubjectTokens
+from . import run_state
 from .run_state import (
     FRAMES_KEY,
     RUN_STATES_KEY,
@@ -30,10 +31,9 @@ from .run_state import (
     comfy_attention,
     latent_size,
     layer_grid,
-    window_frames,
     object_timestep_ceiling,
+    window_frames,
 )
-from . import run_state
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,17 @@ class MomaRun:
         object_gains: dict[tuple[str, int], float],
         cond_tokens: torch.Tensor,
         uncond_tokens: torch.Tensor,
-        bank: Union[ReferenceBank, AutoReferenceBank, None],
+        bank: ReferenceBank | AutoReferenceBank | None,
         subject_positions: list[int],
         prompt_length: int,
         model_sampling: Any,
         start_percent: float,
         end_percent: float,
-        attn_mask: Optional[torch.Tensor] = None,
-        context_gains: Optional[dict[tuple[str, int], float]] = None,
+        attn_mask: torch.Tensor | None = None,
+        context_gains: dict[tuple[str, int], float] | None = None,
         object_window: tuple[float, float] = (0.0, 1.0),
         context_window: tuple[float, float] = (0.0, 1.0),
-        subject: Optional[SubjectTokens] = None,
+        subject: SubjectTokens | None = None,
     ) -> None:
         self.key = f"moma-{uuid.uuid4().hex[:8]}"
         self.bank = bank
@@ -94,10 +94,10 @@ class MomaRun:
             gain = self.context_gains[layer.block]
             values = F.linear(tokens, v_w)
             self.context_kv_master[layer.block] = (F.linear(tokens, k_w), values if gain == 1.0 else values * gain)
-        self.last_subject_mask: Optional[torch.Tensor] = None  # [B, H, W] on the CPU, from the last finished run
+        self.last_subject_mask: torch.Tensor | None = None  # [B, H, W] on the CPU, from the last finished run
         self.idle = MomaRunState(self, model_sampling, idle=True)
 
-    def __deepcopy__(self, memo: dict) -> "MomaRun":
+    def __deepcopy__(self, memo: dict) -> MomaRun:
         return self
 
     # test and debugging conveniences: the state of calls made outside a sampling run
@@ -115,7 +115,7 @@ class MomaRun:
 
         return window(self.object_percent), window(self.context_percent)
 
-    def schedule_plan(self, sigmas: Any, model_sampling: Any = None) -> Optional[tuple[Optional[bool], Optional[bool]]]:
+    def schedule_plan(self, sigmas: Any, model_sampling: Any = None) -> tuple[bool | None, bool | None] | None:
         """(object, context) gates for a whole sampling run over ``sigmas``: True/False where a gate holds over
         the schedule's whole range, None where it changes during the run (then it is a device-side multiplier)."""
         if not isinstance(sigmas, torch.Tensor):
@@ -127,7 +127,7 @@ class MomaRun:
         (o_low, o_high), (c_low, c_high) = self.sigma_windows(model_sampling)
         low, high = min(values) / SCHEDULE_MARGIN, max(values) * SCHEDULE_MARGIN
         if high < c_low or low > c_high:
-            context: Optional[bool] = False
+            context: bool | None = False
         else:
             context = True if c_low <= low and high <= c_high else None
 
@@ -139,7 +139,7 @@ class MomaRun:
 
         low_on = object_on(low)
         if high < o_low or low > o_high:
-            obj: Optional[bool] = False
+            obj: bool | None = False
         elif low_on and object_on(high):
             obj = True
         elif not low_on and low >= o_low:
@@ -148,7 +148,7 @@ class MomaRun:
             obj = None
         return obj, context
 
-    def state(self, extra_options: dict) -> "MomaRunState":
+    def state(self, extra_options: dict) -> MomaRunState:
         """The state of the sampling run this call belongs to."""
         states = extra_options.get(RUN_STATES_KEY)
         if states is not None:
@@ -260,7 +260,7 @@ class MomaRun:
             return frame.object_term(self, layer, out, q, extra_options)
         return self.state(extra_options).object_term(layer, out, q, extra_options)
 
-    def cross_attention(self, layer: AttentionLayer, previous: Optional[ReplacePatch], q: torch.Tensor,
+    def cross_attention(self, layer: AttentionLayer, previous: ReplacePatch | None, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         frame = self.call_frame(extra_options)
         if frame is not None:
@@ -291,7 +291,7 @@ class _ChainedPatch:
     added kwarg as an attribute, which must not clobber them.
     """
 
-    def __init__(self, run: MomaRun, layer: AttentionLayer, previous: Optional[ReplacePatch]) -> None:
+    def __init__(self, run: MomaRun, layer: AttentionLayer, previous: ReplacePatch | None) -> None:
         self._moma_run = run
         self._moma_layer = layer
         self._moma_previous = previous
@@ -308,10 +308,10 @@ class _ChainedPatch:
         return self._moma_layer
 
     @property
-    def previous(self) -> Optional[ReplacePatch]:
+    def previous(self) -> ReplacePatch | None:
         return self._moma_previous
 
-    def copy(self) -> "_ChainedPatch":
+    def copy(self) -> _ChainedPatch:
         """A copy for a model clone: its own lists of added callbacks; the shared run and previous patch."""
         twin = copy.copy(self)
         twin.callback = list(self.callback)
@@ -319,7 +319,7 @@ class _ChainedPatch:
         twin.multigpu_kwargs = dict(self.multigpu_kwargs)
         return twin
 
-    def __deepcopy__(self, memo: dict) -> "_ChainedPatch":
+    def __deepcopy__(self, memo: dict) -> _ChainedPatch:
         # ComfyUI 0.3.75 deep-copies model_options on clone; 0.30 copies only dicts and lists. Either way the
         # clone's patch is made separate by copy_patches_on_clone; here, just never copy the run or its tensors.
         return self.copy()
@@ -355,7 +355,7 @@ class _ChainedPatch:
                 out = out + callback(out, q, k, v, extra_options, **kwargs)
         return out.to(dtype)
 
-    def to(self, device_or_dtype: Any, *args: Any, **kwargs: Any) -> "_ChainedPatch":
+    def to(self, device_or_dtype: Any, *args: Any, **kwargs: Any) -> _ChainedPatch:
         """ComfyUI calls .to(device) / .to(dtype) on patches when it loads the model: passed on to the previous
         patch; for multi-GPU, per-device copies of the added callbacks' tensor kwargs, as the protocol does."""
         if self.previous is not None and hasattr(self.previous, "to"):
@@ -400,7 +400,7 @@ class MomaCrossAttentionPatch(_ChainedPatch):
         return self._with_added(out, q, k, v, extra_options)
 
 
-def _existing_replace(model_options: dict, kind: str, block: tuple[str, int]) -> tuple[Optional[ReplacePatch], tuple]:
+def _existing_replace(model_options: dict, kind: str, block: tuple[str, int]) -> tuple[ReplacePatch | None, tuple]:
     """The replace patch ComfyUI would call for this block now, and the key it sits under."""
     patches = model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
     for key in ((block[0], block[1], 0), block):

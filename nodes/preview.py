@@ -5,9 +5,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from .node_api import io
 
 from ..moma.errors import MomaError
+from .node_api import io
 from .patches import moma_runs_of
 
 OVERLAY_COLOUR = (1.0, 0.15, 0.1)  # the mask is tinted red over the picture

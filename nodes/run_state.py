@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
-
-import torch
-import torch.nn.functional as F
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import comfy.model_sampling
+import torch
+import torch.nn.functional as F
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..moma import attention as moma_attention
@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 SELF_PATH_MAX_TIMESTEP = 950  # the object shortcut runs only while t < 950 (spec 3.4)
 ReplacePatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 # A gate for one UNet call: True/False when known on the host, else a bool device tensor [1] (a multiplier).
-Gate = Union[bool, torch.Tensor]
+Gate = bool | torch.Tensor
 
 
-_TIMESTEP_CEILINGS: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+_TIMESTEP_CEILINGS: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 def object_timestep_ceiling(model_sampling: Any) -> float:
@@ -128,7 +128,7 @@ _is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "i
     or torch._dynamo.is_compiling
 
 
-def window_frames(extra_options: dict) -> Optional[list[int]]:
+def window_frames(extra_options: dict) -> list[int] | None:
     """The frames of the current animation context window: AnimateDiff-Evolved's ``ad_params["sub_idxs"]`` or
     ComfyUI's own context windows' ``context_window.index_list``; None outside a window."""
     sub_idxs = (extra_options.get("ad_params") or {}).get("sub_idxs")
@@ -157,7 +157,7 @@ def _rows_of(masks: torch.Tensor, batch: int, extra_options: dict) -> torch.Tens
     return torch.cat([masks, masks[-1:].expand(batch - count, *masks.shape[1:])])
 
 
-def _token_count(cond: Any) -> Optional[int]:
+def _token_count(cond: Any) -> int | None:
     """Text tokens of one positive cond as the sampler holds it (its ``cross_attn`` [B, tokens, 768])."""
     cross_attn = cond.get("cross_attn") if isinstance(cond, dict) else None
     return int(cross_attn.shape[1]) if isinstance(cross_attn, torch.Tensor) and cross_attn.ndim == 3 else None
@@ -179,21 +179,21 @@ class MomaRunState:
         self._gates: dict[torch.device, tuple[torch.Tensor, tuple[Gate, Gate]]] = {}
         # (object, context) gates decided from the sampler's schedule (None where they change during the
         # run), or None outside a sampling run
-        self.plan: Optional[tuple[Optional[bool], Optional[bool]]] = None
+        self.plan: tuple[bool | None, bool | None] | None = None
         self.plan_schedule: Any = None  # the schedule tensor the plan was read from (None: outer_sample's)
         self.idle = idle
         self.cfg_seen = False  # this run evaluates cond and uncond (a CFG guider)
         # the reference bank of this run (Feature Grab 'auto': set by outer_sample, or per call when idle)
-        self.bank: Optional[ReferenceBank] = run.bank if isinstance(run.bank, ReferenceBank) else None
+        self.bank: ReferenceBank | None = run.bank if isinstance(run.bank, ReferenceBank) else None
         # where the subject's tokens are in the positive text (follow_positive_prompt may move them)
         self.subject_positions, self.prompt_length = run.subject_positions, run.prompt_length
-        self._positive_seen: Optional[list] = None
+        self._positive_seen: list | None = None
         self._notes: set[str] = set()
         self._step_depth = 0  # inside a sampler step (PREDICT_NOISE): the tracker holds the step's mask
         self._step_uncond: list | None = None  # the negative conds list of the step's sampler evaluation
         self.kind_map: dict[int, int] = {}  # this evaluation's chunk index -> cond/uncond kind, where they differ
 
-    def __deepcopy__(self, memo: dict) -> "MomaRunState":
+    def __deepcopy__(self, memo: dict) -> MomaRunState:
         return self  # one state per run, whatever copies the run's options
 
     def gates(self, extra_options: dict) -> tuple[Gate, Gate]:
@@ -216,7 +216,7 @@ class MomaRunState:
         self._gates[sigmas.device] = (sigmas, value)
         return value
 
-    def _decide_gates(self, sigmas: torch.Tensor, plan: Optional[tuple[Optional[bool], Optional[bool]]]
+    def _decide_gates(self, sigmas: torch.Tensor, plan: tuple[bool | None, bool | None] | None
                       ) -> tuple[Gate, Gate]:
         sigma = sigmas.reshape(-1)[:1]
         (o_low, o_high), (c_low, c_high) = self.object_sigmas, self.context_sigmas
@@ -290,7 +290,7 @@ class MomaRunState:
             return list(kinds)
         return [self.kind_map.get(kind, kind) for kind in kinds]
 
-    def follow_positive_prompt(self, positive: Optional[list]) -> None:
+    def follow_positive_prompt(self, positive: list | None) -> None:
         """Check, once per list of positive conds (once per run), which text the positive conditioning was made
         from. Tagged by MoMA Text Encode: the subject's tokens are looked up in that text, so they are right
         by design. Untagged (CLIPTextEncode): the positions Apply found stay; a token count that differs from
@@ -350,13 +350,13 @@ class MomaRunState:
             self.device_cache[key] = value
         return value
 
-    def subject_columns(self, text_length: int, device: torch.device) -> Optional[torch.Tensor]:
+    def subject_columns(self, text_length: int, device: torch.device) -> torch.Tensor | None:
         """Subject-token columns in a context of ``text_length`` tokens (every repeat of the prompt)."""
         positions, prompt_length = self.subject_positions, self.prompt_length
         if not positions:
             return None
 
-        def build() -> Optional[torch.Tensor]:
+        def build() -> torch.Tensor | None:
             period = prompt_length if text_length % prompt_length == 0 else text_length
             cols = [p + r * period for r in range(text_length // period) for p in positions if p < period]
             return torch.tensor(cols, dtype=torch.long, device=device) if cols else None
@@ -384,14 +384,14 @@ class MomaRunState:
 
         return self._cached(("bank", id(bank), block, heads, str(device), dtype), build)
 
-    def reference_bank(self, extra_options: dict) -> Optional[ReferenceBank]:
+    def reference_bank(self, extra_options: dict) -> ReferenceBank | None:
         """This call's bank; for Feature Grab 'auto' outside a sampling run, the one for this call's latent size."""
         if isinstance(self.run.bank, AutoReferenceBank) and (self.bank is None or self.idle):
             self.bank = self.run.bank.bank_for_latent(*latent_size(extra_options.get("original_shape")))
         return self.bank
 
     def subject_indicator(self, text_length: int, rows: int, heads: int, dim_head: int, device: torch.device,
-                          dtype: torch.dtype) -> Optional[torch.Tensor]:
+                          dtype: torch.dtype) -> torch.Tensor | None:
         """Values that make an attention over the text keys return the subject mass (see moma.attention)."""
         columns = self.subject_columns(text_length, device)
         if columns is None:
@@ -401,7 +401,7 @@ class MomaRunState:
             lambda: moma_attention.subject_indicator_values(text_length, columns, heads, dim_head, rows, device, dtype))
 
     def spatial_mask(self, extra_options: dict, grid: tuple[int, int], chunks: int, batch: int,
-                     device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+                     device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """Subject mask (from the previous evaluation) times the optional user mask: [rows, h*w, 1] or None."""
         mask = self.tracker.rows(grid, chunks, device, dtype)
         if self.run.attn_mask is None:
@@ -421,7 +421,7 @@ class MomaRunState:
         return user_rows if mask is None else mask * user_rows
 
     def gated_mask(self, gate: Gate, term: str, extra_options: dict, grid: tuple[int, int], chunks: int, batch: int,
-                   device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+                   device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """What a MoMA term is multiplied by: the spatial mask, times the gate when that is a device tensor
         (built once per UNet call and grid); None for 1."""
         mask = self.spatial_mask(extra_options, grid, chunks, batch, device, dtype)
@@ -451,7 +451,7 @@ class MomaRunState:
         mask = self.gated_mask(gate, "object", extra_options, grid, chunks, q.shape[0] // chunks, q.device, q.dtype)
         return moma_attention.add_object_shortcut(out, ref_out, gain, mask)
 
-    def cross_attention(self, layer: AttentionLayer, previous: Optional[ReplacePatch], q: torch.Tensor,
+    def cross_attention(self, layer: AttentionLayer, previous: ReplacePatch | None, q: torch.Tensor,
                         k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
         chunk_kinds = self.chunk_kinds(extra_options)

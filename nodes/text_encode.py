@@ -3,25 +3,25 @@ tokens in the text the positive conditioning was really made from (not in whatev
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Optional
-
-import torch
+from collections.abc import Iterable
+from typing import Any
 
 import folder_paths
+import torch
 from comfy.sd1_clip import SDTokenizer
-from .node_api import io
 
 from ..moma.errors import MomaError
 from ..moma.subject_mask import PromptTokens, SubjectTokens
 from . import host_contract
 from .common import schema_extras
+from .node_api import io
 from .types import MomaContext
 from .validation import checked_inputs, input_problems, verdict
 
 log = logging.getLogger(__name__)
 
 PROMPT_TAG_KEY = "moma_prompt"  # conditioning dict key: a moma.subject_mask.PromptTokens
-_TOKENIZER: Optional[SDTokenizer] = None
+_TOKENIZER: SDTokenizer | None = None
 
 
 def sd_tokenizer() -> SDTokenizer:
@@ -69,7 +69,7 @@ def encode_tagged(clip: Any, text: str) -> list:
     return clip.encode_from_tokens_scheduled(tokens, add_dict={PROMPT_TAG_KEY: tag})
 
 
-def prompt_tag(cond: Any) -> Optional[PromptTokens]:
+def prompt_tag(cond: Any) -> PromptTokens | None:
     """The MoMA Text Encode tag of one conditioning dict (as the sampler holds it), or None."""
     tag = cond.get(PROMPT_TAG_KEY) if isinstance(cond, dict) else None
     return tag if isinstance(getattr(tag, "token_ids", None), tuple) else None

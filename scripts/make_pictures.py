@@ -30,9 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "tools"))
 
-from PIL import Image, ImageDraw, ImageOps  # noqa: E402
-
 from moma_demo import browser  # noqa: E402
+from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 
 RUNNER = REPO / "scripts" / "run_workflow.py"
 WORKFLOW = REPO / "workflows" / "api" / "moma_context.json"
@@ -108,7 +107,7 @@ def graph_screenshot(work: Path, target: Path) -> None:
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit((work / "gui.log").read_text())
+                    raise SystemExit((work / "gui.log").read_text()) from None
                 time.sleep(0.5)
         # a first visit opens the template browser over the graph; a returning user's setting does not
         for setting, value in (("Comfy.TutorialCompleted", b"true"), ("Comfy.Minimap.Visible", b"false")):

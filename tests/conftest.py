@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers (host.py, fixtures/)
 
-import host  # noqa: E402
+import host
 
 # MOMA_TEST_SPLIT (set by scripts/test.sh, which runs pytest twice): "in-process" leaves out the modules whose
 # tests start their own ComfyUI processes (PROCESS_MODULES); "processes" runs only those, and this pytest process
@@ -250,7 +250,6 @@ def comfy_host() -> host.Host:
 
 # --- model fixtures in the real formats (each built once, cached across sessions by source hash) ---
 import fixtures  # noqa: E402
-
 
 # fixture name -> (cache entry, writer module, writer function) of the real-format model files the tests build
 FIXTURE_FILES = {

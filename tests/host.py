@@ -23,7 +23,7 @@ if str(REPO / "tools") not in sys.path:
     sys.path.append(str(REPO / "tools"))  # last: nothing there may shadow ComfyUI's modules
 
 from moma_runner import boot as _boot  # noqa: E402
-from moma_runner.common import DEFAULT_COMFYUI, host_dir  # noqa: E402,F401  (re-exported for the tests)
+from moma_runner.common import DEFAULT_COMFYUI, host_dir  # noqa: E402  (re-exported for the tests)
 
 PACK_ALIAS = _boot.PACK_ALIAS
 Host = _boot.ComfyHost

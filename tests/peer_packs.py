@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from comfyui_moma.moma.sd15 import LAYERS
 
 CALLS: list[tuple[str, tuple]] = []  # (tag, block) per callback call

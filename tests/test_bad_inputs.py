@@ -19,18 +19,17 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
-import pytest
-
-import host
-import torch
-from PIL import Image
+from typing import Any
 
 import comfy_exec
+import host
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 

@@ -7,15 +7,14 @@ import math
 import struct
 from pathlib import Path
 
+import comfy_exec
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors import safe_open
-
-import comfy_exec
 from comfyui_moma.moma.sd15 import CROSS_ATTENTION_DIM, LAYERS, NUM_HEADS
 from fixtures import images, sd15
+from PIL import Image
+from safetensors import safe_open
 
 LATENT_SIZE = 8  # 64x64 pixels
 

@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import host  # noqa: F401  (puts tools/ on sys.path)
+import host
 import pytest
 from moma_demo import browser
 from moma_runner import boot, common, demo, gui, models
@@ -646,9 +646,8 @@ def test_server_mode_runs_the_demo(gui_server, tmp_path):
 
 def test_download_offline_names_the_file_folder_and_url(tmp_path, capsys, monkeypatch):
     """--download without a network: each entry's exact file, folder, URL and hand command (HF entries too)."""
-    from moma_runner import download
-
     import huggingface_hub.constants
+    from moma_runner import download
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # read when huggingface_hub is first imported (just above, or earlier by transformers in a run that booted

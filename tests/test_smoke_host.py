@@ -7,13 +7,12 @@ import collections
 import sys
 from pathlib import Path
 
+import comfy_exec
 import numpy as np
 import pytest
 import torch
-
-import comfy_exec
-from moma_runner import common
 from comfyui_moma.moma.sd15 import LAYERS, NUM_HEADS
+from moma_runner import common
 
 PACK = "comfyui_moma"  # the import alias of the loaded pack (tests/host.py)
 FOLDER = common.PACK_LINK_NAME  # its folder under custom_nodes/, as a Manager or registry install names it
@@ -35,8 +34,9 @@ PUBLIC_NODES = {  # node id -> display name
 
 
 def test_comfyui_registered_the_pack_and_its_nodes(comfy_host) -> None:
-    import nodes
     from comfy_api.latest import ComfyExtension
+
+    import nodes
 
     pack = sys.modules[comfy_host.pack_module_name]
     assert sys.modules[PACK] is pack
@@ -124,8 +124,9 @@ def expected_tokens(block: tuple[str, int], channels: int) -> int:
 
 @pytest.mark.slow
 def test_ksampler_calls_attention_patches_on_all_16_blocks(sd15_graph_inputs) -> None:
-    import nodes
     from comfy.ldm.modules.attention import optimized_attention
+
+    import nodes
 
     model, positive, negative, latent = sd15_graph_inputs
     calls: dict[tuple[str, tuple[str, int]], list] = collections.defaultdict(list)

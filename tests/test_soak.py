@@ -19,14 +19,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import comfy_exec
+import host
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
-
-import comfy_exec
-import host
 from moma_runner.common import PACK_LINK_NAME
+from PIL import Image
 
 pytestmark = [
     pytest.mark.soak,

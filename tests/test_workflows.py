@@ -24,15 +24,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-import host
-from PIL import Image
-
 import comfy_exec
 import fixtures
+import host
+import pytest
 from moma_runner import common, demo, models
 from moma_runner import workflow as graph
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "workflows"
@@ -230,9 +228,8 @@ def example_host(comfy_host, sd15_checkpoint, llava_dir, clip_vision_dir, adapte
     """The host with every model the examples name linked to its fixture, the reference picture in input/
     and a context saved where Save MoMA Context writes it first (encoded by the fixture LLaVA)."""
     import folder_paths
-    from fixtures import lora, rembg
-
     from comfyui_moma.moma.context import save_context
+    from fixtures import lora, rembg
 
     by_folder = {
         "checkpoints": sd15_checkpoint,
@@ -277,10 +274,11 @@ def shrunk(prompt: dict) -> dict:
 
 def test_template_browser_lists_exactly_the_ui_workflows(comfy_host):
     """ComfyUI's own /workflow_templates routes (app/custom_node_manager.py) list and serve the UI files."""
-    import nodes
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
     from app.custom_node_manager import CustomNodeManager
+
+    import nodes
 
     assert UI_FILES and set(UI_FILES) <= set(API_FILES)
 
@@ -455,7 +453,6 @@ def test_checks_catch_bad_workflows(example_host):
 @pytest.mark.parametrize("name", host.cases_for_hosts(API_FILES, {"moma_context.json", "moma_saved_context.json"}))
 def test_api_workflow_executes_on_fixtures(name, example_host, caplog):
     import folder_paths
-
     from comfyui_moma.moma.context import load_context
 
     prompt = shrunk(load(API_DIR / name))
@@ -494,8 +491,9 @@ def assert_lora_patches_every_module(prompt: dict, lora_id: str) -> None:
     MODEL, the text encoder's in the CLIP."""
     import gc
 
-    import nodes
     from moma_demo.lora import lora_modules
+
+    import nodes
 
     inputs = prompt[lora_id]["inputs"]
     source = prompt[inputs["model"][0]]
@@ -548,7 +546,7 @@ def test_ui_workflows_saved_before_the_new_inputs_keep_their_widget_values(name,
     for nid, node in old_api.items():
         new_inputs = {k: v for k, v in converted[nid]["inputs"].items() if k not in node["inputs"]}
         assert {k: v for k, v in converted[nid]["inputs"].items() if k in node["inputs"]} == node["inputs"], nid
-        for input_name, value in new_inputs.items():
+        for input_name in new_inputs:
             assert input_specs(node["class_type"])[input_name][2], f"node {nid}: {input_name} is not optional"
     valid, error, node_errors = comfy_validation(converted)
     assert valid, (error, node_errors)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,7 +42,7 @@ class AtenCounter(TorchDispatchMode):
         super().__init__()
         self.scopes: list[Counter] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if func.overloadpacket is torch.ops.aten.repeat_interleave and func._overloadname == "Tensor":
             name = "repeat_interleave_tensor"  # repeats from a tensor: output size read on the host
@@ -90,12 +90,12 @@ def count_model_calls() -> Iterator[ModelCallCounts]:
     original_calc = comfy.samplers.calc_cond_batch
 
     @functools.wraps(original_apply)
-    def apply_model(self, *args, **kwargs):  # noqa: ANN001
+    def apply_model(self, *args, **kwargs):
         with counter.scope(result.per_call):
             return original_apply(self, *args, **kwargs)
 
     @functools.wraps(original_calc)
-    def calc_cond_batch(*args, **kwargs):  # noqa: ANN002
+    def calc_cond_batch(*args, **kwargs):
         with counter.scope(result.per_eval):
             return original_calc(*args, **kwargs)
 

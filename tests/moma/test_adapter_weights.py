@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.projection import build_mapping, build_projector, context_tokens
 from comfyui_moma.moma.weights import (

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from comfyui_moma.moma import attention, reference, subject_mask
 from comfyui_moma.moma.errors import MomaError
 

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from comfyui_moma.moma.context import MomaContext, load_context, save_context
 from comfyui_moma.moma.errors import MomaError
+from safetensors.torch import save_file
 
 
 def _context() -> MomaContext:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from comfyui_moma.moma.context import load_context, save_context
 from comfyui_moma.moma.weights import adapter_fingerprint, load_adapter, save_adapter_safetensors
 from comfyui_moma.nodes.common import warn_if_constant_picture, warn_if_other_adapter
+from PIL import Image
 
 
 def test_fingerprint_follows_the_tensors_not_the_file_format(adapter_file: Path, tmp_path: Path) -> None:
@@ -53,6 +52,7 @@ def test_apply_warns_for_another_adapter_only(moma_context, moma_model, caplog, 
 
 def test_16_bit_png_through_load_image_is_all_white_and_warned(comfy_host, caplog) -> None:
     import folder_paths
+
     import nodes
 
     rng = np.random.default_rng(1)

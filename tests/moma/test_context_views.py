@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.model import MomaModel, encode_context, encode_context_views
 from comfyui_moma.moma.projection import mean_llava_embedding
+from PIL import Image
 
 SUBJECT = "teddy bear"
 PROMPT = "A teddy bear on the beach at sunset."

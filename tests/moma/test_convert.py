@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from comfyui_moma.moma.checkpoint import weight_files
 from comfyui_moma.moma.convert import convert_folder, main, verify_shard
 from comfyui_moma.moma.errors import MomaError

@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-from llava_reference import expected_context, expected_ids
-
-from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.checkpoint import reference_cast
+from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.model import MomaModel, encode_context
+from llava_reference import expected_context, expected_ids
+from PIL import Image
 
 SUBJECT = "teddy bear"
 PROMPT = "A teddy bear on the beach at sunset."

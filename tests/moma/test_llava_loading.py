@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import sentencepiece
 import torch
-
-from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.clip_vision import load_clip_vision
+from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.llava import LlavaFolder, _load_language_model, _Steps, resolve_dtype
 from comfyui_moma.moma.weights import load_adapter, save_adapter_safetensors
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.images import llava_pixel_values, load_clip_image_processor, prepare_reference
+from PIL import Image
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

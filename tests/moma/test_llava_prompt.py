@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import sentencepiece
-
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.prompt import LlavaTokenizer, llava_prompt, llava_user_prompt, sd_prompt
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import comfyui_moma
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import comfyui_moma
 from comfyui_moma.moma.model import MomaModel, encode_context
 from comfyui_moma.moma.streaming import resolve_placement, streamed_layers
+from PIL import Image
 
 SUBJECT, PROMPT = "duck toy", "A duck toy in the rain."
 PACK_MODULE = comfyui_moma.__name__  # the name ComfyUI imported the pack under (from its folder's path)

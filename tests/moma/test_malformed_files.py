@@ -23,8 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from comfyui_moma.moma.clip_vision import check_clip_vision_path, load_clip_vision
 from comfyui_moma.moma.context import MomaContext, load_context, save_context
 from comfyui_moma.moma.errors import MomaError
@@ -120,7 +118,7 @@ def _assert_moma_error(run: Callable[[Path], object], path: Path, data: bytes, l
         except MomaError as error:
             assert str(error).strip(), label
             assert path.name in str(error) or str(path.parent) in str(error), (label, str(error))
-        except Exception as error:  # noqa: BLE001 - the point of the test
+        except Exception as error:
             pytest.fail(f"{label}: {type(error).__name__} escaped instead of a MomaError: {error}")
         else:
             pytest.fail(f"{label}: accepted without an error")

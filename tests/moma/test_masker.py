@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from comfyui_moma.moma import masker
 from comfyui_moma.moma.errors import MomaError
 from moma_demo.rembg import write_u2net_onnx
+from PIL import Image
 
 CPU = ["CPUExecutionProvider"]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from comfyui_moma.moma.sd15 import LAYERS, parse_block_weights
 
 

@@ -12,18 +12,17 @@ import time
 import uuid
 from pathlib import Path
 
+import comfy_exec
 import numpy as np
 import psutil
 import pytest
 import torch
-from PIL import Image
-
-import comfy_exec
-from llava_reference import expected_context
 from comfyui_moma.moma.context import load_context
-from comfyui_moma.moma.model import MomaModel, encode_context
+from comfyui_moma.moma.model import MomaModel
 from comfyui_moma.nodes.context import reference_views
 from comfyui_moma.nodes.loader import MomaLoader
+from llava_reference import expected_context
+from PIL import Image
 
 LLAVA_NAME = "MoMA_llava_7b"
 CLIP_NAME = "clip-vit-large-patch14-336"
@@ -117,8 +116,7 @@ def test_missing_file_fails_validation_with_where_to_get_it(placed) -> None:
 def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(placed, adapter_file: Path, llava_dir: Path,
                                                                       clip_vision_dir: Path) -> None:
     import execution
-
-    import transformers.models.clip.modeling_clip  # noqa: F401  (module imports are not LLaVA's memory)
+    import transformers.models.clip.modeling_clip
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
@@ -155,7 +153,6 @@ def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(placed, ad
 def test_keep_llava_loaded_hands_it_to_comfy_model_management(placed) -> None:
     import comfy.model_management
     import execution
-
     from comfyui_moma.moma.llava import LlavaContextEncoder
 
     def resident() -> list:
@@ -189,9 +186,9 @@ def test_keep_llava_loaded_hands_it_to_comfy_model_management(placed) -> None:
 
 
 def test_save_and_load_context_nodes_round_trip(placed, tmp_path: Path) -> None:
+    import folder_paths
     from comfyui_moma.moma.context import MomaContext, save_context
     from comfyui_moma.nodes.context import MomaLoadContext
-    import folder_paths
 
     g = torch.Generator().manual_seed(9)
     original = MomaContext(torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g),
@@ -394,7 +391,6 @@ def test_saved_context_applies_the_same_with_a_none_loader(placed, comfy_host, s
     KSampler): one from a loader set to none/none, one from a loader with LLaVA and CLIP vision. Same pictures,
     and not the picture of the plain model."""
     import folder_paths
-
     from comfyui_moma.moma.context import save_context
 
     checkpoint = comfy_exec.place_model("checkpoints", sd15_checkpoint, comfy_host.models_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from comfyui_moma.nodes.feature_grab import encode_reference_latent
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.reference import AutoReferenceBank, ReferenceBank, generation_resolution, reference_pixel_size
 from comfyui_moma.nodes.apply import apply_moma

@@ -9,16 +9,14 @@ import uuid
 import warnings
 from pathlib import Path
 
+import comfy_exec
 import pytest
 import torch
-
-import comfy_exec
 from comfyui_moma.moma.context import load_context
 from comfyui_moma.moma.llava import LlavaContextEncoder
 from comfyui_moma.moma.model import MomaModel
 from comfyui_moma.nodes import context as context_node
 from comfyui_moma.nodes.loader import MomaLoader
-
 from test_context_nodes import _graph, _saved, placed  # noqa: F401  (the fixture files in the host's folders)
 
 CUDA = torch.device("cuda", 0)  # only named: nothing here touches a GPU

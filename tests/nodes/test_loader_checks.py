@@ -5,9 +5,8 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 import comfy_exec
+import pytest
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.model import MomaModel
 from comfyui_moma.nodes.loader import MomaLoader

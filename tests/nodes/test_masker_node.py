@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from comfy_exec import WorkflowError, run_api_workflow
 from comfyui_moma.moma import masker
 from moma_demo.rembg import write_u2net_onnx
+from PIL import Image
 
 BOX = (12, 20, 44, 70)  # top, left, bottom, right of the object in the test pictures
 

@@ -8,19 +8,18 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-
-import peer_packs
 import comfy_exec
 import host
+import numpy as np
+import peer_packs
+import pytest
+import torch
 from comfy_exec import run_api_workflow
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.moma.sd15 import LAYERS
 from comfyui_moma.nodes.apply import apply_moma
 from comfyui_moma.nodes.feature_grab import grab_reference_features
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +173,7 @@ def test_non_sd15_model_is_refused(moma_model, moma_context, reference_bank):
 @pytest.fixture(scope="module")
 def graph_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision_dir, test_images):
     import folder_paths
+
     import nodes
 
     models = comfy_host.models_dir
@@ -338,10 +338,10 @@ def test_each_sampling_run_starts_with_a_fresh_subject_mask(sd15_models, moma_mo
                                                             monkeypatch):
     """Two runs of one patched MODEL with the same seed give the same latents: each run has its own state
     (a fresh subject mask), which lives only in that run's copy of the options."""
-    import nodes
-
     from comfyui_moma.moma.subject_mask import SubjectMaskTracker
     from comfyui_moma.nodes.patches import RUN_STATES_KEY
+
+    import nodes
 
     model, clip, _ = sd15_models
     patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
@@ -566,6 +566,7 @@ def test_context_windows_keep_the_subject_mask_per_frame_of_the_clip(sd15_models
     import comfy.context_windows as windows
     import comfy.sample
     import comfy.samplers
+
     import nodes
 
     model, clip, _ = sd15_models
@@ -627,9 +628,9 @@ def test_two_subjects_each_act_in_their_own_region_and_the_preview_shows_them(
     """Two Apply nodes on one model (two subjects, one prompt naming both, each with its own attn_mask): each
     subject's terms act only in its region, each tracks its own subject mask, and MoMA Subject Mask Preview
     returns each one's mask and an overlay."""
-    import nodes
-
     from comfyui_moma.nodes.preview import MomaSubjectMaskPreview
+
+    import nodes
 
     model, clip, _ = sd15_models
     prompt = "photo of a car and a dog on a beach"

@@ -14,12 +14,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 import torch.nn.functional as F
-
 from comfyui_moma.moma.sd15 import LAYERS
 from comfyui_moma.nodes.apply import apply_moma, subject_positions_in_prompt
 from comfyui_moma.nodes.feature_grab import grab_reference_features
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -266,7 +265,7 @@ def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context,
         expected = unet_eval(reference_model, x, sigma, context, rows)
         err = rel_err(ours, expected)
         assert err <= 1e-4, f"step {step} (t={t}): max relative error {err:.2e}"
-        assert explicit.calls["attn1"] == {l.block for l in LAYERS} and explicit.calls["attn2"] == {l.block for l in LAYERS}
+        assert explicit.calls["attn1"] == {layer.block for layer in LAYERS} and explicit.calls["attn2"] == {layer.block for layer in LAYERS}
         run.tracker.finish_evaluation()
         explicit.finish_evaluation(rows)
         assert run.tracker.mask is not None

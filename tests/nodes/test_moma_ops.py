@@ -6,7 +6,6 @@ import statistics
 
 import pytest
 import torch
-
 from comfyui_moma.nodes.apply import apply_moma
 from comfyui_moma.nodes.feature_grab import grab_reference_features
 from op_count import AtenCounter, ModelCallCounts, count_model_calls, host_reads

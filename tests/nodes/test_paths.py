@@ -8,10 +8,9 @@ import os
 import shutil
 from pathlib import Path
 
+import comfy_exec
 import pytest
 import torch
-
-import comfy_exec
 from comfyui_moma.moma.context import MomaContext, save_context
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.nodes.context import MomaLoadContext, MomaSaveContext

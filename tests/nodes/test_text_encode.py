@@ -10,16 +10,15 @@ import re
 import shutil
 from pathlib import Path
 
+import comfy_exec
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import comfy_exec
 from comfy_exec import WorkflowError, run_api_workflow
 from comfyui_moma.moma.context import save_context
 from comfyui_moma.moma.errors import MomaError
 from comfyui_moma.nodes.text_encode import PROMPT_TAG_KEY, MomaTextEncode, clip_token_ids, sd15_token_chunks
+from PIL import Image
 
 CAR_CONTEXT = "moma/text_encode_car.safetensors"
 DOG_CONTEXT = "moma/text_encode_dog.safetensors"

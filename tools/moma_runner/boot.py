@@ -97,8 +97,8 @@ def configure(comfy_root: Path, base_dir: Path | None, *, cpu: bool, force_fp32:
         args.base_directory = str(base_dir)
         args.output_directory = str(base_dir / "output")
 
-    import utils.extra_config  # noqa: F401  (binds the top-level `utils` package before comfy/utils.py)
     import folder_paths
+    import utils.extra_config  # noqa: F401  (binds the top-level `utils` package before comfy/utils.py)
 
     if base_dir is not None:
         folder_paths.set_output_directory(str(base_dir / "output"))

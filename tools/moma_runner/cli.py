@@ -11,8 +11,18 @@ import time
 from pathlib import Path
 
 from .backend import Backend
-from .common import (DEFAULT_WORKFLOW, EXIT_FAILED, EXIT_MISSING, EXIT_OK, EXIT_USAGE, REPO, RunnerError,
-                     default_base_dir, host_dir, rel)
+from .common import (
+    DEFAULT_WORKFLOW,
+    EXIT_FAILED,
+    EXIT_MISSING,
+    EXIT_OK,
+    EXIT_USAGE,
+    REPO,
+    RunnerError,
+    default_base_dir,
+    host_dir,
+    rel,
+)
 from .models import MissingModel, format_missing, load_models_table, model_uses, table_entry
 from .progress import Progress
 from .workflow import Overrides, StagedInput, apply_overrides, context_file_inputs, ids_of, load_workflow

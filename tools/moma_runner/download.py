@@ -66,7 +66,7 @@ def download(entry: dict, models_dir: Path) -> bool:
             _hf_download(entry, folder, target)
         else:
             _url_download(entry["url"], target)
-    except Exception as e:  # noqa: BLE001  (offline, HTTP errors, hub errors: all end in the same advice)
+    except Exception as e:
         print(f"\ncould not download {entry['name']}: {type(e).__name__}: {e}", file=sys.stderr)
         print(f"  file:   {entry['name']}{'/ (' + ', '.join(entry['files']) + ')' if entry['type'] == 'folder' else ''}\n"
               f"  folder: {folder}\n"

@@ -10,8 +10,9 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import boot
 from .backend import Backend

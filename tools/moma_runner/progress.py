@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, TextIO
+from collections.abc import Iterable
+from typing import TextIO
 
 # Nodes whose first run in a ComfyUI process is slow for a reason the user cannot see: said once per run.
 FIRST_RUN_NOTES = {

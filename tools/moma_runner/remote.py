@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .backend import Backend
 from .common import EXIT_FAILED, EXIT_USAGE, RunnerError

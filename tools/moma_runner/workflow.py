@@ -26,9 +26,9 @@ def load_workflow(path: Path) -> dict[str, dict]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise RunnerError(f"Workflow file not found: {path}")
+        raise RunnerError(f"Workflow file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise RunnerError(f"{path} is not valid JSON: {e}")
+        raise RunnerError(f"{path} is not valid JSON: {e}") from None
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):  # a saved /prompt request body
         data = data["prompt"]
     if isinstance(data, dict) and "nodes" in data and "links" in data:
