@@ -3,6 +3,7 @@
 ComfyUI-Manager runs this file after cloning the pack; by hand: ``python install.py`` with ComfyUI's
 Python (the embedded one on Windows portable builds).
 """
+
 from __future__ import annotations
 
 import subprocess

@@ -14,6 +14,7 @@ what ``moma_context`` saved, so it runs after it. An example still running after
 900) is interrupted and its time estimated from its step rate (marked ``~``). The server's log is printed
 at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,7 +96,8 @@ async def click(url: str, prompt: dict, cap: float) -> dict:
                 elif event["type"] == "execution_error":
                     return {"error": f"{data.get('node_type')}: {data.get('exception_message')}"}
                 elif event["type"] in ("execution_success", "execution_interrupted") or (
-                        event["type"] == "executing" and data.get("node") is None and "prompt_id" in data):
+                    event["type"] == "executing" and data.get("node") is None and "prompt_id" in data
+                ):
                     seconds = time.monotonic() - started
                     per_step = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else float("nan")
                     return {"seconds": seconds, "estimated": False, "steps": total_steps, "per_step": per_step}
@@ -115,12 +117,27 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         with open(log, "w") as handle:
-            server = subprocess.Popen([sys.executable, str(REPO / "scripts" / "run_workflow.py"), "--gui", "--demo",
-                                       "--cpu", "--port", str(port), "--base-dir", str(base)], stdout=handle,
-                                      stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            server = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "scripts" / "run_workflow.py"),
+                    "--gui",
+                    "--demo",
+                    "--cpu",
+                    "--port",
+                    str(port),
+                    "--base-dir",
+                    str(base),
+                ],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         try:
-            print(f"server up in {wait_for_server(url, server, log):.0f}s (demo models built or cached, ComfyUI "
-                  "started)", flush=True)
+            print(
+                f"server up in {wait_for_server(url, server, log):.0f}s (demo models built or cached, ComfyUI started)",
+                flush=True,
+            )
             results = {}
             for name in examples:
                 prompt = json.loads((API_DIR / f"{name}.json").read_text())
@@ -138,8 +155,9 @@ def main() -> int:
                 print(f"{name:24} failed: {result['error']}")
                 continue
             mark = "~" if result["estimated"] else " "
-            print(f"{name:24} {mark}{result['seconds']:8.1f} s      {result['steps']:5d}        "
-                  f"{result['per_step']:6.2f}")
+            print(
+                f"{name:24} {mark}{result['seconds']:8.1f} s      {result['steps']:5d}        {result['per_step']:6.2f}"
+            )
         text = log.read_text()
         print("\n--- the server's log ---\n" + text)
         if args.keep_log:

@@ -12,6 +12,7 @@ every loaded weight goes through.
    a no-op, alternated, medians. The real LLaVA-7B folder is 13.5 GB of fp16: its added time is estimated from the
    measured throughput (the data is read from disk by the load anyway; the check reads it once more from RAM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,16 @@ def block_weights(result: dict) -> None:
     text = "input" + " " * megabyte + "= 1"
     split = _seconds(lambda: _block_weight_parts(text))
     refused = _seconds(lambda: _refuse(text))
-    print(f"  1 MiB of spaces: old ~{estimate / 60:,.0f} min (extrapolated, quadratic), new split {split * 1000:.1f} ms, "
-          f"parse_block_weights refuses it (length) in {refused * 1e6:.0f} us")
-    result["block_weights"] = {"runs": rows, "old_megabyte_estimate_s": estimate, "new_megabyte_split_s": split,
-                               "new_megabyte_refused_s": refused}
+    print(
+        f"  1 MiB of spaces: old ~{estimate / 60:,.0f} min (extrapolated, quadratic), new split {split * 1000:.1f} ms, "
+        f"parse_block_weights refuses it (length) in {refused * 1e6:.0f} us"
+    )
+    result["block_weights"] = {
+        "runs": rows,
+        "old_megabyte_estimate_s": estimate,
+        "new_megabyte_split_s": split,
+        "new_megabyte_refused_s": refused,
+    }
 
 
 def _refuse(text: str) -> None:
@@ -91,8 +98,10 @@ def throughput(result: dict) -> None:
         del tensor
     torch.set_num_threads(threads)
     estimate = REAL_LLAVA_BYTES / rates["float16"]
-    print(f"  the real LLaVA-7B (13.5 GB fp16, checked on the CPU): ~{estimate:.1f} s added to its load "
-          f"(on a GPU the check runs after the copy, at the GPU's memory bandwidth)")
+    print(
+        f"  the real LLaVA-7B (13.5 GB fp16, checked on the CPU): ~{estimate:.1f} s added to its load "
+        f"(on a GPU the check runs after the copy, at the GPU's memory bandwidth)"
+    )
     result["throughput_bytes_per_s"] = rates
     result["real_llava_estimate_s"] = estimate
 
@@ -100,6 +109,7 @@ def throughput(result: dict) -> None:
 @contextlib.contextmanager
 def checks_off() -> Iterator[None]:
     """Loads without the tensor check (the loaders' names for it replaced by a no-op)."""
+
     def identity(tensor, *args, **kwargs):
         return tensor
 
@@ -123,8 +133,11 @@ def fixture_loads(result: dict, repeats: int) -> None:
     adapter_file = moma_demo.cached("attn_adapters_projectors.th", adapter.write_adapter_th)
     llava_dir = moma_demo.cached("MoMA_llava_7b", llava_writer.write_llava_folder)
     clip_dir = moma_demo.cached("clip-vit-large-patch14-336", clip_writer.write_clip_vision_folder)
-    size = sum(file.stat().st_size for file in [*llava_dir.iterdir(), *clip_dir.iterdir(), adapter_file]
-               if file.suffix in (".bin", ".safetensors", ".th"))
+    size = sum(
+        file.stat().st_size
+        for file in [*llava_dir.iterdir(), *clip_dir.iterdir(), adapter_file]
+        if file.suffix in (".bin", ".safetensors", ".th")
+    )
 
     def load() -> None:
         moma_adapter = weights.load_adapter(adapter_file)
@@ -140,9 +153,11 @@ def fixture_loads(result: dict, repeats: int) -> None:
         with checks_off():
             without.append(_seconds(load))
     on, off = statistics.median(with_checks), statistics.median(without)
-    print(f"fixture loads (adapter + LLaVA + CLIP vision, {size / 1e6:.0f} MB of files, fp16 on the CPU), "
-          f"medians of {repeats}: with checks {on:.3f} s, without {off:.3f} s: +{(on - off) * 1000:.0f} ms "
-          f"({on / off - 1:+.1%})")
+    print(
+        f"fixture loads (adapter + LLaVA + CLIP vision, {size / 1e6:.0f} MB of files, fp16 on the CPU), "
+        f"medians of {repeats}: with checks {on:.3f} s, without {off:.3f} s: +{(on - off) * 1000:.0f} ms "
+        f"({on / off - 1:+.1%})"
+    )
     result["fixture"] = {"bytes": size, "with_checks_s": with_checks, "without_s": without, "ratio": on / off}
 
 

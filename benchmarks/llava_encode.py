@@ -28,6 +28,7 @@ Measured with the pack's own code (``moma.model``): ``load`` = LLaVA shards + CL
 the device; ``encode`` = tokenise + pixels + vision + decoder + mapping + 4-token projector for one reference
 (first call and warm repeats); peak RSS is polled by a thread every 10 ms during each phase.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,17 @@ import torch  # noqa: E402
 from moma.model import MomaModel, encode_context  # noqa: E402
 
 FULL = dict(hidden=4096, intermediate=11008, heads=32, vocab=32000, layers=32)
-CLIP_FULL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                 image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
+CLIP_FULL = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+)
 SUBJECT, PROMPT = "car", "A car in autumn with falling leaves."
 MB = 1024 * 1024
 
@@ -98,9 +108,11 @@ def fixture_files() -> tuple[Path, Path, Path]:
     import moma_demo
     from moma_demo import adapter, clip_vision, llava
 
-    return (moma_demo.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
-            moma_demo.cached("MoMA_llava_7b", llava.write_llava_folder),
-            moma_demo.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder))
+    return (
+        moma_demo.cached("attn_adapters_projectors.th", adapter.write_adapter_th),
+        moma_demo.cached("MoMA_llava_7b", llava.write_llava_folder),
+        moma_demo.cached("clip-vit-large-patch14-336", clip_vision.write_clip_vision_folder),
+    )
 
 
 def full_width_layers(requested: int | None, dtype_bytes: int) -> int:
@@ -148,17 +160,31 @@ def write_full_width(root: Path, layers: int, device: str = "cpu") -> tuple[Path
     flush(0, shards.pop())
     for layer in range(layers):
         p = f"model.layers.{layer}."
-        tensors = {p + f"self_attn.{n}.weight": matrix(hidden, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        tensors.update({p + "mlp.gate_proj.weight": matrix(inter, hidden), p + "mlp.up_proj.weight": matrix(inter, hidden),
-                        p + "mlp.down_proj.weight": matrix(hidden, inter),
-                        p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
-                        p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.float16)})
+        tensors = {
+            p + f"self_attn.{n}.weight": matrix(hidden, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        }
+        tensors.update(
+            {
+                p + "mlp.gate_proj.weight": matrix(inter, hidden),
+                p + "mlp.up_proj.weight": matrix(inter, hidden),
+                p + "mlp.down_proj.weight": matrix(hidden, inter),
+                p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
+                p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
+            }
+        )
         flush(layer + 1, tensors)
         del tensors
-    flush(total - 1, {"model.norm.weight": torch.ones(hidden, dtype=torch.float16),
-                      "model.mm_projector.0.weight": matrix(hidden, 1024), "model.mm_projector.0.bias": torch.zeros(hidden, dtype=torch.float16),
-                      "model.mm_projector.2.weight": matrix(hidden, hidden), "model.mm_projector.2.bias": torch.zeros(hidden, dtype=torch.float16),
-                      "lm_head.weight": matrix(FULL["vocab"], hidden)})
+    flush(
+        total - 1,
+        {
+            "model.norm.weight": torch.ones(hidden, dtype=torch.float16),
+            "model.mm_projector.0.weight": matrix(hidden, 1024),
+            "model.mm_projector.0.bias": torch.zeros(hidden, dtype=torch.float16),
+            "model.mm_projector.2.weight": matrix(hidden, hidden),
+            "model.mm_projector.2.bias": torch.zeros(hidden, dtype=torch.float16),
+            "lm_head.weight": matrix(FULL["vocab"], hidden),
+        },
+    )
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
     clip_folder = root / "clip-vit-large-patch14-336"
@@ -179,8 +205,16 @@ def reference_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return picture.contiguous(), mask
 
 
-def measure(adapter: Path, llava_dir: Path, clip: Path, precision: str, device: str, repeats: int,
-            quantization: str = "none", placement: str = "gpu") -> dict:
+def measure(
+    adapter: Path,
+    llava_dir: Path,
+    clip: Path,
+    precision: str,
+    device: str,
+    repeats: int,
+    quantization: str = "none",
+    placement: str = "gpu",
+) -> dict:
     picture, mask = reference_inputs()
     result: dict = {"placement": placement}
     start = time.perf_counter()
@@ -239,22 +273,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--full-width", action="store_true", help="random full-width LLaVA (hidden 4096, MLP 11008)")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers for --full-width (default: fit memory)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="decoder layers for --full-width (default: fit memory)"
+    )
     parser.add_argument("--keep-files", type=Path, default=None, help="write the --full-width files here and keep them")
-    parser.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
-                        help="bitsandbytes LLaVA (CUDA); the tokens are compared with an unquantised run")
-    parser.add_argument("--placement", default="gpu", choices=["gpu", "stream", "cpu"],
-                        help="gpu: resident on --device; stream: layers streamed from RAM; cpu: resident on the CPU")
-    parser.add_argument("--memory-cap-gb", type=float, default=None,
-                        help="CUDA: cap this process's CUDA memory (set_per_process_memory_fraction)")
-    parser.add_argument("--matrix", action="store_true", help="resident vs stream vs cpu per precision, one process each")
-    parser.add_argument("--only", nargs="+", default=None, metavar="PRECISION:PLACEMENT",
-                        help="--matrix: run only these rows, e.g. fp32:cpu bf16:cpu")
-    parser.add_argument("--files", type=Path, nargs=3, default=None, metavar=("ADAPTER", "LLAVA_DIR", "CLIP"),
-                        help="benchmark these files (used by --matrix for its rows)")
+    parser.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "8bit", "4bit"],
+        help="bitsandbytes LLaVA (CUDA); the tokens are compared with an unquantised run",
+    )
+    parser.add_argument(
+        "--placement",
+        default="gpu",
+        choices=["gpu", "stream", "cpu"],
+        help="gpu: resident on --device; stream: layers streamed from RAM; cpu: resident on the CPU",
+    )
+    parser.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        default=None,
+        help="CUDA: cap this process's CUDA memory (set_per_process_memory_fraction)",
+    )
+    parser.add_argument(
+        "--matrix", action="store_true", help="resident vs stream vs cpu per precision, one process each"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PRECISION:PLACEMENT",
+        help="--matrix: run only these rows, e.g. fp32:cpu bf16:cpu",
+    )
+    parser.add_argument(
+        "--files",
+        type=Path,
+        nargs=3,
+        default=None,
+        metavar=("ADAPTER", "LLAVA_DIR", "CLIP"),
+        help="benchmark these files (used by --matrix for its rows)",
+    )
     parser.add_argument("--tokens", type=Path, default=None, help="also save the cond tokens here (torch.save)")
-    parser.add_argument("--write-device", default="cpu",
-                        help="--full-width: draw the random weights on this device (cuda: seconds, not minutes)")
+    parser.add_argument(
+        "--write-device",
+        default="cpu",
+        help="--full-width: draw the random weights on this device (cuda: seconds, not minutes)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     return parser
 
@@ -276,8 +340,10 @@ def main() -> None:
                 print(f"using the full-width random LLaVA already in {root}", flush=True)
             else:
                 layers = full_width_layers(args.layers, dtype_bytes)
-                print(f"writing a full-width random LLaVA with {layers} of {FULL['layers']} layers to {root} ...",
-                      flush=True)
+                print(
+                    f"writing a full-width random LLaVA with {layers} of {FULL['layers']} layers to {root} ...",
+                    flush=True,
+                )
                 start = time.perf_counter()
                 llava_dir, clip = write_full_width(root, layers, args.write_device)
                 print(f"  written in {time.perf_counter() - start:.1f} s", flush=True)
@@ -295,11 +361,13 @@ def main() -> None:
             if not args.device.startswith("cuda"):
                 parser.error("--memory-cap-gb needs --device cuda")
             total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total),
-                                                       torch.device(args.device))
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, args.memory_cap_gb * 2**30 / total), torch.device(args.device)
+            )
         try:
-            result = measure(adapter, llava_dir, clip, args.precision, args.device, args.repeats, args.quantization,
-                             args.placement)
+            result = measure(
+                adapter, llava_dir, clip, args.precision, args.device, args.repeats, args.quantization, args.placement
+            )
         except torch.cuda.OutOfMemoryError as error:
             result = {"placement": args.placement, "oom": str(error).splitlines()[0]}
             print(f"out of CUDA memory ({args.placement}, cap {args.memory_cap_gb} GB): {result['oom']}")
@@ -311,43 +379,64 @@ def main() -> None:
         if args.quantization != "none":
             exact = measure(adapter, llava_dir, clip, args.precision, args.device, 1)
             quantised, reference = result["_cond_tokens"].flatten(), exact["_cond_tokens"].flatten()
-            result["cond_tokens_cosine_vs_unquantised"] = float(torch.nn.functional.cosine_similarity(quantised, reference, dim=0))
+            result["cond_tokens_cosine_vs_unquantised"] = float(
+                torch.nn.functional.cosine_similarity(quantised, reference, dim=0)
+            )
             result["cond_tokens_max_abs_diff_vs_unquantised"] = float((quantised - reference).abs().max())
             result["unquantised_load_peak_cuda_mb"] = exact.get("load_peak_cuda_mb")
         result.pop("_cond_tokens")
         if args.full_width and args.keep_files is None:
             shutil.rmtree(root, ignore_errors=True)
 
-    result.update(kind="given files" if args.files else "full-width random" if args.full_width else "test fixtures",
-                  precision=args.precision,
-                  quantization=args.quantization, memory_cap_gb=args.memory_cap_gb,
-                  device=args.device, torch=torch.__version__, cpu_count=psutil.cpu_count(),
-                  machine=platform.machine())
-    print(f"LLaVA context encoder benchmark ({result['kind']}, {args.precision} on {args.device}, "
-          f"placement {args.placement}, quantization {args.quantization}, "
-          f"torch {torch.__version__}, {psutil.cpu_count()} CPUs)")
-    print(f"  model: {result['layers']} decoder layers, {result['params_m']:.0f} M parameters (with CLIP, mapping, projector)")
+    result.update(
+        kind="given files" if args.files else "full-width random" if args.full_width else "test fixtures",
+        precision=args.precision,
+        quantization=args.quantization,
+        memory_cap_gb=args.memory_cap_gb,
+        device=args.device,
+        torch=torch.__version__,
+        cpu_count=psutil.cpu_count(),
+        machine=platform.machine(),
+    )
+    print(
+        f"LLaVA context encoder benchmark ({result['kind']}, {args.precision} on {args.device}, "
+        f"placement {args.placement}, quantization {args.quantization}, "
+        f"torch {torch.__version__}, {psutil.cpu_count()} CPUs)"
+    )
+    print(
+        f"  model: {result['layers']} decoder layers, {result['params_m']:.0f} M parameters (with CLIP, mapping, projector)"
+    )
     print(f"  import transformers' Llama/CLIP modules (once per process): {result['import_s']:.2f} s")
     print(f"  load:   {result['load_s']:.2f} s   peak RSS {result['load_peak_rss_mb']:.0f} MB")
     warm = f", warm {result['encode_warm_s']:.2f} s" if result["encode_warm_s"] is not None else ""
     print(f"  encode: first {result['encode_first_s']:.2f} s{warm}   peak RSS {result['encode_peak_rss_mb']:.0f} MB")
     if "load_peak_cuda_mb" in result:
-        print(f"  peak CUDA memory: load {result['load_peak_cuda_mb']:.0f} MB, encode {result['encode_peak_cuda_mb']:.0f} MB, "
-              f"after freeing the encoder {result['cuda_after_free_mb']:.0f} MB")
-    print(f"  RSS: before load {result['rss_before_load_mb']:.0f} MB, with encoder {result['rss_with_encoder_mb']:.0f} MB, "
-          f"after freeing it {result['rss_after_free_mb']:.0f} MB")
+        print(
+            f"  peak CUDA memory: load {result['load_peak_cuda_mb']:.0f} MB, encode {result['encode_peak_cuda_mb']:.0f} MB, "
+            f"after freeing the encoder {result['cuda_after_free_mb']:.0f} MB"
+        )
+    print(
+        f"  RSS: before load {result['rss_before_load_mb']:.0f} MB, with encoder {result['rss_with_encoder_mb']:.0f} MB, "
+        f"after freeing it {result['rss_after_free_mb']:.0f} MB"
+    )
     if "cond_tokens_cosine_vs_unquantised" in result:
-        print(f"  {args.quantization} vs unquantised: cond tokens cosine {result['cond_tokens_cosine_vs_unquantised']:.5f}, "
-              f"max |diff| {result['cond_tokens_max_abs_diff_vs_unquantised']:.4f}; peak CUDA memory loading "
-              f"{result.get('load_peak_cuda_mb', 0):.0f} MB vs {result['unquantised_load_peak_cuda_mb'] or 0:.0f} MB")
+        print(
+            f"  {args.quantization} vs unquantised: cond tokens cosine {result['cond_tokens_cosine_vs_unquantised']:.5f}, "
+            f"max |diff| {result['cond_tokens_max_abs_diff_vs_unquantised']:.4f}; peak CUDA memory loading "
+            f"{result.get('load_peak_cuda_mb', 0):.0f} MB vs {result['unquantised_load_peak_cuda_mb'] or 0:.0f} MB"
+        )
     if args.full_width and result["layers"] < FULL["layers"]:
         per_layer_params = (4 * FULL["hidden"] ** 2 + 3 * FULL["hidden"] * FULL["intermediate"]) / 1e6
         missing = FULL["layers"] - result["layers"]
-        print(f"  (the real model has {FULL['layers']} layers: {missing} more x {per_layer_params:.0f} M parameters; "
-              f"decoder time and memory grow about linearly with the layer count)")
+        print(
+            f"  (the real model has {FULL['layers']} layers: {missing} more x {per_layer_params:.0f} M parameters; "
+            f"decoder time and memory grow about linearly with the layer count)"
+        )
     if "streamed_layers" in result:
-        print(f"  streamed: {result['streamed_layers']} layers per encode, at most {result['max_layers_on_device']} "
-              f"on {args.device} at a time")
+        print(
+            f"  streamed: {result['streamed_layers']} layers per encode, at most {result['max_layers_on_device']} "
+            f"on {args.device} at a time"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
@@ -357,8 +446,13 @@ def matrix_rows(device: str) -> list[tuple[str, str, float | None]]:
     if device.startswith("cuda"):
         rows = []
         for precision in ("fp16", "bf16"):
-            rows += [(precision, "gpu", None), (precision, "stream", None), (precision, "stream", 8.0),
-                     (precision, "stream", 6.0), (precision, "gpu", 8.0)]
+            rows += [
+                (precision, "gpu", None),
+                (precision, "stream", None),
+                (precision, "stream", 8.0),
+                (precision, "stream", 6.0),
+                (precision, "gpu", 8.0),
+            ]
         return rows + [("bf16", "cpu", None)]
     return [(precision, placement, None) for precision in ("fp32", "bf16") for placement in ("cpu", "stream")]
 
@@ -371,9 +465,26 @@ def run_matrix(args: argparse.Namespace, adapter: Path, llava_dir: Path, clip: P
         chosen = [row for row in matrix_rows(args.device) if not args.only or f"{row[0]}:{row[1]}" in args.only]
         for number, (precision, placement, cap) in enumerate(chosen):
             out, tokens = Path(tmp) / f"{number}.json", Path(tmp) / f"{number}.pt"
-            command = [sys.executable, str(Path(__file__).resolve()), "--files", str(adapter), str(llava_dir), str(clip),
-                       "--precision", precision, "--placement", placement, "--device", args.device,
-                       "--repeats", str(args.repeats), "--json", str(out), "--tokens", str(tokens)]
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--files",
+                str(adapter),
+                str(llava_dir),
+                str(clip),
+                "--precision",
+                precision,
+                "--placement",
+                placement,
+                "--device",
+                args.device,
+                "--repeats",
+                str(args.repeats),
+                "--json",
+                str(out),
+                "--tokens",
+                str(tokens),
+            ]
             if cap:
                 command += ["--memory-cap-gb", str(cap)]
             print(f"--- {precision} {placement}" + (f" (cap {cap:g} GB)" if cap else ""), flush=True)
@@ -386,8 +497,11 @@ def run_matrix(args: argparse.Namespace, adapter: Path, llava_dir: Path, clip: P
             if tokens.is_file():
                 result["_tokens"] = torch.load(tokens, weights_only=True)
             rows.append(result)
-    reference = {row["precision"]: row["_tokens"] for row in rows
-                 if row["placement"] == "gpu" and not row["cap"] and "_tokens" in row}
+    reference = {
+        row["precision"]: row["_tokens"]
+        for row in rows
+        if row["placement"] == "gpu" and not row["cap"] and "_tokens" in row
+    }
     if not args.device.startswith("cuda"):  # on the CPU the resident rows are 'cpu'
         reference = {row["precision"]: row["_tokens"] for row in rows if row["placement"] == "cpu" and "_tokens" in row}
 
@@ -397,26 +511,36 @@ def run_matrix(args: argparse.Namespace, adapter: Path, llava_dir: Path, clip: P
     for row in rows:
         base = reference.get(row["precision"])
         if "_tokens" in row and base is not None:
-            row["tokens_vs_resident"] = ("equal" if torch.equal(row["_tokens"], base)
-                                         else f"max diff {float((row['_tokens'] - base).abs().max()):.2e}")
+            row["tokens_vs_resident"] = (
+                "equal"
+                if torch.equal(row["_tokens"], base)
+                else f"max diff {float((row['_tokens'] - base).abs().max()):.2e}"
+            )
 
-    print("\n| precision | placement | CUDA cap | load s | encode s (first / warm) | peak RSS MB (load / encode) "
-          "| peak CUDA MB (load / encode) | tokens vs resident |")
+    print(
+        "\n| precision | placement | CUDA cap | load s | encode s (first / warm) | peak RSS MB (load / encode) "
+        "| peak CUDA MB (load / encode) | tokens vs resident |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         cap = f"{row['cap']:g} GB" if row["cap"] else "-"
         if "oom" in row or "error" in row:
-            print(f"| {row['precision']} | {row['placement']} | {cap} | {'OOM' if 'oom' in row else row['error']} "
-                  f"| | | | |")
+            print(
+                f"| {row['precision']} | {row['placement']} | {cap} | {'OOM' if 'oom' in row else row['error']} "
+                f"| | | | |"
+            )
             continue
         same = row.get("tokens_vs_resident", "-")
         warm = "-" if row.get("encode_warm_s") is None else f"{row['encode_warm_s']:.2f}"
-        print(f"| {row['precision']} | {row['placement']} | {cap} | {row['load_s']:.2f} | "
-              f"{row['encode_first_s']:.2f} / {warm} | {mb(row['load_peak_rss_mb'])} / {mb(row['encode_peak_rss_mb'])} | "
-              f"{mb(row.get('load_peak_cuda_mb'))} / {mb(row.get('encode_peak_cuda_mb'))} | {same} |")
+        print(
+            f"| {row['precision']} | {row['placement']} | {cap} | {row['load_s']:.2f} | "
+            f"{row['encode_first_s']:.2f} / {warm} | {mb(row['load_peak_rss_mb'])} / {mb(row['encode_peak_rss_mb'])} | "
+            f"{mb(row.get('load_peak_cuda_mb'))} / {mb(row.get('encode_peak_cuda_mb'))} | {same} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps([{k: v for k, v in row.items() if not k.startswith("_")} for row in rows],
-                                        indent=2))
+        args.json.write_text(
+            json.dumps([{k: v for k, v in row.items() if not k.startswith("_")} for row in rows], indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ typical step. ``--profile`` adds a torch.profiler table and the pack's Python ho
 On a machine shared with other jobs use ``--threads 1 --metric cpu``: torch's OpenMP threads otherwise spin
 against the other processes and the timings mean little.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ from sampling_sizes import format_table, measure  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides (multiples of 64)")
     parser.add_argument("--steps", type=int, default=3, help="sampling steps per run (the first is not counted)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each variant per size")
@@ -70,41 +72,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--attention", choices=["default", "pytorch"], default="default",
-                        help="ComfyUI attention backend: its default for the device, or torch SDPA")
+    parser.add_argument(
+        "--attention",
+        choices=["default", "pytorch"],
+        default="default",
+        help="ComfyUI attention backend: its default for the device, or torch SDPA",
+    )
     parser.add_argument("--checkpoint", type=Path, help="an SD1.5 .safetensors (default: the random test checkpoint)")
     parser.add_argument("--adapter", type=Path, help="attn_adapters_projectors.th (default: the random test adapter)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--metric", choices=["wall", "cpu"], default="wall",
-                        help="which per-step time the targets are judged on: wall clock, or process CPU time "
-                             "(steadier on a machine shared with other jobs)")
+    parser.add_argument(
+        "--metric",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="which per-step time the targets are judged on: wall clock, or process CPU time "
+        "(steadier on a machine shared with other jobs)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", action="store_true", help="also print a profile of one step per variant")
     parser.add_argument("--skip-rerun", action="store_true", help="skip the executor re-run check")
     parser.add_argument("--rerun-only", action="store_true", help="only the executor re-run check")
-    parser.add_argument("--count-only", action="store_true",
-                        help=f"only the aten op / host read counts per UNet call (at {COUNT_SIZE}x{COUNT_SIZE})")
-    parser.add_argument("--recompiles-only", action="store_true",
-                        help="only the recompile counts under torch.compile, plain vs MoMA")
-    parser.add_argument("--recompiles", action="store_true",
-                        help="also count recompiles under torch.compile, plain vs MoMA (after the other measurements)")
-    parser.add_argument("--compile-backend", choices=["aot_eager", "inductor"], default="aot_eager",
-                        help="torch.compile backend for the recompile counts (dynamo's guards, hence its "
-                             "recompiles, do not depend on it)")
-    parser.add_argument("--batch-growth", action="store_true",
-                        help="only the batch-growth rows: plain and MoMA at each --batches latent batch size")
+    parser.add_argument(
+        "--count-only",
+        action="store_true",
+        help=f"only the aten op / host read counts per UNet call (at {COUNT_SIZE}x{COUNT_SIZE})",
+    )
+    parser.add_argument(
+        "--recompiles-only", action="store_true", help="only the recompile counts under torch.compile, plain vs MoMA"
+    )
+    parser.add_argument(
+        "--recompiles",
+        action="store_true",
+        help="also count recompiles under torch.compile, plain vs MoMA (after the other measurements)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        choices=["aot_eager", "inductor"],
+        default="aot_eager",
+        help="torch.compile backend for the recompile counts (dynamo's guards, hence its "
+        "recompiles, do not depend on it)",
+    )
+    parser.add_argument(
+        "--batch-growth",
+        action="store_true",
+        help="only the batch-growth rows: plain and MoMA at each --batches latent batch size",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="batch sizes for --batch-growth")
     parser.add_argument("--batch-image-size", type=int, default=128, help="image side for --batch-growth")
     parser.add_argument("--min-free-gb", type=float, default=8.0, help="refuse to start with less RAM available")
     return parser.parse_args(argv)
+
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     available_gb = psutil.virtual_memory().available / 2**30
     if available_gb < opts.min_free_gb:
-        print(f"Only {available_gb:.1f} GB RAM available (need {opts.min_free_gb} GB for a full SD1.5 in fp32); "
-              f"try again later or pass --min-free-gb.", file=sys.stderr)
+        print(
+            f"Only {available_gb:.1f} GB RAM available (need {opts.min_free_gb} GB for a full SD1.5 in fp32); "
+            f"try again later or pass --min-free-gb.",
+            file=sys.stderr,
+        )
         return 2
     if any(size % 64 for size in opts.sizes) or opts.batch_image_size % 64:
         print("--sizes must be multiples of 64", file=sys.stderr)
@@ -139,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             opts.json.parent.mkdir(parents=True, exist_ok=True)
             opts.json.write_text(json.dumps(report, indent=2, default=str))
             print(f"\nJSON written to {opts.json}")
-        added = [entry["added_recompiles"] for entries in report["recompiles"]["styles"].values()
-                 for entry in entries.values()]
+        added = [
+            entry["added_recompiles"]
+            for entries in report["recompiles"]["styles"].values()
+            for entry in entries.values()
+        ]
         return 0 if max(added) <= 0 else 1
 
     monitor = RssMonitor()

@@ -1,6 +1,7 @@
 """Shared by the sampling benchmark's measurements (benchmarks/sampling.py): the ComfyUI boot, the models and
 inputs every measurement samples with, sampling one schedule window with step times, the RSS monitor and the
 machine description."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ FIRST_STEP = 10
 # --------------------------------------------------------------------------------------------------
 # host
 
+
 def place_model(folder: str, source: Path, models_dir: Path) -> str:
     """Link ``source`` (a file or folder) into ``models_dir/folder`` and return the name ComfyUI lists."""
     link = models_dir / folder / source.name
@@ -41,6 +43,7 @@ def place_model(folder: str, source: Path, models_dir: Path) -> str:
     if not link.exists():
         link.symlink_to(source.resolve(), target_is_directory=source.is_dir())
     return source.name
+
 
 def boot_comfy(device: str, attention: str) -> boot.ComfyHost:
     """The pack's one ComfyUI boot (tools/moma_runner/boot.py), with a fresh base directory, on ``device``;
@@ -57,6 +60,7 @@ def boot_comfy(device: str, attention: str) -> boot.ComfyHost:
 
 # --------------------------------------------------------------------------------------------------
 # measuring
+
 
 class RssMonitor:
     """Polls the process RSS in a thread; ``window()`` gives the high-water mark while it is open."""
@@ -96,8 +100,10 @@ class RssMonitor:
         self._stop.set()
         self._thread.join()
 
+
 def mb(value: float) -> float:
     return round(value / 2**20, 1)
+
 
 def synchronize(device: Any) -> None:
     import torch
@@ -108,6 +114,7 @@ def synchronize(device: Any) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # models and inputs
+
 
 def load_checkpoint(hostinfo: boot.ComfyHost, checkpoint: Path | None) -> tuple[Any, Any, Any, str]:
     """(model, clip, vae, file name) through ComfyUI's CheckpointLoaderSimple, from models/checkpoints."""
@@ -126,6 +133,7 @@ def load_checkpoint(hostinfo: boot.ComfyHost, checkpoint: Path | None) -> tuple[
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)[:3]
     return model, clip, vae, checkpoint.name
 
+
 def load_moma_model(adapter_path: Path | None) -> Any:
     """A MOMA_MODEL holding the adapter (default: the upstream-layout random test adapter)."""
     import moma_demo
@@ -139,12 +147,14 @@ def load_moma_model(adapter_path: Path | None) -> Any:
     try:
         from comfyui_moma.moma.model import MomaModel
 
-        return MomaModel(adapter=weights, adapter_path=Path(adapter_path), llava_dir=Path("unused"),
-                         clip_vision_path=Path("unused"))
+        return MomaModel(
+            adapter=weights, adapter_path=Path(adapter_path), llava_dir=Path("unused"), clip_vision_path=Path("unused")
+        )
     except (ImportError, TypeError):
         from types import SimpleNamespace
 
         return SimpleNamespace(adapter=weights)
+
 
 def make_context(seed: int) -> Any:
     """A MOMA_CONTEXT with random tokens (LLaVA is not part of the sampling benchmark)."""
@@ -155,12 +165,18 @@ def make_context(seed: int) -> Any:
     try:
         from comfyui_moma.moma.context import MomaContext
 
-        return MomaContext(llava_emb=torch.randn(1, 1024, generator=generator), subject=SUBJECT,
-                           prompt=SD_PROMPT.split(". ", 1)[1], sd_prompt=SD_PROMPT, **tokens)
+        return MomaContext(
+            llava_emb=torch.randn(1, 1024, generator=generator),
+            subject=SUBJECT,
+            prompt=SD_PROMPT.split(". ", 1)[1],
+            sd_prompt=SD_PROMPT,
+            **tokens,
+        )
     except ImportError:
         from types import SimpleNamespace
 
         return SimpleNamespace(subject=SUBJECT, sd_prompt=SD_PROMPT, **tokens)
+
 
 def reference_inputs(size: int = 512) -> tuple[Any, dict[str, Any]]:
     """A smooth random reference IMAGE [1,H,W,3] and MASKs: a centred disc of ~30% area, and full frame."""
@@ -174,6 +190,7 @@ def reference_inputs(size: int = 512) -> tuple[Any, dict[str, Any]]:
     radius = (OBJECT_COVERAGE / torch.pi) ** 0.5
     disc = (axis.view(-1, 1) ** 2 + axis.view(1, -1) ** 2 <= radius**2).float()
     return image, {"30%": disc.unsqueeze(0), "full": torch.ones(1, size, size)}
+
 
 def load_models(opts: argparse.Namespace, hostinfo: boot.ComfyHost) -> tuple[Any, ...]:
     """(model, clip, vae, checkpoint name, MOMA_MODEL, MOMA_CONTEXT, positive, negative): what every measurement
@@ -191,11 +208,22 @@ def load_models(opts: argparse.Namespace, hostinfo: boot.ComfyHost) -> tuple[Any
 # --------------------------------------------------------------------------------------------------
 # sampling
 
+
 class Sampling:
     """One size: the latent, noise, sigmas and conditioning shared by every variant."""
 
-    def __init__(self, model: Any, positive: Any, negative: Any, size: int, steps: int, sampler_name: str,
-                 cfg: float, seed: int, batch: int = 1) -> None:
+    def __init__(
+        self,
+        model: Any,
+        positive: Any,
+        negative: Any,
+        size: int,
+        steps: int,
+        sampler_name: str,
+        cfg: float,
+        seed: int,
+        batch: int = 1,
+    ) -> None:
         import comfy.sample
         import comfy.samplers
         import torch
@@ -207,7 +235,7 @@ class Sampling:
         self.sampler = comfy.samplers.sampler_object(sampler_name)
         model_sampling = model.get_model_object("model_sampling")
         schedule = comfy.samplers.calculate_sigmas(model_sampling, "normal", SCHEDULE_STEPS).cpu()
-        self.sigmas = schedule[FIRST_STEP:FIRST_STEP + steps + 1]
+        self.sigmas = schedule[FIRST_STEP : FIRST_STEP + steps + 1]
         self.timesteps = [float(model_sampling.timestep(s)) for s in self.sigmas[:-1]]
         self.device = model.load_device
 
@@ -215,7 +243,7 @@ class Sampling:
         """Sample; returns each step's wall-clock and process CPU seconds (step i ends at the i-th callback)."""
         import comfy.sample
 
-        sigmas = self.sigmas if steps is None else self.sigmas[:steps + 1]
+        sigmas = self.sigmas if steps is None else self.sigmas[: steps + 1]
         ends: list[tuple[float, float]] = []
 
         def on_step(step: int, x0: Any, x: Any, total_steps: int) -> None:
@@ -223,17 +251,38 @@ class Sampling:
             ends.append((time.perf_counter(), time.process_time()))
 
         start = (time.perf_counter(), time.process_time())
-        comfy.sample.sample_custom(model, self.noise, self.cfg, self.sampler, sigmas, self.positive, self.negative,
-                                   self.latent, callback=on_step, disable_pbar=True, seed=self.seed)
+        comfy.sample.sample_custom(
+            model,
+            self.noise,
+            self.cfg,
+            self.sampler,
+            sigmas,
+            self.positive,
+            self.negative,
+            self.latent,
+            callback=on_step,
+            disable_pbar=True,
+            seed=self.seed,
+        )
         marks = [start] + ends
         return ([b[0] - a[0] for a, b in zip(marks, marks[1:])], [b[1] - a[1] for a, b in zip(marks, marks[1:])])
+
 
 def steady(step_times: list[list[float]]) -> list[float]:
     """Every step but the first of each run (that one carries per-run set-up, paid once per generation)."""
     return [t for run in step_times for t in (run[1:] if len(run) > 1 else run)]
 
-def time_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image: Any, mask: Any,
-                        resolution: int = 512, latent_size: int | None = None) -> tuple[Any, dict]:
+
+def time_reference_pass(
+    model: Any,
+    moma_model: Any,
+    vae: Any,
+    clip: Any,
+    image: Any,
+    mask: Any,
+    resolution: int = 512,
+    latent_size: int | None = None,
+) -> tuple[Any, dict]:
     """The pack's Feature Grab node (at ``resolution``, or with a ``latent_size`` square LATENT connected, which
     sets the resolution), timed as a whole and its VAE-encode part alone."""
     import torch
@@ -243,8 +292,9 @@ def time_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image:
     latent = None if latent_size is None else {"samples": torch.zeros(1, 4, latent_size // 8, latent_size // 8)}
     synchronize(model.load_device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    bank = MomaFeatureGrab.execute(model, moma_model, vae, clip, image, mask, SUBJECT, 0, resolution=resolution,
-                                   latent=latent).result[0]
+    bank = MomaFeatureGrab.execute(
+        model, moma_model, vae, clip, image, mask, SUBJECT, 0, resolution=resolution, latent=latent
+    ).result[0]
     if latent is not None:
         resolution = resolution_of_latent(latent)
     synchronize(model.load_device)
@@ -253,12 +303,17 @@ def time_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image:
     start, start_cpu = time.perf_counter(), time.process_time()
     encode_reference_latent(vae, pixels, torch.Generator().manual_seed(0))
     synchronize(model.load_device)
-    return bank, {"total_s": round(total, 3), "total_cpu_s": round(total_cpu, 3),
-                  "vae_encode_s": round(time.perf_counter() - start, 3),
-                  "vae_encode_cpu_s": round(time.process_time() - start_cpu, 3)}
+    return bank, {
+        "total_s": round(total, 3),
+        "total_cpu_s": round(total_cpu, 3),
+        "vae_encode_s": round(time.perf_counter() - start, 3),
+        "vae_encode_cpu_s": round(time.process_time() - start_cpu, 3),
+    }
 
-def measure_variants(variants: dict[str, Any], sampling: Sampling, repeats: int, monitor: RssMonitor,
-                     label: str) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]], dict[str, list[dict]]]:
+
+def measure_variants(
+    variants: dict[str, Any], sampling: Sampling, repeats: int, monitor: RssMonitor, label: str
+) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]], dict[str, list[dict]]]:
     """Sample each variant ``repeats`` times, interleaved (the order rotates each repeat, so drift in the
     machine's speed hits every variant alike); per variant: wall and CPU step times of each run, and each run's
     memory window (RSS start/peak, plus ``cuda_peak`` on CUDA)."""
@@ -271,7 +326,7 @@ def measure_variants(variants: dict[str, Any], sampling: Sampling, repeats: int,
     memory: dict[str, list[dict]] = {name: [] for name in variants}
     names = list(variants)
     for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             with monitor.window() as window:
@@ -281,13 +336,20 @@ def measure_variants(variants: dict[str, Any], sampling: Sampling, repeats: int,
             wall[name].append(wall_times)
             cpu[name].append(cpu_times)
             memory[name].append(window)
-            print(f"  {label} {name:10s} run {repeat + 1}: wall " + " ".join(f"{t:.3f}" for t in wall_times)
-                  + " s, cpu " + " ".join(f"{t:.2f}" for t in cpu_times) + " s", flush=True)
+            print(
+                f"  {label} {name:10s} run {repeat + 1}: wall "
+                + " ".join(f"{t:.3f}" for t in wall_times)
+                + " s, cpu "
+                + " ".join(f"{t:.2f}" for t in cpu_times)
+                + " s",
+                flush=True,
+            )
     return wall, cpu, memory
 
 
 # --------------------------------------------------------------------------------------------------
 # the machine
+
 
 def cpu_name() -> str:
     try:
@@ -297,6 +359,7 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
 
 def machine_info(device: Any, load_before: tuple[float, ...]) -> dict:
     import comfy.ldm.modules.attention as comfy_attention

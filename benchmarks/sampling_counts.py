@@ -1,5 +1,6 @@
 """aten ops and host reads per UNet call and per model evaluation, plain vs MoMA (benchmarks/sampling.py
 ``--count-only``; tools/op_count.py counts)."""
+
 from __future__ import annotations
 
 import statistics
@@ -37,31 +38,47 @@ def count_ops(variants: dict[str, Any], sampling: Sampling, steps: int = 3) -> d
             "ops_per_evaluation": median([ModelCallCounts.ops(c) for c in later_evals]),
             "host_reads_per_evaluation": median([host_reads(c) for c in later_evals]),
             "host_reads_per_run": host_reads(calls.total),
-            "top_ops_per_call": {op: round(n / len(later_calls), 1) for op, n in
-                                 sorted(top.items(), key=lambda item: -item[1])[:12]} if later_calls else {},
+            "top_ops_per_call": {
+                op: round(n / len(later_calls), 1) for op, n in sorted(top.items(), key=lambda item: -item[1])[:12]
+            }
+            if later_calls
+            else {},
         }
     plain = counts.get("plain")
     if plain is not None:
         for name, entry in counts.items():
             if name != "plain":
-                for key in ("ops_per_call", "host_reads_per_call", "ops_per_evaluation", "host_reads_per_evaluation",
-                            "host_reads_per_run"):
+                for key in (
+                    "ops_per_call",
+                    "host_reads_per_call",
+                    "ops_per_evaluation",
+                    "host_reads_per_evaluation",
+                    "host_reads_per_run",
+                ):
                     entry["added_" + key] = entry[key] - plain[key]
     return {"size": sampling.size, "steps": steps, "variants": counts}
 
+
 def format_counts(report: dict) -> str:
     """The op counts as a Markdown table."""
-    lines = [f"aten ops per UNet call at {report['size']}x{report['size']} (cond and uncond in one call; "
-             f"median of calls 2..{report['steps']} of a run):", "",
-             "| variant | ops / UNet call | added by MoMA | host reads / call (added) | ops / evaluation (added) | "
-             "host reads / evaluation (added) | host reads / run (added) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"aten ops per UNet call at {report['size']}x{report['size']} (cond and uncond in one call; "
+        f"median of calls 2..{report['steps']} of a run):",
+        "",
+        "| variant | ops / UNet call | added by MoMA | host reads / call (added) | ops / evaluation (added) | "
+        "host reads / evaluation (added) | host reads / run (added) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, entry in report["variants"].items():
+
         def added(key: str, entry: dict = entry) -> str:
             return f" ({entry['added_' + key]:+d})" if "added_" + key in entry else ""
-        lines.append(f"| {name} | {entry['ops_per_call']} | {entry.get('added_ops_per_call', '-')} | "
-                     f"{entry['host_reads_per_call']}{added('host_reads_per_call')} | "
-                     f"{entry['ops_per_evaluation']}{added('ops_per_evaluation')} | "
-                     f"{entry['host_reads_per_evaluation']}{added('host_reads_per_evaluation')} | "
-                     f"{entry['host_reads_per_run']}{added('host_reads_per_run')} |")
+
+        lines.append(
+            f"| {name} | {entry['ops_per_call']} | {entry.get('added_ops_per_call', '-')} | "
+            f"{entry['host_reads_per_call']}{added('host_reads_per_call')} | "
+            f"{entry['ops_per_evaluation']}{added('ops_per_evaluation')} | "
+            f"{entry['host_reads_per_evaluation']}{added('host_reads_per_evaluation')} | "
+            f"{entry['host_reads_per_run']}{added('host_reads_per_run')} |"
+        )
     return "\n".join(lines)

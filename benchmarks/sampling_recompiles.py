@@ -11,6 +11,7 @@ attention, reads the free memory through psutil at every call, a graph break in 
 ``--compile-backend aot_eager`` (the default) only traces: dynamo's guards, hence its recompiles, do not depend on
 the backend, and inductor takes minutes per model on a small CPU.
 """
+
 from __future__ import annotations
 
 import time
@@ -50,8 +51,9 @@ def other_packs_compile(model: Any, backend: str) -> Any:
     import torch
 
     compiled = model.clone()
-    compiled.add_object_patch("diffusion_model", torch.compile(compiled.get_model_object("diffusion_model"),
-                                                               backend=backend))
+    compiled.add_object_patch(
+        "diffusion_model", torch.compile(compiled.get_model_object("diffusion_model"), backend=backend)
+    )
     return compiled
 
 
@@ -68,8 +70,9 @@ def sample_runs(model: Any, positive: Any, negative: Any) -> None:
 
     latent = {"samples": torch.zeros(1, 4, COMPILE_SIZE // 8, COMPILE_SIZE // 8)}
     for seed, denoise in COMPILE_RUNS:
-        nodes.common_ksampler(model, seed, COMPILE_STEPS, 7.5, "euler", "normal", positive, negative, latent,
-                              denoise=denoise)
+        nodes.common_ksampler(
+            model, seed, COMPILE_STEPS, 7.5, "euler", "normal", positive, negative, latent, denoise=denoise
+        )
 
 
 def count_recompiles(variants: dict[str, Any], positive: Any, negative: Any, backend: str) -> dict:
@@ -87,8 +90,11 @@ def count_recompiles(variants: dict[str, Any], positive: Any, negative: Any, bac
             with watch_dynamo() as seen:
                 sample_runs(compiled, positive, negative)
             entries[name] = {**seen.summary(), "compile_and_runs_s": round(time.perf_counter() - start, 1)}
-            print(f"  {style}, {name}: {entries[name]['recompiles']} recompiles, {entries[name]['graph_breaks']} "
-                  f"graph breaks ({entries[name]['compile_and_runs_s']} s)", flush=True)
+            print(
+                f"  {style}, {name}: {entries[name]['recompiles']} recompiles, {entries[name]['graph_breaks']} "
+                f"graph breaks ({entries[name]['compile_and_runs_s']} s)",
+                flush=True,
+            )
         plain = entries.get("plain")
         if plain is not None:
             for entry in entries.values():
@@ -96,23 +102,35 @@ def count_recompiles(variants: dict[str, Any], positive: Any, negative: Any, bac
                 entry["added_graph_breaks"] = entry["graph_breaks"] - plain["graph_breaks"]
         styles[style] = entries
     torch._dynamo.reset()
-    return {"size": COMPILE_SIZE, "steps": COMPILE_STEPS, "runs": [list(run) for run in COMPILE_RUNS],
-            "backend": backend, "torch": torch.__version__, "styles": styles}
+    return {
+        "size": COMPILE_SIZE,
+        "steps": COMPILE_STEPS,
+        "runs": [list(run) for run in COMPILE_RUNS],
+        "backend": backend,
+        "torch": torch.__version__,
+        "styles": styles,
+    }
 
 
 def format_recompiles(report: dict) -> str:
     """The recompile counts as a Markdown table."""
     runs = ", ".join(f"seed {seed} denoise {denoise}" for seed, denoise in report["runs"])
-    lines = [f"torch.compile ({report['backend']}, torch {report['torch']}) at {report['size']}x{report['size']}, "
-             f"euler {report['steps']} steps, runs: {runs}:", "",
-             "| compiled as | variant | compiled frames | recompiles (added) | graph breaks (added) | "
-             "recompile-limit hits | s (compile + runs) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"torch.compile ({report['backend']}, torch {report['torch']}) at {report['size']}x{report['size']}, "
+        f"euler {report['steps']} steps, runs: {runs}:",
+        "",
+        "| compiled as | variant | compiled frames | recompiles (added) | graph breaks (added) | "
+        "recompile-limit hits | s (compile + runs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for style, entries in report["styles"].items():
         for name, entry in entries.items():
-            lines.append(f"| {style} | {name} | {entry['compiled_frames']} | {entry['recompiles']} "
-                         f"({entry.get('added_recompiles', 0):+d}) | {entry['graph_breaks']} "
-                         f"({entry.get('added_graph_breaks', 0):+d}) | {entry['recompile_limit_hits']} | "
-                         f"{entry['compile_and_runs_s']} |")
+            lines.append(
+                f"| {style} | {name} | {entry['compiled_frames']} | {entry['recompiles']} "
+                f"({entry.get('added_recompiles', 0):+d}) | {entry['graph_breaks']} "
+                f"({entry.get('added_graph_breaks', 0):+d}) | {entry['recompile_limit_hits']} | "
+                f"{entry['compile_and_runs_s']} |"
+            )
             for reason in entry["recompile_reasons"]:
                 lines.append(f"|  |  | recompile: {reason[:160]} |  |  |  |  |")
     return "\n".join(lines)
@@ -132,7 +150,12 @@ def measure_recompiles(opts: Any, hostinfo: Any) -> dict:
     image, masks = reference_inputs(COMPILE_SIZE)
     bank, _ = time_reference_pass(model, moma_model, vae, clip, image, masks["30%"], resolution=COMPILE_SIZE)
     variants = {"plain": model, "moma 30%": apply_moma(model, moma_model, context, bank, 1.0, 0.0, 1.0)}
-    print(f"Counting recompiles under torch.compile ({opts.compile_backend}) at {COMPILE_SIZE}x{COMPILE_SIZE}...",
-          flush=True)
-    return {"date": started.isoformat(timespec="seconds"), "machine": machine_info(model.load_device, load_before),
-            "recompiles": count_recompiles(variants, positive, negative, opts.compile_backend)}
+    print(
+        f"Counting recompiles under torch.compile ({opts.compile_backend}) at {COMPILE_SIZE}x{COMPILE_SIZE}...",
+        flush=True,
+    )
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine_info(model.load_device, load_before),
+        "recompiles": count_recompiles(variants, positive, negative, opts.compile_backend),
+    }

@@ -5,6 +5,7 @@ to_q/to_k/to_v, and results are returned before to_out. ``attention_fn`` is any 
 ``optimized_attention`` signature ``(q, k, v, heads, mask=None) -> [B, Nq, heads * dim_head]``; the
 node layer passes ComfyUI's own (SDPA, xformers, ...), the default here is torch SDPA.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,9 @@ def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None, **_: object
 ) -> torch.Tensor:
     """Plain softmax attention through torch SDPA; ``mask`` is an additive bias broadcastable to [B, H, Nq, Nk]."""
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), attn_mask=mask)
+    out = F.scaled_dot_product_attention(
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), attn_mask=mask
+    )
     return merge_heads(out)
 
 
@@ -72,8 +75,15 @@ def text_attention_with_subject_probs(
 SdpaFn = Callable[..., torch.Tensor]
 
 
-def subject_indicator_values(text_length: int, columns: torch.Tensor, heads: int, dim_head: int, rows: int,
-                             device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def subject_indicator_values(
+    text_length: int,
+    columns: torch.Tensor,
+    heads: int,
+    dim_head: int,
+    rows: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Values for :func:`subject_attention_mass`: 1 at the subject columns, 0 elsewhere, [rows, heads, L, D].
 
     All D channels of a head carry the same indicator, so fused kernels (which need the value head size to be
@@ -83,8 +93,9 @@ def subject_indicator_values(text_length: int, columns: torch.Tensor, heads: int
     return indicator.view(1, 1, -1, 1).expand(rows, heads, -1, dim_head).contiguous()
 
 
-def subject_attention_mass(q_heads: torch.Tensor, k_heads: torch.Tensor, indicator: torch.Tensor,
-                           sdpa: SdpaFn = F.scaled_dot_product_attention) -> torch.Tensor:
+def subject_attention_mass(
+    q_heads: torch.Tensor, k_heads: torch.Tensor, indicator: torch.Tensor, sdpa: SdpaFn = F.scaled_dot_product_attention
+) -> torch.Tensor:
     """``mean_h sum_{j in S} softmax(q k^T / sqrt(d))[b, h, n, j]`` -> [B, N], without forming the probabilities.
 
     Attention over the text keys with values that are 1 at the subject columns and 0 elsewhere returns each
@@ -99,8 +110,9 @@ def merge_head_output(out: torch.Tensor, batch: int, tokens: int) -> torch.Tenso
     return out.transpose(1, 2).reshape(batch, tokens, -1)
 
 
-def reference_attention_heads(q: torch.Tensor, ref_k_heads: torch.Tensor, ref_v_heads: torch.Tensor,
-                              sdpa: SdpaFn = F.scaled_dot_product_attention) -> torch.Tensor:
+def reference_attention_heads(
+    q: torch.Tensor, ref_k_heads: torch.Tensor, ref_v_heads: torch.Tensor, sdpa: SdpaFn = F.scaled_dot_product_attention
+) -> torch.Tensor:
     """:func:`reference_attention` with the bank already split into heads, [1, H, M, D].
 
     The bank is the same for every row, so the rows are folded into the query axis ([1, H, B*N, D]): each
@@ -113,7 +125,11 @@ def reference_attention_heads(q: torch.Tensor, ref_k_heads: torch.Tensor, ref_v_
 
 
 def decoupled_token_attention(
-    q: torch.Tensor, token_k: torch.Tensor, token_v: torch.Tensor, heads: int, attention_fn: AttentionFn = sdpa_attention
+    q: torch.Tensor,
+    token_k: torch.Tensor,
+    token_v: torch.Tensor,
+    heads: int,
+    attention_fn: AttentionFn = sdpa_attention,
 ) -> torch.Tensor:
     """IP-Adapter style attention of every query over a few extra tokens (MoMA's 4 context tokens).
 

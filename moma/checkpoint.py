@@ -4,6 +4,7 @@
   (memory-mapped for the zip container), one tensor at a time where the format allows;
 - modules are built with their parameters on the meta device and the checkpoint tensors are assigned in place.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,6 +55,7 @@ def set_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module = root.get_submodule(module_name) if module_name else root
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
+
 def unpickling_refusal(error: BaseException) -> tuple[bool, str]:
     """(would the pickle have run code, the useful line) for a ``torch.load(weights_only=True)`` failure.
 
@@ -64,8 +66,14 @@ def unpickling_refusal(error: BaseException) -> tuple[bool, str]:
     detail = next((line for line in lines if "GLOBAL" in line), None)
     if detail is not None:
         return True, detail
-    detail = next((line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler", "invalid load key"))
-                   and not line.endswith("error:")), lines[-1] if lines else type(error).__name__)
+    detail = next(
+        (
+            line
+            for line in lines
+            if line.startswith(("Unsupported", "WeightsUnpickler", "invalid load key")) and not line.endswith("error:")
+        ),
+        lines[-1] if lines else type(error).__name__,
+    )
     return False, detail
 
 
@@ -79,36 +87,53 @@ def read_json(path: Path) -> dict:
         raise MomaError(f"{path} is not a JSON object.")
     return data
 
+
 def weight_files(folder: Path, where_to_get: str) -> list[Path]:
     """The weight files of a Hugging Face folder: safetensors (sharded or single) preferred, then .bin."""
-    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
-                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         index_file = folder / index_name
         if index_file.is_file():
             weight_map = read_json(index_file).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise MomaError(f"{index_file} has no weight_map. {where_to_get}")
             names = set(weight_map.values())
-            odd = sorted(repr(name) for name in names
-                         if not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name
-                         or ".." in Path(name).parts)
+            odd = sorted(
+                repr(name)
+                for name in names
+                if not isinstance(name, str)
+                or not name
+                or Path(name).is_absolute()
+                or "\\" in name
+                or ".." in Path(name).parts
+            )
             if odd:
-                raise MomaError(f"{index_file} names weight files {odd[:4]} that are not plain file names inside "
-                                f"{folder}; the index is broken or was edited. {where_to_get}")
+                raise MomaError(
+                    f"{index_file} names weight files {odd[:4]} that are not plain file names inside "
+                    f"{folder}; the index is broken or was edited. {where_to_get}"
+                )
             files = [folder / name for name in sorted(names)]
             missing = [file.name for file in files if not file.is_file()]
             if missing:
-                raise MomaError(f"{folder} is incomplete: {index_name} lists {missing}, which are missing. {where_to_get}")
+                raise MomaError(
+                    f"{folder} is incomplete: {index_name} lists {missing}, which are missing. {where_to_get}"
+                )
             return files
         if (folder / single_name).is_file():
             return [folder / single_name]
     raise MomaError(f"No model weights (model*.safetensors or pytorch_model*.bin) in {folder}. {where_to_get}")
 
+
 def check_complete(folder: Path, files: list[Path], required: tuple[str, ...], where_to_get: str) -> None:
     """Before anything is loaded: every weight file and every ``required`` file of ``folder`` exists and is not empty."""
     absent = [name for name in required if not (folder / name).is_file()]
-    empty = [file.name for file in [*files, *(folder / name for name in required)]
-             if file.is_file() and file.stat().st_size == 0]
+    empty = [
+        file.name
+        for file in [*files, *(folder / name for name in required)]
+        if file.is_file() and file.stat().st_size == 0
+    ]
     if absent or empty:
         parts = ([f"missing {absent}"] if absent else []) + ([f"empty {empty}"] if empty else [])
         raise MomaError(f"{folder} is incomplete: {', '.join(parts)}. {where_to_get}")
@@ -129,8 +154,10 @@ def safetensors_header(path: Path, where_to_get: str = "", max_bytes: int = 100 
                 raise ValueError(f"header length {length} does not fit the file's {size} bytes")
             header = json.loads(handle.read(length))
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
-        raise MomaError(f"{path} is not a readable .safetensors file ({error}); it is probably truncated or another "
-                        f"format. {where_to_get}".rstrip()) from None
+        raise MomaError(
+            f"{path} is not a readable .safetensors file ({error}); it is probably truncated or another "
+            f"format. {where_to_get}".rstrip()
+        ) from None
     if not isinstance(header, dict):
         raise MomaError(f"{path} is not a readable .safetensors file (its header is not a JSON object). {where_to_get}")
     return header
@@ -157,9 +184,13 @@ def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             ) from None
         if isinstance(error, pickle.UnpicklingError):
             error = unpickling_refusal(error)[1]
-            raise MomaError(f"Could not read {path} (not a PyTorch weights file: {error}); the file is probably "
-                            f"truncated or another format. Download it again.") from None
-        raise MomaError(f"Could not read {path} ({type(error).__name__}: {error}); the file is probably truncated.") from None
+            raise MomaError(
+                f"Could not read {path} (not a PyTorch weights file: {error}); the file is probably "
+                f"truncated or another format. Download it again."
+            ) from None
+        raise MomaError(
+            f"Could not read {path} ({type(error).__name__}: {error}); the file is probably truncated."
+        ) from None
     if not isinstance(state, dict):
         raise MomaError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
     for key in list(state):

@@ -1,4 +1,5 @@
 """The CLIP ViT-L/14-336 vision tower (transformers ``CLIPVisionModel``) from a folder or one safetensors file."""
+
 from __future__ import annotations
 
 import re
@@ -36,7 +37,7 @@ def _vision_state(items: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.
     bare: dict[str, torch.Tensor] = {}
     for key, tensor in items:
         if key.startswith("vision_model."):
-            prefixed[key[len("vision_model."):]] = tensor
+            prefixed[key[len("vision_model.") :]] = tensor
         elif key.startswith(_VISION_PARTS):
             bare[key] = tensor
     return prefixed or bare
@@ -83,11 +84,12 @@ def check_clip_vision_path(path: str | Path) -> None:
     elif path.is_file() and path.suffix.lower() == ".safetensors":
         safetensors_header(path, CLIP_WHERE_TO_GET)
     else:
-        raise MomaError(f"CLIP vision model not found (or not a folder / .safetensors file): {path}. {CLIP_WHERE_TO_GET}")
+        raise MomaError(
+            f"CLIP vision model not found (or not a folder / .safetensors file): {path}. {CLIP_WHERE_TO_GET}"
+        )
 
 
-def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu"):
+def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """transformers ``CLIPVisionModel`` from a Hugging Face folder (full CLIP or vision-only) or one safetensors file.
 
     Text-tower and projection keys are ignored; every vision-transformer parameter must be present.
@@ -101,27 +103,35 @@ def load_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,
         try:
             config = CLIPVisionConfig.from_pretrained(str(path))
         except Exception as error:
-            raise MomaError(f"Could not read {path / 'config.json'} as a CLIP config ({error}). {CLIP_WHERE_TO_GET}") from None
+            raise MomaError(
+                f"Could not read {path / 'config.json'} as a CLIP config ({error}). {CLIP_WHERE_TO_GET}"
+            ) from None
         files = weight_files(path, CLIP_WHERE_TO_GET)
         state = _vision_state(item for file in files for item in iter_weights(file))
     elif path.is_file() and path.suffix == ".safetensors":
         state = _vision_state(iter_weights(path))
         config = _clip_vision_config_from_keys(state, path)
     else:
-        raise MomaError(f"CLIP vision model not found (or not a folder / .safetensors file): {path}. {CLIP_WHERE_TO_GET}")
+        raise MomaError(
+            f"CLIP vision model not found (or not a folder / .safetensors file): {path}. {CLIP_WHERE_TO_GET}"
+        )
     config._attn_implementation = "eager"  # the reference's transformers (4.37) had no SDPA path for CLIP
     with parameters_on_meta():
         model = CLIPVisionModel(config)
     expected = dict(model.named_parameters())
     inner_prefix = vision_transformer_prefix(model)  # transformers 4 and 5 name them differently
-    relative = {name: name[len(inner_prefix):] for name in expected}
-    problems = [f"vision_model.{relative[name]} {tuple(state[relative[name]].shape)} (expected {tuple(param.shape)})"
-                for name, param in expected.items()
-                if relative[name] in state and state[relative[name]].shape != param.shape]
+    relative = {name: name[len(inner_prefix) :] for name in expected}
+    problems = [
+        f"vision_model.{relative[name]} {tuple(state[relative[name]].shape)} (expected {tuple(param.shape)})"
+        for name, param in expected.items()
+        if relative[name] in state and state[relative[name]].shape != param.shape
+    ]
     missing = ["vision_model." + relative[name] for name in expected if relative[name] not in state]
     if problems or missing:
-        raise MomaError(f"{path} does not match its CLIP vision config: missing {missing[:8]} ({len(missing)}), "
-                        f"wrong shapes {problems[:8]}. {CLIP_WHERE_TO_GET}")
+        raise MomaError(
+            f"{path} does not match its CLIP vision config: missing {missing[:8]} ({len(missing)}), "
+            f"wrong shapes {problems[:8]}. {CLIP_WHERE_TO_GET}"
+        )
     for name in expected:  # each tensor checked as it lands (one pass: NaN, infinities, beyond fp16)
         tensor = reference_cast(state.pop(relative[name]), dtype).to(device)
         set_parameter(model, name, check_tensor(tensor, str(path), "vision_model." + relative[name], CLIP_WHERE_TO_GET))

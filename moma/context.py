@@ -4,6 +4,7 @@ A context file holds three float32 tensors (``cond_tokens`` [1,4,768], ``uncond_
 ``llava_emb`` [1,1024]) and the metadata ``format`` = "moma-context", ``version``, ``subject``, ``prompt``,
 ``sd_prompt`` and (since this was added) ``adapter_sha256``, the fingerprint of the adapter that made the tokens. With it a user can skip LLaVA entirely next time.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,9 +64,11 @@ def save_context(context: MomaContext, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
     except Exception as error:  # OSError from mkdir; safetensors' own SafetensorError (e.g. file name too long)
-        raise MomaError(f"Could not write the MoMA context file {path} ({type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); choose another "
-                        f"filename_prefix or free the output folder.") from None
+        raise MomaError(
+            f"Could not write the MoMA context file {path} ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); choose another "
+            f"filename_prefix or free the output folder."
+        ) from None
     return path
 
 
@@ -79,8 +82,10 @@ def check_context_texts(metadata: dict, path: str | Path) -> None:
         except MomaError as error:
             raise MomaError(f"{path}: the saved {error}") from None
     if not metadata["subject"].strip():
-        raise MomaError(f"{path}: the saved subject is empty, so MoMA would find no subject to mask. Encode the "
-                        f"context again with the object's word as subject (e.g. 'car') and save it.")
+        raise MomaError(
+            f"{path}: the saved subject is empty, so MoMA would find no subject to mask. Encode the "
+            f"context again with the object's word as subject (e.g. 'car') and save it."
+        )
 
 
 def context_metadata(path: str | Path) -> dict[str, str]:
@@ -91,8 +96,10 @@ def context_metadata(path: str | Path) -> dict[str, str]:
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or metadata.get("format") != CONTEXT_FORMAT:
         found = metadata.get("format") if isinstance(metadata, dict) else None
-        raise MomaError(f"{path} is not a MoMA context file (metadata format {shown(found)}, expected "
-                        f"{CONTEXT_FORMAT!r}). {CONTEXT_HINT}")
+        raise MomaError(
+            f"{path} is not a MoMA context file (metadata format {shown(found)}, expected "
+            f"{CONTEXT_FORMAT!r}). {CONTEXT_HINT}"
+        )
     return metadata
 
 
@@ -108,21 +115,33 @@ def load_context(path: str | Path) -> MomaContext:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors' own error types for bad headers / short files
-        raise MomaError(f"Could not read {path} as safetensors ({type(error).__name__}: {error}); the file is "
-                        f"truncated or not a MoMA context.") from None
+        raise MomaError(
+            f"Could not read {path} as safetensors ({type(error).__name__}: {error}); the file is "
+            f"truncated or not a MoMA context."
+        ) from None
     if metadata.get("format") != CONTEXT_FORMAT:
-        raise MomaError(f"{path} is not a MoMA context file (metadata format {metadata.get('format')!r}, expected "
-                        f"{CONTEXT_FORMAT!r}). Save one with the 'Save MoMA Context' node.")
+        raise MomaError(
+            f"{path} is not a MoMA context file (metadata format {metadata.get('format')!r}, expected "
+            f"{CONTEXT_FORMAT!r}). Save one with the 'Save MoMA Context' node."
+        )
     missing = [key for key in TENSOR_SHAPES if key not in tensors]
     unexpected = [key for key in tensors if key not in TENSOR_SHAPES]
-    wrong = [f"{key} {tuple(tensors[key].shape)} (expected {shape})" for key, shape in TENSOR_SHAPES.items()
-             if key in tensors and tuple(tensors[key].shape) != shape]
-    wrong += [f"{key} has dtype {tensors[key].dtype} (expected float)" for key in TENSOR_SHAPES
-              if key in tensors and not tensors[key].is_floating_point()]
+    wrong = [
+        f"{key} {tuple(tensors[key].shape)} (expected {shape})"
+        for key, shape in TENSOR_SHAPES.items()
+        if key in tensors and tuple(tensors[key].shape) != shape
+    ]
+    wrong += [
+        f"{key} has dtype {tensors[key].dtype} (expected float)"
+        for key in TENSOR_SHAPES
+        if key in tensors and not tensors[key].is_floating_point()
+    ]
     missing_text = [name for name in TEXT_FIELDS if name not in metadata]
     if missing or unexpected or wrong or missing_text:
-        raise MomaError(f"{path} is not a valid MoMA context: missing tensors {missing}, unexpected tensors "
-                        f"{unexpected}, wrong shapes {wrong}, missing metadata {missing_text}. Save it again.")
+        raise MomaError(
+            f"{path} is not a valid MoMA context: missing tensors {missing}, unexpected tensors "
+            f"{unexpected}, wrong shapes {wrong}, missing metadata {missing_text}. Save it again."
+        )
     check_context_texts(metadata, path)
     for key in TENSOR_SHAPES:
         check_tensor(tensors[key], str(path), key, "Encode the context again and save it.")
@@ -140,10 +159,12 @@ def adapter_mismatch(context: MomaContext, fingerprint: str) -> str | None:
     made_with = getattr(context, "adapter_sha256", "")
     if not made_with or not fingerprint or made_with == fingerprint:
         return None
-    return (f"the context (subject {context.subject!r}) was encoded with another MoMA adapter (sha256 "
-            f"{made_with[:12]}...) than the one in MoMA Loader ({fingerprint[:12]}...): its tokens were made by that "
-            f"adapter's mapping and projector, so results will differ. Choose the same adapter file, or encode the "
-            f"context again with this one.")
+    return (
+        f"the context (subject {context.subject!r}) was encoded with another MoMA adapter (sha256 "
+        f"{made_with[:12]}...) than the one in MoMA Loader ({fingerprint[:12]}...): its tokens were made by that "
+        f"adapter's mapping and projector, so results will differ. Choose the same adapter file, or encode the "
+        f"context again with this one."
+    )
 
 
 def token_bound(projector: dict[str, torch.Tensor]) -> float:
@@ -165,6 +186,8 @@ def check_context_tokens(context: MomaContext, projector: dict[str, torch.Tensor
     for name in ("cond_tokens", "uncond_tokens"):
         problem = tensor_problem(getattr(context, name), bound)
         if problem is not None:
-            raise MomaError(f"{node}: the context's {name} {problem} (this adapter's projector makes tokens of at "
-                            f"most {bound:.3g}), so the context was edited, corrupted or made by another model. "
-                            f"Encode it again with this MoMA adapter.")
+            raise MomaError(
+                f"{node}: the context's {name} {problem} (this adapter's projector makes tokens of at "
+                f"most {bound:.3g}), so the context was edited, corrupted or made by another model. "
+                f"Encode it again with this MoMA adapter."
+            )

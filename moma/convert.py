@@ -12,6 +12,7 @@ loaders prefer the safetensors files when both are present.
     cd ComfyUI/custom_nodes/<this pack> && python -m moma.convert ../../models/moma/attn_adapters_projectors.th \\
         ../../models/LLM/MoMA_llava_7b
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,9 @@ def _pickled_shards(folder: Path) -> list[Path]:
     elif (folder / "pytorch_model.bin").is_file():
         shards = [folder / "pytorch_model.bin"]
     else:
-        raise MomaError(f"{folder} has no pytorch_model*.bin weights to convert (no {_BIN_INDEX}, no pytorch_model.bin).")
+        raise MomaError(
+            f"{folder} has no pytorch_model*.bin weights to convert (no {_BIN_INDEX}, no pytorch_model.bin)."
+        )
     missing = [shard.name for shard in shards if not shard.is_file()]
     if missing:
         raise MomaError(f"{folder} is incomplete: {missing} are missing; download them before converting.")
@@ -88,12 +91,21 @@ def _without_shared_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def _check_equal(path: Path, expected: dict[str, torch.Tensor], written: dict[str, torch.Tensor]) -> None:
     problems = sorted(set(expected) ^ set(written))
-    problems += [key for key in expected if key in written and not (
-        expected[key].dtype == written[key].dtype and expected[key].shape == written[key].shape
-        and torch.equal(expected[key], written[key]))]
+    problems += [
+        key
+        for key in expected
+        if key in written
+        and not (
+            expected[key].dtype == written[key].dtype
+            and expected[key].shape == written[key].shape
+            and torch.equal(expected[key], written[key])
+        )
+    ]
     if problems:
-        raise MomaError(f"Conversion check failed: {path} differs from its source in {problems[:8]} "
-                        f"({len(problems)} tensors). Nothing was replaced; check the disk and convert again.")
+        raise MomaError(
+            f"Conversion check failed: {path} differs from its source in {problems[:8]} "
+            f"({len(problems)} tensors). Nothing was replaced; check the disk and convert again."
+        )
 
 
 def verify_shard(source: Path, converted: Path) -> None:
@@ -105,13 +117,14 @@ def verify_shard(source: Path, converted: Path) -> None:
         with safe_open(str(converted), framework="pt", device="cpu") as handle:
             written = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types on a damaged file
-        raise MomaError(f"Conversion check failed: {converted} cannot be read back ({type(error).__name__}: "
-                        f"{error}). Convert again.") from None
+        raise MomaError(
+            f"Conversion check failed: {converted} cannot be read back ({type(error).__name__}: "
+            f"{error}). Convert again."
+        ) from None
     _check_equal(converted, expected, written)
 
 
-def convert_folder(folder: str | Path, progress: Callable[[int, int], None] | None = None,
-                   verify: bool = True) -> Path:
+def convert_folder(folder: str | Path, progress: Callable[[int, int], None] | None = None, verify: bool = True) -> Path:
     """A Hugging Face folder's ``pytorch_model*.bin`` -> safetensors shards + index; returns the index file."""
     from safetensors.torch import save_file
 
@@ -137,8 +150,16 @@ def convert_folder(folder: str | Path, progress: Callable[[int, int], None] | No
             progress(number, total)
     index = folder / SAFETENSORS_INDEX
     partial = index.with_name(index.name + ".partial")
-    partial.write_text(json.dumps({"metadata": {"total_size": total_size, "converted_from": [s.name for s in shards]},
-                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    partial.write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": total_size, "converted_from": [s.name for s in shards]},
+                "weight_map": dict(sorted(weight_map.items())),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     os.replace(partial, index)
     return index
 
@@ -165,10 +186,15 @@ def convert_to_safetensors(*paths: str | Path, progress: Callable[[int, int], No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moma.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", type=Path,
-                        help="attn_adapters_projectors.th and/or model folders (MoMA_llava_7b, a CLIP vision folder)")
+    parser = argparse.ArgumentParser(
+        prog="python -m moma.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        help="attn_adapters_projectors.th and/or model folders (MoMA_llava_7b, a CLIP vision folder)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -11,6 +11,7 @@ gives back the file's bytes exactly; a 16-bit source is quantised to 8 bit here 
 8 bit). Channels: 3 = RGB; 4 = RGBA, alpha dropped (not composited, like PIL ``convert("RGB")``);
 1 = grey, repeated to RGB; 2 = grey + alpha, alpha dropped.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ Workflows come from strangers: every number may be NaN or infinite, every string
 hostile. The checks here are linear in their input and raise a ``MomaError`` that names the input (or the file
 and tensor), the value (shortened) and what to do. ``docs/limits.md`` lists every limit and where it is checked.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
     if isinstance(value, str) and len(value) > limit:
         return f"{value[:limit]!r}... ({len(value):,} characters)"
     text = repr(value)
-    return text if len(text) <= 2 * limit else f"{text[:2 * limit]}..."
+    return text if len(text) <= 2 * limit else f"{text[: 2 * limit]}..."
 
 
 def check_text(name: str, value: Any, limit: int) -> str:
@@ -38,13 +39,13 @@ def check_text(name: str, value: Any, limit: int) -> str:
     if not isinstance(value, str):
         raise MomaError(f"{name}: expected text, got {type(value).__name__} {shown(value)}.")
     if len(value) > limit:
-        raise MomaError(f"{name}: {shown(value)} is longer than the {limit:,} characters this input takes; "
-                        f"shorten it.")
+        raise MomaError(f"{name}: {shown(value)} is longer than the {limit:,} characters this input takes; shorten it.")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as error:  # a lone surrogate ("\ud800") is valid JSON but not text
-        raise MomaError(f"{name}: {shown(value)} is not valid Unicode (a lone surrogate at character "
-                        f"{error.start}); retype it.") from None
+        raise MomaError(
+            f"{name}: {shown(value)} is not valid Unicode (a lone surrogate at character {error.start}); retype it."
+        ) from None
     return value
 
 

@@ -21,6 +21,7 @@ Precision: ``fp32`` computes in float32 throughout. ``bf16`` reproduces the refe
 through float16 first (``from_pretrained(torch_dtype=float16)`` then ``.to(bfloat16)``), its pixels and picture
 features are cast ``.half()``, and everything runs under ``autocast(bfloat16)``. ``fp16`` is the same in float16.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -125,15 +126,18 @@ class LlavaFolder:
         try:
             kwargs = self._llama_kwargs(cfg)
         except (TypeError, ValueError) as error:
-            raise MomaError(f"{self.path / 'config.json'} has a value of the wrong type ({error}). "
-                            f"{LLAVA_WHERE_TO_GET}") from None
+            raise MomaError(
+                f"{self.path / 'config.json'} has a value of the wrong type ({error}). {LLAVA_WHERE_TO_GET}"
+            ) from None
         if cfg.get("rope_scaling") is not None:
             kwargs["rope_scaling"] = cfg["rope_scaling"]
         try:
             return LlamaConfig(**kwargs)
         except Exception as error:  # transformers validates rope_scaling etc. with its own exception types
-            raise MomaError(f"{self.path / 'config.json'} is not a valid Llama config ({type(error).__name__}: "
-                            f"{error}). {LLAVA_WHERE_TO_GET}") from None
+            raise MomaError(
+                f"{self.path / 'config.json'} is not a valid Llama config ({type(error).__name__}: "
+                f"{error}). {LLAVA_WHERE_TO_GET}"
+            ) from None
 
     @staticmethod
     def _llama_kwargs(cfg: dict) -> dict:
@@ -180,11 +184,21 @@ def _check_llava_config(cfg: dict, config_file: Path) -> None:
     if missing:
         raise MomaError(f"{config_file} lacks {missing}. {LLAVA_WHERE_TO_GET}")
     # Sizes are read before any weight, so implausible ones would build a huge (meta) model or fail deep in torch.
-    limits = {"intermediate_size": 1 << 20, "num_hidden_layers": 1024, "num_attention_heads": 1024,
-              "vocab_size": 1 << 24, "num_key_value_heads": 1024, "max_position_embeddings": 1 << 24}
-    bad = [f"{key}={cfg[key]!r}" for key, limit in limits.items()
-           if key in cfg and cfg[key] is not None
-           and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or not 0 < cfg[key] <= limit)]
+    limits = {
+        "intermediate_size": 1 << 20,
+        "num_hidden_layers": 1024,
+        "num_attention_heads": 1024,
+        "vocab_size": 1 << 24,
+        "num_key_value_heads": 1024,
+        "max_position_embeddings": 1 << 24,
+    }
+    bad = [
+        f"{key}={cfg[key]!r}"
+        for key, limit in limits.items()
+        if key in cfg
+        and cfg[key] is not None
+        and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or not 0 < cfg[key] <= limit)
+    ]
     if not bad and isinstance(cfg["num_attention_heads"], int) and LLM_HIDDEN % cfg["num_attention_heads"]:
         bad.append(f"num_attention_heads={cfg['num_attention_heads']!r} (does not divide hidden_size {LLM_HIDDEN})")
     if bad:
@@ -197,13 +211,18 @@ def _check_llava_config(cfg: dict, config_file: Path) -> None:
         "hidden_size": LLM_HIDDEN,
     }
     defaults = {"mm_vision_select_feature": "patch"}  # LLaVA's own default when the key is absent
-    wrong = [f"{key}={cfg.get(key)!r} (MoMA needs {value!r})" for key, value in expected.items()
-             if cfg.get(key, defaults.get(key)) != value]
+    wrong = [
+        f"{key}={cfg.get(key)!r} (MoMA needs {value!r})"
+        for key, value in expected.items()
+        if cfg.get(key, defaults.get(key)) != value
+    ]
     if cfg.get("mm_use_im_start_end") or cfg.get("mm_use_im_patch_token"):
         wrong.append("mm_use_im_start_end/mm_use_im_patch_token are set (MoMA's prompt uses neither)")
     if wrong:
-        raise MomaError(f"{config_file} is not the LLaVA-1.5-7B layout MoMA was trained with: {'; '.join(wrong)}. "
-                        f"{LLAVA_WHERE_TO_GET}")
+        raise MomaError(
+            f"{config_file} is not the LLaVA-1.5-7B layout MoMA was trained with: {'; '.join(wrong)}. "
+            f"{LLAVA_WHERE_TO_GET}"
+        )
 
 
 def _build_mm_projector() -> nn.Sequential:
@@ -216,9 +235,16 @@ class LlavaContextEncoder(nn.Module):
     A plain ``nn.Module`` (not a transformers model) so ComfyUI's ModelPatcher can move it and set ``.device``.
     """
 
-    def __init__(self, language_model: nn.Module, vision_tower: nn.Module, mm_projector: nn.Sequential,
-                 mapping: SwiGLUMapping, projector: ImageProjModel, compute_dtype: torch.dtype,
-                 max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        language_model: nn.Module,
+        vision_tower: nn.Module,
+        mm_projector: nn.Sequential,
+        mapping: SwiGLUMapping,
+        projector: ImageProjModel,
+        compute_dtype: torch.dtype,
+        max_length: int | None = None,
+    ) -> None:
         super().__init__()
         self.language_model = language_model
         self.vision_tower = vision_tower
@@ -268,15 +294,22 @@ class LlavaContextEncoder(nn.Module):
         vocab = self.language_model.embed_tokens.num_embeddings
         text_ids = [token for token in input_ids if token != IMAGE_TOKEN_INDEX]
         if any(token < 0 or token >= vocab for token in text_ids):
-            raise MomaError(f"The tokenizer produced ids outside the model's vocabulary ({vocab}); tokenizer.model "
-                            f"does not belong to this LLaVA folder. {LLAVA_WHERE_TO_GET}")
+            raise MomaError(
+                f"The tokenizer produced ids outside the model's vocabulary ({vocab}); tokenizer.model "
+                f"does not belong to this LLaVA folder. {LLAVA_WHERE_TO_GET}"
+            )
         embeds = self.language_model.embed_tokens(torch.tensor(text_ids, device=self._device()))
         cut = positions[0]
         return torch.cat([embeds[:cut], features[0].to(embeds.dtype), embeds[cut:]])[None]
 
     @torch.no_grad()
-    def forward(self, input_ids: list[int], pixel_values: torch.Tensor, progress: ProgressFn | None = None,
-                interrupt: InterruptFn | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: list[int],
+        pixel_values: torch.Tensor,
+        progress: ProgressFn | None = None,
+        interrupt: InterruptFn | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(llava_emb [1, 1024], cond tokens [1, 4, 768], uncond tokens [1, 4, 768]), float32 on CPU."""
         total = self.num_layers + 2
         step = _Steps(total, progress, interrupt)
@@ -294,8 +327,10 @@ class LlavaContextEncoder(nn.Module):
                 embeds = self.splice(input_ids, features)
                 length = embeds.shape[1]
                 if self.max_length is not None and length > self.max_length:
-                    raise MomaError(f"The LLaVA input is {length} tokens (576 for the picture), more than the model's "
-                                    f"{self.max_length}; shorten the prompt.")
+                    raise MomaError(
+                        f"The LLaVA input is {length} tokens (576 for the picture), more than the model's "
+                        f"{self.max_length}; shorten the prompt."
+                    )
                 hidden = self.language_model(
                     inputs_embeds=embeds,
                     attention_mask=None,  # the reference's all-ones mask (B=1, no padding): plain causal
@@ -330,8 +365,9 @@ class _Steps:
             self.progress(self.done, self.total)
 
 
-def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.device,
-                         step: _Steps) -> tuple[nn.Module, nn.Sequential]:
+def _load_language_model(
+    folder: LlavaFolder, dtype: torch.dtype, device: torch.device, step: _Steps
+) -> tuple[nn.Module, nn.Sequential]:
     from transformers import LlamaModel
 
     config = folder.llama_config()
@@ -340,8 +376,10 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
             language_model = LlamaModel(config)
             mm_projector = _build_mm_projector()
     except (KeyError, ValueError, TypeError) as error:  # e.g. an unknown hidden_act
-        raise MomaError(f"{folder.path / 'config.json'} does not describe a buildable Llama model "
-                        f"({type(error).__name__}: {error}). {LLAVA_WHERE_TO_GET}") from None
+        raise MomaError(
+            f"{folder.path / 'config.json'} does not describe a buildable Llama model "
+            f"({type(error).__name__}: {error}). {LLAVA_WHERE_TO_GET}"
+        ) from None
     round_rope_tables_to_fp16(language_model.rotary_emb)
     targets: dict[str, tuple[nn.Module, str]] = {}
     for name, _ in language_model.named_parameters():
@@ -364,11 +402,14 @@ def _load_language_model(folder: LlavaFolder, dtype: torch.dtype, device: torch.
             module, name = targets[key]
             expected_shape = module.get_parameter(name).shape
             if tensor.shape != expected_shape:
-                raise MomaError(f"{file}: {key} has shape {tuple(tensor.shape)}, config.json implies "
-                                f"{tuple(expected_shape)}. The folder's files do not belong together. {LLAVA_WHERE_TO_GET}")
+                raise MomaError(
+                    f"{file}: {key} has shape {tuple(tensor.shape)}, config.json implies "
+                    f"{tuple(expected_shape)}. The folder's files do not belong together. {LLAVA_WHERE_TO_GET}"
+                )
             # checked as it lands (after the cast, on the device: one pass, fast on a GPU; a value beyond fp16 shows)
-            set_parameter(module, name, check_tensor(reference_cast(tensor, dtype).to(device), str(file), key,
-                                                     LLAVA_WHERE_TO_GET))
+            set_parameter(
+                module, name, check_tensor(reference_cast(tensor, dtype).to(device), str(file), key, LLAVA_WHERE_TO_GET)
+            )
             loaded.add(key)
         step.advance()
     missing = [key for key in targets if key not in loaded]
@@ -410,12 +451,19 @@ def _quantized_linear(child: nn.Linear, mode: str, compute_dtype: torch.dtype, d
     weight = child.weight.data.to(torch.float16)
     has_bias = child.bias is not None
     if mode == "8bit":
-        layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
-                                    has_fp16_weights=False, threshold=6.0)
+        layer = bnb.nn.Linear8bitLt(
+            child.in_features, child.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0
+        )
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+        layer = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+        )
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
     if has_bias:
         layer.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
@@ -436,20 +484,32 @@ def _check_quantization(quantization: str, device: torch.device) -> None:
     if quantization == "none":
         return
     if device.type != "cuda":
-        raise MomaError(f"quantization '{quantization}' needs a CUDA GPU (bitsandbytes); this run uses {device}. "
-                        f"Set quantization to 'none'.")
+        raise MomaError(
+            f"quantization '{quantization}' needs a CUDA GPU (bitsandbytes); this run uses {device}. "
+            f"Set quantization to 'none'."
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise MomaError(f"quantization '{quantization}' needs the bitsandbytes package: pip install bitsandbytes "
-                        f"(in ComfyUI's Python), or set quantization to 'none'.") from None
+        raise MomaError(
+            f"quantization '{quantization}' needs the bitsandbytes package: pip install bitsandbytes "
+            f"(in ComfyUI's Python), or set quantization to 'none'."
+        ) from None
 
 
-def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, adapter: MomaAdapterWeights, *,
-                         precision: str = "auto", quantization: str = "none",
-                         device: torch.device | str = "cpu", progress: ProgressFn | None = None,
-                         interrupt: InterruptFn | None = None, stream: bool = False,
-                         pin: bool = False) -> LlavaContextEncoder:
+def load_context_encoder(
+    llava_dir: str | Path,
+    clip_vision_path: str | Path,
+    adapter: MomaAdapterWeights,
+    *,
+    precision: str = "auto",
+    quantization: str = "none",
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+    interrupt: InterruptFn | None = None,
+    stream: bool = False,
+    pin: bool = False,
+) -> LlavaContextEncoder:
     """Build the whole context encoder on ``device`` from the LLaVA folder, the CLIP vision tower and the adapter.
 
     ``stream``: the weights stay on the CPU (``pin``: page-locked) and the encoder computes on ``device``, moving
@@ -461,20 +521,30 @@ def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, ad
     _check_quantization(quantization, device)
     compute_device, device = device, (torch.device("cpu") if stream else device)
     folder = LlavaFolder.open(llava_dir)
-    log.info("MoMA: loading LLaVA from %s (%d weight files) and CLIP vision from %s, %s on %s%s%s.", folder.path,
-             len(folder.weight_files), clip_vision_path, str(dtype).removeprefix("torch."), compute_device,
-             " (streamed from RAM)" if stream else "", "" if quantization == "none" else f", {quantization} quantised")
+    log.info(
+        "MoMA: loading LLaVA from %s (%d weight files) and CLIP vision from %s, %s on %s%s%s.",
+        folder.path,
+        len(folder.weight_files),
+        clip_vision_path,
+        str(dtype).removeprefix("torch."),
+        compute_device,
+        " (streamed from RAM)" if stream else "",
+        "" if quantization == "none" else f", {quantization} quantised",
+    )
     step = _Steps(len(folder.weight_files) + 1, progress, interrupt)
     quantized = quantization != "none"
     # Quantised layers are built from the fp16 CPU tensors (memory-mapped from the shards, no copy, as
     # bitsandbytes takes fp16) and quantised as they move to the GPU; the rest is cast to ``dtype`` after.
-    language_model, mm_projector = _load_language_model(folder, torch.float16 if quantized else dtype,
-                                                         torch.device("cpu") if quantized else device, step)
+    language_model, mm_projector = _load_language_model(
+        folder, torch.float16 if quantized else dtype, torch.device("cpu") if quantized else device, step
+    )
     step.check()
     vision_tower = load_clip_vision(clip_vision_path, dtype, device)
     if vision_tower.config.hidden_size != MM_HIDDEN:
-        raise MomaError(f"The CLIP vision model {clip_vision_path} is {vision_tower.config.hidden_size} wide; LLaVA's "
-                        f"projector needs CLIP ViT-L/14-336 (1024). {CLIP_WHERE_TO_GET}")
+        raise MomaError(
+            f"The CLIP vision model {clip_vision_path} is {vision_tower.config.hidden_size} wide; LLaVA's "
+            f"projector needs CLIP ViT-L/14-336 (1024). {CLIP_WHERE_TO_GET}"
+        )
     step.advance()
     if quantized:
         if not stream:  # streamed: quantised as each layer arrives on the GPU (the same fp16 weights, the same code)
@@ -485,18 +555,25 @@ def load_context_encoder(llava_dir: str | Path, clip_vision_path: str | Path, ad
                 module.to(dtype=dtype)
     mapping = build_mapping(adapter, dtype, device)
     projector = build_projector(adapter, dtype, device)
-    encoder = LlavaContextEncoder(language_model, vision_tower, mm_projector, mapping, projector, dtype,
-                                  max_length=folder.max_length)
+    encoder = LlavaContextEncoder(
+        language_model, vision_tower, mm_projector, mapping, projector, dtype, max_length=folder.max_length
+    )
     # Parameters were placed on ``device`` one by one; buffers built at construction (RoPE frequencies, CLIP
     # position ids) and anything still on the CPU follow here.
     encoder = encoder.to(device).eval()
     if stream:
         quantize = None
         if quantized:
+
             def quantize(linear: nn.Linear, target: torch.device) -> nn.Module:
                 return _quantized_linear(linear, quantization, dtype, target)
+
         encoder.streamer = LayerStreamer(
-            encoder, streamed_layers(vision_tower) + list(language_model.layers), compute_device, pin=pin,
-            quantize=quantize, quantize_modules=[*language_model.layers, mm_projector],
+            encoder,
+            streamed_layers(vision_tower) + list(language_model.layers),
+            compute_device,
+            pin=pin,
+            quantize=quantize,
+            quantize_modules=[*language_model.layers, mm_projector],
         )
     return encoder

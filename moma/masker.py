@@ -5,6 +5,7 @@ Images are ComfyUI-style tensors, [H, W, C] or [B, H, W, C] float in 0..1 with C
 2 (grey + alpha), 3 (RGB) or 4 (RGBA); masks are [H, W] or [B, H, W] float in 0..1, 1 = object.
 rembg is imported lazily: the alpha and input-mask paths never need it, nor a model file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,9 +94,7 @@ def rembg_model(name: str) -> RembgModel:
     try:
         return REMBG_MODELS[name]
     except KeyError:
-        raise MomaError(
-            f"Unknown rembg model {name!r}. Supported: {', '.join(REMBG_MODELS)}."
-        ) from None
+        raise MomaError(f"Unknown rembg model {name!r}. Supported: {', '.join(REMBG_MODELS)}.") from None
 
 
 # --- model files -------------------------------------------------------------------------------------
@@ -251,9 +250,9 @@ def rembg_mask(image: torch.Tensor, session: Any) -> torch.Tensor:
         ) from err
     mask = np.asarray(predicted.convert("L"), dtype=np.float32) / 255.0
     if mask.shape != (picture.height, picture.width):
-        mask = np.asarray(
-            predicted.convert("L").resize(picture.size, Image.Resampling.BILINEAR), dtype=np.float32
-        ) / 255.0
+        mask = (
+            np.asarray(predicted.convert("L").resize(picture.size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        )
     return torch.from_numpy(np.nan_to_num(mask)).to(image.device)
 
 
@@ -346,7 +345,9 @@ def object_masks(
                 f"mask per image or a single mask for all."
             )
         if masks_in.shape[-2:] != (height, width):
-            log.info("Resizing the input mask from %s to the image size %sx%s", list(masks_in.shape[-2:]), width, height)
+            log.info(
+                "Resizing the input mask from %s to the image size %sx%s", list(masks_in.shape[-2:]), width, height
+            )
             masks_in = F.interpolate(masks_in.unsqueeze(1), size=(height, width), mode="bilinear").squeeze(1)
         batch = max(batch, masks_in.shape[0])
 
@@ -387,4 +388,3 @@ def _as_batch(t: torch.Tensor, dims: int, what: str, expected: str) -> torch.Ten
 def _colour(image: torch.Tensor) -> torch.Tensor:
     """Drop the alpha channel: [.., 1|3] stays, [.., 2] -> grey, [.., 4] -> RGB."""
     return image[..., :1] if image.shape[-1] in (1, 2) else image[..., :3]
-

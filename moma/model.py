@@ -1,4 +1,5 @@
 """MOMA_MODEL: the adapter weights (loaded eagerly, ~150 MB) plus where and how to load LLaVA (lazily)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -54,15 +55,24 @@ class MomaModel:
     keep_llava_loaded: bool = False
     placement: str = "auto"  # where LLaVA lives while encoding: auto, gpu (resident), stream, cpu
     # Runtime state, not part of the model's identity:
-    resident_encoder: Any = field(default=None, repr=False)  # kept encoder (or its ComfyUI patcher) if keep_llava_loaded
+    resident_encoder: Any = field(
+        default=None, repr=False
+    )  # kept encoder (or its ComfyUI patcher) if keep_llava_loaded
     _contexts: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _tokenizer: LlavaTokenizer | None = field(default=None, repr=False)
     _processor: Any = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, adapter_path: str | Path, llava_dir: str | Path | None, clip_vision_path: str | Path | None,
-             precision: str = "auto", quantization: str = "none", keep_llava_loaded: bool = False,
-             placement: str = "auto") -> MomaModel:
+    def load(
+        cls,
+        adapter_path: str | Path,
+        llava_dir: str | Path | None,
+        clip_vision_path: str | Path | None,
+        precision: str = "auto",
+        quantization: str = "none",
+        keep_llava_loaded: bool = False,
+        placement: str = "auto",
+    ) -> MomaModel:
         """Read the adapter now; check the LLaVA folder's config and files and the CLIP path exist (cheap).
 
         ``llava_dir`` / ``clip_vision_path`` may be None (the loader's 'none'): nothing is checked for them and
@@ -84,9 +94,17 @@ class MomaModel:
             clip_vision_path = Path(clip_vision_path)
             if not clip_vision_path.exists():
                 raise MomaError(f"CLIP vision model not found: {clip_vision_path}. {CLIP_WHERE_TO_GET}")
-        return cls(adapter=adapter, adapter_path=Path(adapter_path), llava_dir=llava_dir,
-                   clip_vision_path=clip_vision_path, precision=precision, quantization=quantization,
-                   keep_llava_loaded=keep_llava_loaded, placement=placement, _tokenizer=tokenizer)
+        return cls(
+            adapter=adapter,
+            adapter_path=Path(adapter_path),
+            llava_dir=llava_dir,
+            clip_vision_path=clip_vision_path,
+            precision=precision,
+            quantization=quantization,
+            keep_llava_loaded=keep_llava_loaded,
+            placement=placement,
+            _tokenizer=tokenizer,
+        )
 
     def require_encoder(self, *fields: str) -> None:
         """Raise a MomaError naming the loader inputs set to 'none' among ``fields`` (default: all the encoder's)."""
@@ -114,9 +132,15 @@ class MomaModel:
             self._processor = load_clip_image_processor(self.clip_vision_path)
         return self._processor
 
-    def load_encoder(self, device: torch.device | str, progress: ProgressFn | None = None,
-                     interrupt: InterruptFn | None = None, *, placement: str | None = None,
-                     pin: bool = False) -> LlavaContextEncoder:
+    def load_encoder(
+        self,
+        device: torch.device | str,
+        progress: ProgressFn | None = None,
+        interrupt: InterruptFn | None = None,
+        *,
+        placement: str | None = None,
+        pin: bool = False,
+    ) -> LlavaContextEncoder:
         """Load LLaVA + CLIP vision + mapping/projector for computing on ``device`` (the expensive step).
 
         ``placement`` (default: the model's; ``auto`` without memory figures means resident): ``gpu`` loads it
@@ -126,9 +150,18 @@ class MomaModel:
         placement = resolve_placement(placement or self.placement, device)
         if placement == "cpu":
             device = "cpu"
-        return load_context_encoder(self.llava_dir, self.clip_vision_path, self.adapter, precision=self.precision,
-                                    quantization=self.quantization, device=device, progress=progress,
-                                    interrupt=interrupt, stream=placement == "stream", pin=pin)
+        return load_context_encoder(
+            self.llava_dir,
+            self.clip_vision_path,
+            self.adapter,
+            precision=self.precision,
+            quantization=self.quantization,
+            device=device,
+            progress=progress,
+            interrupt=interrupt,
+            stream=placement == "stream",
+            pin=pin,
+        )
 
     # --- remembered contexts: re-encoding identical inputs would give identical tokens
 
@@ -154,21 +187,41 @@ class MomaModel:
             self._contexts.popitem(last=False)
 
 
-def encode_context(encoder: LlavaContextEncoder, moma_model: MomaModel, image: torch.Tensor, mask: torch.Tensor,
-                   subject: str, prompt: str, progress: ProgressFn | None = None,
-                   interrupt: InterruptFn | None = None) -> MomaContext:
+def encode_context(
+    encoder: LlavaContextEncoder,
+    moma_model: MomaModel,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    subject: str,
+    prompt: str,
+    progress: ProgressFn | None = None,
+    interrupt: InterruptFn | None = None,
+) -> MomaContext:
     """One reference picture [H, W, C] + object mask [H, W] + texts -> MomaContext (spec 2)."""
     input_ids = moma_model.tokenizer.prompt_ids(subject, prompt)
     pixel_values = llava_pixel_values(image, mask, moma_model.image_processor)  # [1, 3, 336, 336]
     llava_emb, cond, uncond = encoder(input_ids, pixel_values, progress=progress, interrupt=interrupt)
-    return MomaContext(cond_tokens=cond, uncond_tokens=uncond, llava_emb=llava_emb, subject=subject,
-                       prompt=prompt, sd_prompt=sd_prompt(subject, prompt),
-                       adapter_sha256=adapter_fingerprint(moma_model.adapter))
+    return MomaContext(
+        cond_tokens=cond,
+        uncond_tokens=uncond,
+        llava_emb=llava_emb,
+        subject=subject,
+        prompt=prompt,
+        sd_prompt=sd_prompt(subject, prompt),
+        adapter_sha256=adapter_fingerprint(moma_model.adapter),
+    )
 
 
-def encode_context_views(encoder: LlavaContextEncoder, moma_model: MomaModel, images: torch.Tensor,
-                         masks: torch.Tensor, subject: str, prompt: str, progress: ProgressFn | None = None,
-                         interrupt: InterruptFn | None = None) -> MomaContext:
+def encode_context_views(
+    encoder: LlavaContextEncoder,
+    moma_model: MomaModel,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    subject: str,
+    prompt: str,
+    progress: ProgressFn | None = None,
+    interrupt: InterruptFn | None = None,
+) -> MomaContext:
     """B views of one object (pictures [B, H, W, C], their masks [B, H, W]) + texts -> one MomaContext.
 
     Each view is encoded alone with the same subject and prompt (``encode_context``); the context's ``llava_emb``
@@ -176,24 +229,35 @@ def encode_context_views(encoder: LlavaContextEncoder, moma_model: MomaModel, im
     (computed in float32 on the CPU), its uncond tokens the encoder's projector(zeros), the same for every view.
     One view gives exactly ``encode_context``'s context. ``progress(done, total)`` counts the steps of all views."""
     if images.ndim != 4 or masks.ndim != 3 or images.shape[0] != masks.shape[0] or images.shape[0] < 1:
-        raise MomaError(f"Internal: views {tuple(images.shape)} and masks {tuple(masks.shape)}; expected "
-                        f"[B, H, W, C] and [B, H, W] with the same B >= 1.")
+        raise MomaError(
+            f"Internal: views {tuple(images.shape)} and masks {tuple(masks.shape)}; expected "
+            f"[B, H, W, C] and [B, H, W] with the same B >= 1."
+        )
     count = images.shape[0]
     views = []
     for index in range(count):
+
         def view_progress(done: int, total: int, index: int = index) -> None:
             if progress is not None:
                 progress(index * total + done, count * total)
 
-        views.append(encode_context(encoder, moma_model, images[index], masks[index], subject, prompt,
-                                    view_progress, interrupt))
+        views.append(
+            encode_context(encoder, moma_model, images[index], masks[index], subject, prompt, view_progress, interrupt)
+        )
     if count == 1:
         return views[0]
     llava_emb = mean_llava_embedding([view.llava_emb for view in views])
     cond, _ = context_tokens(build_projector(moma_model.adapter), llava_emb)
     first = views[0]
-    return MomaContext(cond_tokens=cond, uncond_tokens=first.uncond_tokens, llava_emb=llava_emb, subject=subject,
-                       prompt=prompt, sd_prompt=first.sd_prompt, adapter_sha256=first.adapter_sha256)
+    return MomaContext(
+        cond_tokens=cond,
+        uncond_tokens=first.uncond_tokens,
+        llava_emb=llava_emb,
+        subject=subject,
+        prompt=prompt,
+        sd_prompt=first.sd_prompt,
+        adapter_sha256=first.adapter_sha256,
+    )
 
 
 def check_texts(subject: str, prompt: str) -> None:

@@ -7,6 +7,7 @@
 - ``mean_llava_embedding``: several pictures (views) of one object -> the mean of their ``llava_emb`` (the pack's
   extension; MoMA itself encodes one picture), which the projector turns into the cond tokens.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,8 +37,9 @@ class SwiGLUMapping(nn.Module):
 class ImageProjModel(nn.Module):
     """llava_emb [B, 1024] -> [B, 4, 768] context tokens (Linear, reshape, LayerNorm eps 1e-5)."""
 
-    def __init__(self, embed_dim: int = LLAVA_EMBED_DIM, token_dim: int = CROSS_ATTENTION_DIM,
-                 num_tokens: int = NUM_MOMA_TOKENS) -> None:
+    def __init__(
+        self, embed_dim: int = LLAVA_EMBED_DIM, token_dim: int = CROSS_ATTENTION_DIM, num_tokens: int = NUM_MOMA_TOKENS
+    ) -> None:
         super().__init__()
         self.token_dim = token_dim
         self.num_tokens = num_tokens
@@ -49,8 +51,9 @@ class ImageProjModel(nn.Module):
         return self.norm(tokens)
 
 
-def build_mapping(weights: MomaAdapterWeights, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> SwiGLUMapping:
+def build_mapping(
+    weights: MomaAdapterWeights, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> SwiGLUMapping:
     """The SwiGLU head with the adapter file's ``llm_mapping`` weights (strict load)."""
     with torch.device("meta"):
         mapping = SwiGLUMapping()
@@ -59,8 +62,9 @@ def build_mapping(weights: MomaAdapterWeights, dtype: torch.dtype = torch.float3
     return mapping.requires_grad_(False).eval()
 
 
-def build_projector(weights: MomaAdapterWeights, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> ImageProjModel:
+def build_projector(
+    weights: MomaAdapterWeights, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> ImageProjModel:
     """The 4-token projector with the adapter file's ``projectors`` weights (strict load)."""
     with torch.device("meta"):
         projector = ImageProjModel()

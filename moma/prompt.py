@@ -6,6 +6,7 @@ as LLaVA's ``tokenizer_image_token`` with the folder's slow SentencePiece LlamaT
 ``<image>``, each chunk encoded as ``[BOS] + pieces`` (SentencePiece's dummy-prefix space included), BOS kept only
 at the very start, and id -200 placed between the chunks where the picture features go.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ def _strip_sd_prefix(subject: str, prompt: str) -> str | None:
     prefix = SD_PREFIX.format(subject=subject)
     if not prompt.lower().startswith(prefix.lower()):
         return None
-    rest = prompt[len(prefix):].lstrip()
+    rest = prompt[len(prefix) :].lstrip()
     if rest.startswith("."):
         rest = rest[1:].lstrip()
     return rest
@@ -83,7 +84,9 @@ class LlavaTokenizer:
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except (OSError, RuntimeError) as error:
-            raise MomaError(f"Could not read the SentencePiece model {model_file}: {error}. {LLAVA_WHERE_TO_GET}") from None
+            raise MomaError(
+                f"Could not read the SentencePiece model {model_file}: {error}. {LLAVA_WHERE_TO_GET}"
+            ) from None
         self.add_bos = add_bos
         self.bos_id = self.sp.bos_id()
         if add_bos and self.bos_id < 0:

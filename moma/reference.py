@@ -4,6 +4,7 @@ One UNet evaluation at timestep 0 on the VAE-encoded *original* reference image 
 subject-only prompt; in each of the 16 attn1 layers K_ref = to_k_ip(k), V_ref = to_v_ip(v), kept only at
 the object's positions (nearest-resized binary object mask).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -79,7 +80,9 @@ def binarise_object_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     if mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[1] != 1:
-        raise MomaError(f"Object mask has shape {tuple(mask.shape)}; expected one mask [H, W] (a ComfyUI MASK of batch 1).")
+        raise MomaError(
+            f"Object mask has shape {tuple(mask.shape)}; expected one mask [H, W] (a ComfyUI MASK of batch 1)."
+        )
     if tuple(mask.shape[-2:]) != tuple(size):
         mask = F.interpolate(mask, size=size, mode="bilinear", antialias=True, align_corners=False)
     return mask[0, 0] > 0.5 / 255.0
@@ -95,7 +98,9 @@ def object_token_index(object_mask: torch.Tensor, grid: tuple[int, int]) -> torc
 def noised_reference_latent(latent: torch.Tensor, sigma0: float, generator: torch.Generator) -> torch.Tensor:
     """x = z + sigma0 * eps: with ComfyUI's EPS input scaling 1/sqrt(sigma^2+1) the UNet sees
     sqrt(abar_0) z + sqrt(1 - abar_0) eps, i.e. diffusers' add_noise at t=0."""
-    noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32, device="cpu").to(latent.device, latent.dtype)
+    noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32, device="cpu").to(
+        latent.device, latent.dtype
+    )
     return latent + sigma0 * noise
 
 

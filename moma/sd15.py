@@ -1,4 +1,5 @@
 """SD1.5 attention layout: ComfyUI block keys <-> MoMA adapter indices (diffusers order down, up, mid)."""
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,10 @@ def parse_block_weights(text: str) -> dict[tuple[str, int], float]:
         return weights
     if all("=" not in part for part in parts):
         if len(parts) != len(LAYERS):
-            raise ValueError(f"{len(parts)} numbers given; write all {len(LAYERS)} (one per layer, in the order "
-                             f"{', '.join(block_name(layer.block) for layer in LAYERS)}) or name=value pairs")
+            raise ValueError(
+                f"{len(parts)} numbers given; write all {len(LAYERS)} (one per layer, in the order "
+                f"{', '.join(block_name(layer.block) for layer in LAYERS)}) or name=value pairs"
+            )
         for layer, part in zip(LAYERS, parts):
             weights[layer.block] = _weight(part)
         return weights

@@ -15,6 +15,7 @@ The computation is the resident model's, tensor for tensor (same dtype, same mod
 where the weights live changes. With ``quantize`` (bitsandbytes), the ``nn.Linear`` weights of the chosen
 modules stay fp16 on the host and are quantised as they arrive, as the resident quantised encoder does at load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,9 @@ PLACEMENTS = ("auto", "gpu", "stream", "cpu")
 QuantizeFn = Callable[[nn.Linear, torch.device], nn.Module]  # host fp16 Linear -> quantised layer on the device
 
 
-def resolve_placement(placement: str, device: torch.device | str, needed_bytes: int | None = None,
-                      available_bytes: int | None = None) -> str:
+def resolve_placement(
+    placement: str, device: torch.device | str, needed_bytes: int | None = None, available_bytes: int | None = None
+) -> str:
     """``auto`` -> ``gpu`` (resident) when ``needed_bytes`` fit in ``available_bytes``, else ``stream``.
 
     On a CPU compute device every choice but ``stream`` means resident on the CPU (``cpu``); MPS memory is the
@@ -76,8 +78,9 @@ class _Unit:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _collect(module: nn.Module, skip: set[int], quantize_roots: set[int], unit: _Unit,
-             quantizing: bool = False) -> None:
+def _collect(
+    module: nn.Module, skip: set[int], quantize_roots: set[int], unit: _Unit, quantizing: bool = False
+) -> None:
     quantizing = quantizing or id(module) in quantize_roots
     for name, param in module._parameters.items():
         if param is not None:
@@ -103,9 +106,17 @@ class LayerStreamer:
     tests exercise this code without a GPU.
     """
 
-    def __init__(self, root: nn.Module, layers: Sequence[nn.Module], device: torch.device | str, *,
-                 pin: bool = False, prefetch: bool = True, quantize: QuantizeFn | None = None,
-                 quantize_modules: Sequence[nn.Module] = ()) -> None:
+    def __init__(
+        self,
+        root: nn.Module,
+        layers: Sequence[nn.Module],
+        device: torch.device | str,
+        *,
+        pin: bool = False,
+        prefetch: bool = True,
+        quantize: QuantizeFn | None = None,
+        quantize_modules: Sequence[nn.Module] = (),
+    ) -> None:
         self.device = torch.device(device)
         self.layers = list(layers)
         self._cuda = self.device.type == "cuda"
@@ -146,8 +157,10 @@ class LayerStreamer:
         try:
             self._pin_all()
         except RuntimeError as error:
-            log.warning("LLaVA streaming: could not pin the weights in RAM (%s); copying from pageable memory.",
-                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+            log.warning(
+                "LLaVA streaming: could not pin the weights in RAM (%s); copying from pageable memory.",
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+            )
 
     def _pin_all(self) -> None:
         for unit in [self._resident, *self._units]:
@@ -246,11 +259,13 @@ class LayerStreamer:
             if index + 1 < len(self._units):
                 self._fetch(self._units[index + 1])
             self.max_layers_on_device = max(self.max_layers_on_device, self._on_device())
+
         return hook
 
     def _post_hook(self, index: int) -> Callable:
         def hook(*_) -> None:
             self._drop(self._units[index])
+
         return hook
 
 

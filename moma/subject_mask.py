@@ -5,6 +5,7 @@ nearest-downsamples the result to each layer's grid. For grids that divide the l
 exactly the same as doing it all at the latent grid (H/8 x W/8), which is what these functions do, so
 non-square and non-512 sizes work and the work is 64x smaller.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -201,7 +202,7 @@ class SubjectMaskTracker:
         ``layers`` layers' maps)."""
         batch = layer_maps.shape[0] // len(chunk_kinds)
         for chunk, kind in enumerate(chunk_kinds):
-            part = layer_maps[chunk * batch:(chunk + 1) * batch]
+            part = layer_maps[chunk * batch : (chunk + 1) * batch]
             if kind in self._sums and self._sums[kind].shape == part.shape:
                 # (multi-GPU ComfyUI may evaluate parts of one batch on several devices)
                 self._sums[kind] += part.to(self._sums[kind].device)
@@ -210,8 +211,9 @@ class SubjectMaskTracker:
                 self._sums[kind] = part.clone()
                 self._counts[kind] = layers
 
-    def add_probs(self, subject_probs: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int],
-                  chunk_kinds: list[int]) -> None:
+    def add_probs(
+        self, subject_probs: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int], chunk_kinds: list[int]
+    ) -> None:
         """Queue one layer's subject probabilities [len(chunk_kinds) * B, h*w]. They become maps at
         ``finish_evaluation``, the layers of one grid together: a few kernels per grid instead of per layer
         (on a GPU, sampling SD1.5 at common sizes is bound by kernel launches)."""
@@ -265,15 +267,16 @@ class SubjectMaskTracker:
         self._counts.clear()
 
     @staticmethod
-    def _store_frames(clip: torch.Tensor | None, mask: torch.Tensor, frames: tuple[int, ...],
-                      in_place: bool) -> torch.Tensor:
+    def _store_frames(
+        clip: torch.Tensor | None, mask: torch.Tensor, frames: tuple[int, ...], in_place: bool
+    ) -> torch.Tensor:
         """``clip`` with a window's masks [len(frames), H, W] written at its frames (device ops only); a new
         tensor unless ``in_place`` (the current clip stays as it is while a step is held)."""
         length = max(frames) + 1
         if clip is None or clip.shape[0] < length or clip.shape[1:] != mask.shape[1:]:
             grown = torch.ones((length, *mask.shape[1:]), device=mask.device, dtype=mask.dtype)
             if clip is not None and clip.shape[1:] == mask.shape[1:]:
-                grown[:clip.shape[0]] = clip.to(mask.device)
+                grown[: clip.shape[0]] = clip.to(mask.device)
             clip = grown
         elif not in_place:
             clip = clip.clone()

@@ -9,6 +9,7 @@ from what the installed transformers has, never from its version string.
 (What differs in the files each version writes, e.g. a vision-only CLIP saved by 5.x without the
 ``vision_model.`` prefix, is handled where the files are read: ``moma.clip_vision``.)
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -14,6 +14,7 @@ checked and the file is read without running code (``torch.load(weights_only=Tru
 The safetensors equivalent stores the same tensors flat as ``"<group>.<inner key>"``, e.g.
 ``projectors.proj.weight``, ``self_cross_attentions.0.to_k_ip.weight``, ``llm_mapping.mapping.gate_proj.weight``.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -210,7 +211,9 @@ def _read_safetensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def _validate(groups: Any, path: Path) -> MomaAdapterWeights:
     if not isinstance(groups, Mapping):
-        raise MomaError(f"{path} holds a {type(groups).__name__}, not the dict of 3 groups of a MoMA adapter. {WHERE_TO_GET}")
+        raise MomaError(
+            f"{path} holds a {type(groups).__name__}, not the dict of 3 groups of a MoMA adapter. {WHERE_TO_GET}"
+        )
     keys = set(groups)
     if keys & {"image_proj", "ip_adapter"}:
         raise MomaError(
@@ -245,9 +248,13 @@ def _validate(groups: Any, path: Path) -> MomaAdapterWeights:
             for key in shapes
             if key in inner and isinstance(inner[key], torch.Tensor) and not inner[key].is_floating_point()
         ]
-        for label, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("wrong shapes", wrong_shape), ("not tensors", not_tensors),
-                             ("not floating point", not_float)):
+        for label, names in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", wrong_shape),
+            ("not tensors", not_tensors),
+            ("not floating point", not_float),
+        ):
             if names:
                 problems.append(f"'{group}' {label}: {_names(names)}")
         checked[group] = dict(inner)
@@ -268,7 +275,7 @@ def _validate(groups: Any, path: Path) -> MomaAdapterWeights:
         to_k_ip={index: attentions[f"{index}.to_k_ip.weight"] for index in indices},
         to_v_ip={index: attentions[f"{index}.to_v_ip.weight"] for index in indices},
         scale_learnable={index: attentions[f"{index}.scale_learnable"] for index in indices if index % 2 == 0},
-        mapping={key[len(MAPPING_PREFIX):]: value for key, value in checked["llm_mapping"].items()},
+        mapping={key[len(MAPPING_PREFIX) :]: value for key, value in checked["llm_mapping"].items()},
         source=str(path),
     )
 

@@ -1,4 +1,5 @@
 """ComfyUI nodes of the pack: thin adapters from ComfyUI types to ``moma`` calls."""
+
 from __future__ import annotations
 
 from . import (

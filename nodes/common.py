@@ -1,4 +1,5 @@
 """Small helpers shared by the node files."""
+
 from __future__ import annotations
 
 import inspect
@@ -18,7 +19,11 @@ def require_sd15(model: Any, node: str) -> None:
     config = getattr(getattr(model, "model", None), "model_config", None)
     unet = getattr(config, "unet_config", {}) or {}
     name = type(config).__name__ if config is not None else type(model).__name__
-    if unet.get("model_channels") != 320 or unet.get("context_dim") != CROSS_ATTENTION_DIM or unet.get("adm_in_channels"):
+    if (
+        unet.get("model_channels") != 320
+        or unet.get("context_dim") != CROSS_ATTENTION_DIM
+        or unet.get("adm_in_channels")
+    ):
         raise MomaError(
             f"{node}: the MODEL is {name}, but MoMA's adapter only fits SD1.5 models (320-channel UNet, "
             f"768-wide CLIP-L text context). Wire an SD1.5 checkpoint (e.g. Realistic Vision, Anything v4); "
@@ -51,7 +56,9 @@ def warn_if_other_adapter(context: Any, moma_model: Any, node: str = "Apply MoMA
 
 def warn_if_constant_picture(picture: torch.Tensor, node: str) -> str | None:
     """Log (and return) a warning when a reference picture [.., H, W, C] is (almost: >= 98% of its pixels) one colour."""
-    rgb = picture[..., :3].float().contiguous().reshape(-1, min(3, picture.shape[-1]))  # median() of a stride-0 (expanded) tensor gives NaN
+    rgb = (
+        picture[..., :3].float().contiguous().reshape(-1, min(3, picture.shape[-1]))
+    )  # median() of a stride-0 (expanded) tensor gives NaN
     if rgb.numel() == 0:
         return None
     colour = rgb.median(dim=0).values
@@ -59,10 +66,15 @@ def warn_if_constant_picture(picture: torch.Tensor, node: str) -> str | None:
     if share < SINGLE_COLOUR_SHARE:
         return None
     shown = ", ".join(f"{value:.3f}" for value in colour.tolist())
-    cause = ("a 16-bit PNG, which Load Image of ComfyUI 0.3.x turns white: save the picture as 8-bit"
-             if bool((colour >= 1.0 - 1.0 / 512).all()) else "a blank or failed picture, or the wrong input wired")
-    message = (f"{node}: the reference picture is a single colour ({shown} in {share:.0%} of it), so there is no "
-               f"object for MoMA to copy. Likely cause: {cause}.")
+    cause = (
+        "a 16-bit PNG, which Load Image of ComfyUI 0.3.x turns white: save the picture as 8-bit"
+        if bool((colour >= 1.0 - 1.0 / 512).all())
+        else "a blank or failed picture, or the wrong input wired"
+    )
+    message = (
+        f"{node}: the reference picture is a single colour ({shown} in {share:.0%} of it), so there is no "
+        f"object for MoMA to copy. Likely cause: {cause}."
+    )
     log.warning(message)
     return message
 

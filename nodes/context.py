@@ -1,4 +1,5 @@
 """LLaVA Context Encoder (reference + texts -> MOMA_CONTEXT) and Save / Load MoMA Context (.safetensors)."""
+
 from __future__ import annotations
 
 import gc
@@ -53,8 +54,9 @@ def reference_views(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     [B, H, W, C] and one mask per view [B, H, W]; warns about single-colour pictures and empty masks per view."""
     node = "LLaVA Context Encoder"
     if image.ndim != 4 or image.shape[0] < 1:
-        raise MomaError(f"{node}: image has shape {tuple(image.shape)}; expected an IMAGE [B, H, W, C] (B pictures "
-                        f"of the object).")
+        raise MomaError(
+            f"{node}: image has shape {tuple(image.shape)}; expected an IMAGE [B, H, W, C] (B pictures of the object)."
+        )
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3:
@@ -63,8 +65,10 @@ def reference_views(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     if masks == 1 and views > 1:
         mask = mask.expand(views, -1, -1)
     elif masks != views:
-        raise MomaError(f"{node}: image is a batch of {views} picture(s) but mask a batch of {masks}; give one mask "
-                        f"per picture ({views}) or a single mask for all of them.")
+        raise MomaError(
+            f"{node}: image is a batch of {views} picture(s) but mask a batch of {masks}; give one mask "
+            f"per picture ({views}) or a single mask for all of them."
+        )
     for index in range(views):
         where = node if views == 1 else f"{node} (view {index + 1} of {views})"
         warn_if_constant_picture(image[index], where)
@@ -103,13 +107,20 @@ def choose_placement(moma_model: MomaModelObject, device: torch.device) -> str:
         return resolve_placement(moma_model.placement, device)
     needed = _estimated_bytes(moma_model, device) + comfy.model_management.minimum_inference_memory()
     available = comfy.model_management.get_free_memory(device) + sum(
-        loaded.model_loaded_memory() for loaded in comfy.model_management.current_loaded_models
-        if loaded.device == device and loaded.model is not None
+        loaded.model_loaded_memory()
+        for loaded in comfy.model_management.current_loaded_models
+        if loaded.device == device
+        and loaded.model is not None
         and not isinstance(getattr(loaded.model, "model", None), LlavaContextEncoder)
     )
     placement = resolve_placement("auto", device, needed, available)
-    log.info("LLaVA Context Encoder: llava_placement auto -> %s (needs %.1f GB, %.1f GB free or freeable on %s).",
-             placement, needed / 2**30, available / 2**30, device)
+    log.info(
+        "LLaVA Context Encoder: llava_placement auto -> %s (needs %.1f GB, %.1f GB free or freeable on %s).",
+        placement,
+        needed / 2**30,
+        available / 2**30,
+        device,
+    )
     return placement
 
 
@@ -121,8 +132,9 @@ def _make_room(moma_model: MomaModelObject, device: torch.device, placement: str
     comfy.model_management.free_memory(needed + comfy.model_management.minimum_inference_memory(), device)
 
 
-def _loaded_encoder(moma_model: MomaModelObject, device: torch.device, placement: str, progress: Any,
-                    interrupt: Any) -> LlavaContextEncoder:
+def _loaded_encoder(
+    moma_model: MomaModelObject, device: torch.device, placement: str, progress: Any, interrupt: Any
+) -> LlavaContextEncoder:
     """Load LLaVA for ``placement`` after asking ComfyUI to make room for it."""
     _make_room(moma_model, device, placement)
     pin = False
@@ -132,12 +144,15 @@ def _loaded_encoder(moma_model: MomaModelObject, device: torch.device, placement
 
         host = sum(file.stat().st_size for file in LlavaFolder.open(moma_model.llava_dir).weight_files)  # ~fp16
         pin = comfy.model_management.get_free_memory(torch.device("cpu")) > 2 * host
-        pin = pin and not getattr(comfy.cli_args.args, "disable_pinned_memory", False)  # the user's --disable-pinned-memory
+        pin = pin and not getattr(
+            comfy.cli_args.args, "disable_pinned_memory", False
+        )  # the user's --disable-pinned-memory
     return moma_model.load_encoder(device, progress=progress, interrupt=interrupt, placement=placement, pin=pin)
 
 
-def _resident_encoder(moma_model: MomaModelObject, device: torch.device, placement: str, progress: Any,
-                      interrupt: Any) -> LlavaContextEncoder:
+def _resident_encoder(
+    moma_model: MomaModelObject, device: torch.device, placement: str, progress: Any, interrupt: Any
+) -> LlavaContextEncoder:
     """The kept encoder: registered with ComfyUI's model management so sampling can offload it to RAM, or, when
     streamed, held in RAM by the MOMA_MODEL (each encode streams it through the GPU)."""
     held = moma_model.resident_encoder
@@ -152,7 +167,8 @@ def _resident_encoder(moma_model: MomaModelObject, device: torch.device, placeme
             load_device = encoder._device()  # the CPU for llava_placement 'cpu'
             encoder.device = load_device  # ModelPatcher reads and writes .device (a plain attribute on our wrapper)
             held = comfy.model_patcher.ModelPatcher(
-                encoder, load_device=load_device,
+                encoder,
+                load_device=load_device,
                 offload_device=comfy.model_management.text_encoder_offload_device(),
             )
         moma_model.resident_encoder = held
@@ -162,8 +178,9 @@ def _resident_encoder(moma_model: MomaModelObject, device: torch.device, placeme
     return held
 
 
-def run_context_encoder(moma_model: MomaModelObject, pictures: torch.Tensor, object_masks: torch.Tensor,
-                        subject: str, prompt: str) -> MomaContextObject:
+def run_context_encoder(
+    moma_model: MomaModelObject, pictures: torch.Tensor, object_masks: torch.Tensor, subject: str, prompt: str
+) -> MomaContextObject:
     """Encode the views [B, H, W, C] with masks [B, H, W] with LLaVA (loaded for this call unless the model keeps
     it), with one progress bar over loading and then over all views, and interrupt."""
     bar = comfy.utils.ProgressBar(1)
@@ -180,8 +197,7 @@ def run_context_encoder(moma_model: MomaModelObject, pictures: torch.Tensor, obj
             encoder = _resident_encoder(moma_model, device, placement, progress, interrupt)
         else:
             encoder = _loaded_encoder(moma_model, device, placement, progress, interrupt)
-        return encode_context_views(encoder, moma_model, pictures, object_masks, subject, prompt, progress,
-                                    interrupt)
+        return encode_context_views(encoder, moma_model, pictures, object_masks, subject, prompt, progress, interrupt)
     except torch.cuda.OutOfMemoryError:
         raise MomaError(
             f"LLaVA ({moma_model.precision}, quantization {moma_model.quantization}, llava_placement "
@@ -211,14 +227,26 @@ class MomaContextEncoder(io.ComfyNode):
             ),
             inputs=[
                 MomaModel.Input("moma_model", tooltip="From MoMA Loader."),
-                io.Image.Input("image", tooltip="The reference picture of the object; a batch = several views of "
-                                                "the same object (their LLaVA embeddings are averaged)."),
-                io.Mask.Input("mask", tooltip="The object's mask (white = object), e.g. from MoMA Object Masker: one "
-                                              "per picture of the batch, or one for all."),
-                io.String.Input("subject", default="car", tooltip="The object's class word(s), e.g. 'car', 'teddy bear'."),
-                io.String.Input("prompt", multiline=True, default="A car in autumn with falling leaves.",
-                                tooltip="The new scene or texture. A prompt already starting with 'photo of a "
-                                        "{subject}' is used as the SD prompt unchanged, and LLaVA gets the rest."),
+                io.Image.Input(
+                    "image",
+                    tooltip="The reference picture of the object; a batch = several views of "
+                    "the same object (their LLaVA embeddings are averaged).",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    tooltip="The object's mask (white = object), e.g. from MoMA Object Masker: one "
+                    "per picture of the batch, or one for all.",
+                ),
+                io.String.Input(
+                    "subject", default="car", tooltip="The object's class word(s), e.g. 'car', 'teddy bear'."
+                ),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="A car in autumn with falling leaves.",
+                    tooltip="The new scene or texture. A prompt already starting with 'photo of a "
+                    "{subject}' is used as the SD prompt unchanged, and LLaVA gets the rest.",
+                ),
             ],
             outputs=[
                 MomaContext.Output(display_name="context"),
@@ -238,8 +266,9 @@ class MomaContextEncoder(io.ComfyNode):
         return verdict(problems, values)
 
     @classmethod
-    def execute(cls, moma_model: Any, image: torch.Tensor, mask: torch.Tensor, subject: str,
-                prompt: str) -> io.NodeOutput:
+    def execute(
+        cls, moma_model: Any, image: torch.Tensor, mask: torch.Tensor, subject: str, prompt: str
+    ) -> io.NodeOutput:
         host_contract.require(host_contract.ENCODER)
         if not isinstance(moma_model, MomaModelObject):
             raise MomaError("LLaVA Context Encoder: moma_model must come from a 'MoMA Loader' node.")
@@ -309,12 +338,15 @@ class MomaSaveContext(io.ComfyNode):
             display_name="Save MoMA Context",
             category="MoMA",
             description="Saves a MOMA_CONTEXT (4+4 tokens, LLaVA embedding, subject and prompts) as .safetensors "
-                        "in ComfyUI's output folder, so a later run can skip LLaVA with Load MoMA Context.",
+            "in ComfyUI's output folder, so a later run can skip LLaVA with Load MoMA Context.",
             is_output_node=True,
             inputs=[
                 MomaContext.Input("context"),
-                io.String.Input("filename_prefix", default="moma/context",
-                                tooltip="Path under the output folder; a counter and .safetensors are appended."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="moma/context",
+                    tooltip="Path under the output folder; a counter and .safetensors are appended.",
+                ),
             ],
             outputs=[],
         )
@@ -352,13 +384,20 @@ class MomaLoadContext(io.ComfyNode):
             display_name="Load MoMA Context",
             category="MoMA",
             description="Loads a context saved by Save MoMA Context (from input/ or output/), instead of "
-                        "running LLaVA. Outputs the context and its SD prompt.",
+            "running LLaVA. Outputs the context and its SD prompt.",
             inputs=[
-                io.Combo.Input("context_file", options=context_file_choices(),
-                               tooltip="MoMA context files found in ComfyUI's input and output folders."),
-                io.String.Input("path", default="", optional=True,
-                                tooltip="Optional: a file path relative to ComfyUI's input/ or output/ folder "
-                                        "(absolute paths and '..' are refused); overrides context_file when set."),
+                io.Combo.Input(
+                    "context_file",
+                    options=context_file_choices(),
+                    tooltip="MoMA context files found in ComfyUI's input and output folders.",
+                ),
+                io.String.Input(
+                    "path",
+                    default="",
+                    optional=True,
+                    tooltip="Optional: a file path relative to ComfyUI's input/ or output/ folder "
+                    "(absolute paths and '..' are refused); overrides context_file when set.",
+                ),
             ],
             outputs=[
                 MomaContext.Output(display_name="context"),

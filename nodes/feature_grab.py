@@ -1,4 +1,5 @@
 """Self-Attention Feature Grab: one UNet pass over the reference picture at t=0 -> MOMA_REF (spec 3.2)."""
+
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,8 @@ def encode_reference_latent(vae: Any, pixels: torch.Tensor, generator: torch.Gen
     the SD1.5 KL autoencoder. pixels: [1, H, W, 3] 0..1 -> [1, 4, H/8, W/8], unscaled."""
     first_stage = vae.first_stage_model
     is_kl = (
-        hasattr(first_stage, "encoder") and hasattr(first_stage, "quant_conv")
+        hasattr(first_stage, "encoder")
+        and hasattr(first_stage, "quant_conv")
         and isinstance(getattr(first_stage, "regularization", None), DiagonalGaussianRegularizer)
         and getattr(first_stage, "bn", None) is None
     )
@@ -63,13 +65,23 @@ def _view_masks(image: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         return list(masks)
     if masks.shape[0] == 1:
         return [masks[0]] * views
-    raise MomaError(f"Feature Grab: {views} reference pictures but {masks.shape[0]} masks; give one mask per picture "
-                    "(a MASK batch of the same size) or a single mask for all of them.")
+    raise MomaError(
+        f"Feature Grab: {views} reference pictures but {masks.shape[0]} masks; give one mask per picture "
+        "(a MASK batch of the same size) or a single mask for all of them."
+    )
 
 
-def grab_reference_features(model: Any, moma_model: Any, vae: Any, clip: Any, image: torch.Tensor,
-                            mask: torch.Tensor, subject: str, seed: int,
-                            resolution: int = REFERENCE_RESOLUTION) -> ReferenceBank:
+def grab_reference_features(
+    model: Any,
+    moma_model: Any,
+    vae: Any,
+    clip: Any,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    subject: str,
+    seed: int,
+    resolution: int = REFERENCE_RESOLUTION,
+) -> ReferenceBank:
     """Run the reference pass on the wired MODEL and return the object bank of all 16 attn1 layers.
 
     A batch of pictures (views of one object) gives one bank with every view's object keys/values, in batch
@@ -77,34 +89,49 @@ def grab_reference_features(model: Any, moma_model: Any, vae: Any, clip: Any, im
     return prepare_reference_pass(model, moma_model, vae, clip, image, mask, subject, seed)(int(resolution))
 
 
-def prepare_reference_pass(model: Any, moma_model: Any, vae: Any, clip: Any, image: torch.Tensor,
-                           mask: torch.Tensor, subject: str, seed: int) -> Callable[[int], ReferenceBank]:
+def prepare_reference_pass(
+    model: Any, moma_model: Any, vae: Any, clip: Any, image: torch.Tensor, mask: torch.Tensor, subject: str, seed: int
+) -> Callable[[int], ReferenceBank]:
     """Check the inputs and encode the subject word now; the returned function runs the reference pass at a
     given resolution (for 'auto', when sampling starts and the generation's size is known)."""
     host_contract.require(host_contract.GRAB)
     require_sd15(model, "Self-Attention Feature Grab")
     adapter = adapter_of(moma_model)
     if image.dim() != 4:
-        raise MomaError(f"Feature Grab: reference image has shape {tuple(image.shape)}; expected a ComfyUI IMAGE [B, H, W, C].")
+        raise MomaError(
+            f"Feature Grab: reference image has shape {tuple(image.shape)}; expected a ComfyUI IMAGE [B, H, W, C]."
+        )
     if not subject.strip():
         raise MomaError("Feature Grab: 'subject' is empty; give the object's word, e.g. 'car' or 'dog'.")
     view_masks = _view_masks(image, mask)
     for view in range(image.shape[0]):
-        warn_if_constant_picture(image[view], "Feature Grab" if image.shape[0] == 1 else f"Feature Grab (picture {view + 1})")
+        warn_if_constant_picture(
+            image[view], "Feature Grab" if image.shape[0] == 1 else f"Feature Grab (picture {view + 1})"
+        )
     tokens = clip.tokenize(subject.strip())
     subject_cond = clip.encode_from_tokens(tokens)[:, :REFERENCE_TEXT_TOKENS]  # [1, 73, 768]
     pictures = image.detach().cpu()
     view_masks = [m.detach().cpu() for m in view_masks]
 
     def grab_at(resolution: int) -> ReferenceBank:
-        return _reference_pass(model, adapter, vae, pictures, view_masks, subject.strip(), subject_cond, int(seed),
-                               int(resolution))
+        return _reference_pass(
+            model, adapter, vae, pictures, view_masks, subject.strip(), subject_cond, int(seed), int(resolution)
+        )
 
     return grab_at
 
 
-def _reference_pass(model: Any, adapter: Any, vae: Any, pictures: torch.Tensor, view_masks: list[torch.Tensor],
-                    subject: str, subject_cond: torch.Tensor, seed: int, resolution: int) -> ReferenceBank:
+def _reference_pass(
+    model: Any,
+    adapter: Any,
+    vae: Any,
+    pictures: torch.Tensor,
+    view_masks: list[torch.Tensor],
+    subject: str,
+    subject_cond: torch.Tensor,
+    seed: int,
+    resolution: int,
+) -> ReferenceBank:
     pixel_size = reference_pixel_size(int(pictures.shape[1]), int(pictures.shape[2]), resolution)
     base_model = model.model
     model_sampling = model.get_model_object("model_sampling")
@@ -116,11 +143,13 @@ def _reference_pass(model: Any, adapter: Any, vae: Any, pictures: torch.Tensor, 
     grids: dict = {}
     object_masks = []
     for view, view_mask in enumerate(view_masks):
-        pixels = resize_reference_image(pictures[view:view + 1], pixel_size)
+        pixels = resize_reference_image(pictures[view : view + 1], pixel_size)
         object_mask = binarise_object_mask(view_mask, pixel_size)
         if not bool(object_mask.any()):
-            log.warning("Feature Grab: the object mask%s is empty; the reference attends to the whole picture.",
-                        "" if len(view_masks) == 1 else f" of picture {view + 1}")
+            log.warning(
+                "Feature Grab: the object mask%s is empty; the reference attends to the whole picture.",
+                "" if len(view_masks) == 1 else f" of picture {view + 1}",
+            )
         latent = encode_reference_latent(vae, pixels, generator)
         comfy.model_management.load_models_gpu([model])
         device = model.load_device
@@ -129,11 +158,14 @@ def _reference_pass(model: Any, adapter: Any, vae: Any, pictures: torch.Tensor, 
         store: dict = {}
         options = reference_capture_options(adapter.to_k_ip, adapter.to_v_ip, object_mask, sigma0.to(device), store)
         with torch.no_grad():
-            base_model.apply_model(x, sigma0.to(device), c_crossattn=subject_cond.to(device),
-                                   transformer_options=options)
+            base_model.apply_model(
+                x, sigma0.to(device), c_crossattn=subject_cond.to(device), transformer_options=options
+            )
         if len(store) != 16:
-            raise MomaError(f"Feature Grab: the reference pass reached {len(store)} of the 16 SD1.5 attention layers; "
-                            "is this an SD1.5 UNet with its standard block layout?")
+            raise MomaError(
+                f"Feature Grab: the reference pass reached {len(store)} of the 16 SD1.5 attention layers; "
+                "is this an SD1.5 UNet with its standard block layout?"
+            )
         for block, (k_ref, v_ref, grid, _whole) in store.items():
             keys.setdefault(block, []).append(k_ref.to(offload))
             values.setdefault(block, []).append(v_ref.to(offload))
@@ -166,27 +198,55 @@ class MomaFeatureGrab(io.ComfyNode):
                 "step; with resolution 0 (auto) it runs when sampling starts, at the size being sampled."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 model you sample with (LoRAs applied); the reference pass uses its weights."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The SD1.5 model you sample with (LoRAs applied); the reference pass uses its weights.",
+                ),
                 MomaModel.Input("moma_model", tooltip="From MoMA Loader."),
-                io.Vae.Input("vae", tooltip="Encodes the reference picture (the original, not the white-background one)."),
+                io.Vae.Input(
+                    "vae", tooltip="Encodes the reference picture (the original, not the white-background one)."
+                ),
                 io.Clip.Input("clip", tooltip="Encodes the subject word for the reference pass."),
-                io.Image.Input("image", tooltip="The reference picture of the object, any size or aspect ratio; a batch "
-                                                "of pictures (views of the same object) gives one bank holding all of them."),
-                io.Mask.Input("mask", tooltip="The object's mask (e.g. from MoMA Object Masker); background keys are left "
-                                              "out. One per picture, or one for all."),
-                io.String.Input("subject", default="car", tooltip="The object's word, as in the prompt (e.g. 'car', 'teddy bear')."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Seeds the VAE posterior sample and the t=0 noise of the reference pass."),
-                io.Int.Input("resolution", default=AUTO_RESOLUTION, min=AUTO_RESOLUTION, max=1024, step=64,
-                             tooltip="0 (auto, the default): the reference is encoded at the size being sampled (its "
-                                     "area, the picture's aspect kept), read when sampling starts, as MoMA's own "
-                                     "pipeline pairs reference and image (both 512 there); a 512x512 generation gets "
-                                     "exactly the 512 bank, other sizes sample faster. 64..1024: that side instead, "
-                                     "whatever is sampled. Not used when a latent is connected."),
-                io.Latent.Input("latent", optional=True,
-                                tooltip="Optional: the latent you sample (e.g. from Empty Latent Image). The reference "
-                                        "is then encoded at its size right away (as 'auto' does when sampling "
-                                        "starts). Overrides 'resolution'."),
+                io.Image.Input(
+                    "image",
+                    tooltip="The reference picture of the object, any size or aspect ratio; a batch "
+                    "of pictures (views of the same object) gives one bank holding all of them.",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    tooltip="The object's mask (e.g. from MoMA Object Masker); background keys are left "
+                    "out. One per picture, or one for all.",
+                ),
+                io.String.Input(
+                    "subject", default="car", tooltip="The object's word, as in the prompt (e.g. 'car', 'teddy bear')."
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Seeds the VAE posterior sample and the t=0 noise of the reference pass.",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=AUTO_RESOLUTION,
+                    min=AUTO_RESOLUTION,
+                    max=1024,
+                    step=64,
+                    tooltip="0 (auto, the default): the reference is encoded at the size being sampled (its "
+                    "area, the picture's aspect kept), read when sampling starts, as MoMA's own "
+                    "pipeline pairs reference and image (both 512 there); a 512x512 generation gets "
+                    "exactly the 512 bank, other sizes sample faster. 64..1024: that side instead, "
+                    "whatever is sampled. Not used when a latent is connected.",
+                ),
+                io.Latent.Input(
+                    "latent",
+                    optional=True,
+                    tooltip="Optional: the latent you sample (e.g. from Empty Latent Image). The reference "
+                    "is then encoded at its size right away (as 'auto' does when sampling "
+                    "starts). Overrides 'resolution'.",
+                ),
             ],
             outputs=[MomaRef.Output(display_name="reference")],
         )
@@ -200,8 +260,9 @@ class MomaFeatureGrab(io.ComfyNode):
         return verdict(problems, values)
 
     @classmethod
-    def execute(cls, model, moma_model, vae, clip, image, mask, subject, seed,
-                resolution=AUTO_RESOLUTION, latent=None) -> io.NodeOutput:
+    def execute(
+        cls, model, moma_model, vae, clip, image, mask, subject, seed, resolution=AUTO_RESOLUTION, latent=None
+    ) -> io.NodeOutput:
         checked_inputs(cls, {"subject": subject})
         if latent is not None:
             resolution = resolution_of_latent(latent)
@@ -210,17 +271,25 @@ class MomaFeatureGrab(io.ComfyNode):
             return io.NodeOutput(AutoReferenceBank(reference_pass, subject.strip(), int(image.shape[0])))
         elif int(resolution) < 64:
             raise MomaError(f"Feature Grab: resolution {resolution}: use 0 (auto) or 64..1024.")
-        return io.NodeOutput(grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed, resolution))
+        return io.NodeOutput(
+            grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed, resolution)
+        )
 
 
 def resolution_of_latent(latent: Any) -> int:
     """Feature Grab's resolution for a connected LATENT: its generation size (see generation_resolution)."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.dim() < 4:
-        raise MomaError("Feature Grab: 'latent' must be a LATENT (e.g. from Empty Latent Image) with samples "
-                        f"[B, C, H, W]; got {type(samples).__name__ if samples is not None else type(latent).__name__}. "
-                        "Disconnect it to use 'resolution'.")
+        raise MomaError(
+            "Feature Grab: 'latent' must be a LATENT (e.g. from Empty Latent Image) with samples "
+            f"[B, C, H, W]; got {type(samples).__name__ if samples is not None else type(latent).__name__}. "
+            "Disconnect it to use 'resolution'."
+        )
     resolution = generation_resolution(int(samples.shape[-2]), int(samples.shape[-1]))
-    log.info("Feature Grab: reference encoded for a %dx%d generation (resolution %d).",
-             samples.shape[-1] * 8, samples.shape[-2] * 8, resolution)
+    log.info(
+        "Feature Grab: reference encoded for a %dx%d generation (resolution %d).",
+        samples.shape[-1] * 8,
+        samples.shape[-2] * 8,
+        resolution,
+    )
     return resolution

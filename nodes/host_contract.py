@@ -11,6 +11,7 @@ What a check accepts: names and meanings the pack uses. A new optional parameter
 ``transformer_options`` or a new wrapper type does not trip it. ``scripts/check_host.sh`` runs the same checks,
 plus the runner's (``RUNNER``), against any ComfyUI tree.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,20 +67,26 @@ class ContractReport:
         return not self.broken
 
     def broken_for(self, node: str) -> dict[str, str]:
-        return {hook.name: self.broken[hook.name] for hook in self.hooks
-                if hook.name in self.broken and node in hook.needed_by}
+        return {
+            hook.name: self.broken[hook.name]
+            for hook in self.hooks
+            if hook.name in self.broken and node in hook.needed_by
+        }
 
     def summary(self) -> str:
         if self.ok:
             return f"ComfyUI {self.comfyui_version}: all {len(self.hooks)} hooks the pack relies on are there."
         nodes = sorted({node for hook in self.hooks if hook.name in self.broken for node in hook.needed_by})
         problems = "; ".join(f"{name}: {reason}" for name, reason in self.broken.items())
-        return (f"ComfyUI {self.comfyui_version} lacks or changed {len(self.broken)} of the {len(self.hooks)} hooks "
-                f"MoMA relies on ({problems}); these will refuse to run: {', '.join(nodes)}. Update ComfyUI-MoMA, or "
-                f"use a ComfyUI listed in its docs/compatibility.md.")
+        return (
+            f"ComfyUI {self.comfyui_version} lacks or changed {len(self.broken)} of the {len(self.hooks)} hooks "
+            f"MoMA relies on ({problems}); these will refuse to run: {', '.join(nodes)}. Update ComfyUI-MoMA, or "
+            f"use a ComfyUI listed in its docs/compatibility.md."
+        )
 
 
 # --- small helpers for the checks ----------------------------------------------------------------------------------
+
 
 def _module(name: str) -> Any:
     try:
@@ -111,9 +118,11 @@ def _accepts(function: Callable, *names: str, positional: Sequence[str] = ()) ->
     if missing:
         raise HookBroken(f"{function.__qualname__} takes no {', '.join(missing)} argument")
     leading = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if positional and leading[:len(positional)] != list(positional):
-        raise HookBroken(f"{function.__qualname__}{inspect.signature(function)}: the pack passes "
-                         f"({', '.join(positional)}) in this order")
+    if positional and leading[: len(positional)] != list(positional):
+        raise HookBroken(
+            f"{function.__qualname__}{inspect.signature(function)}: the pack passes "
+            f"({', '.join(positional)}) in this order"
+        )
 
 
 def _source_mentions(function: Callable, *tokens: str) -> None:
@@ -140,12 +149,29 @@ def _tiny_patcher(patcher_class: Any = None) -> Any:
 
 # --- the checks --------------------------------------------------------------------------------------------------
 
+
 def _check_node_api() -> None:
     api = _module(f"comfy_api.{API_VERSION}")
     io = _attr(api, "io")
     _attr(api, "ComfyExtension.get_node_list")
-    for name in ("ComfyNode", "Schema", "NodeOutput", "Custom", "Model", "Clip", "Vae", "Conditioning", "Latent",
-                 "Image", "Mask", "Combo", "Float", "Int", "String", "Boolean"):
+    for name in (
+        "ComfyNode",
+        "Schema",
+        "NodeOutput",
+        "Custom",
+        "Model",
+        "Clip",
+        "Vae",
+        "Conditioning",
+        "Latent",
+        "Image",
+        "Mask",
+        "Combo",
+        "Float",
+        "Int",
+        "String",
+        "Boolean",
+    ):
         _attr(io, name)
     fields = {field.name for field in dataclasses.fields(io.Schema)} if dataclasses.is_dataclass(io.Schema) else set()
     missing = {"node_id", "display_name", "category", "description", "inputs", "outputs", "is_output_node"} - fields
@@ -179,14 +205,18 @@ def _check_attention_lookup() -> None:
         def replace(q, k, v, extra_options):
             calls.append((name, key, extra_options))
             return q
+
         return replace
 
     def run(table: dict) -> list[tuple[str, tuple]]:
         calls.clear()
         options = {"block": SD15_ATTN2_BLOCK, "block_index": 0, "patches_replace": table}
         with torch.no_grad():
-            block(torch.randn(1, 4, 8, generator=generator), context=torch.randn(1, 3, 8, generator=generator),
-                  transformer_options=options)
+            block(
+                torch.randn(1, 4, 8, generator=generator),
+                context=torch.randn(1, 3, 8, generator=generator),
+                transformer_options=options,
+            )
         return [(name, key) for name, key, _ in calls]
 
     two, three = SD15_ATTN2_BLOCK, (*SD15_ATTN2_BLOCK, 0)
@@ -196,16 +226,20 @@ def _check_attention_lookup() -> None:
         if run({kind: {three: patch(kind, three)}}) != [(kind, three)]:
             raise HookBroken(f"a {kind} replace patch at the key {three} is not called")
         if run({kind: {two: patch(kind, two), three: patch(kind, three)}}) != [(kind, three)]:
-            raise HookBroken(f"with {kind} replace patches at {three} and {two}, ComfyUI no longer calls only the "
-                             f"one at {three} (the pack chains onto the one ComfyUI calls)")
+            raise HookBroken(
+                f"with {kind} replace patches at {three} and {two}, ComfyUI no longer calls only the "
+                f"one at {three} (the pack chains onto the one ComfyUI calls)"
+            )
     run({"attn2": {two: patch("attn2", two)}})
     extra = calls[0][2]
     for key in ("n_heads", "block", "attn_precision"):
         if key not in extra:
             raise HookBroken(f"a replace patch's extra_options have no {key!r}")
     if extra["n_heads"] != 1 or tuple(extra["block"]) != two:
-        raise HookBroken(f"a replace patch's extra_options say n_heads={extra['n_heads']!r}, "
-                         f"block={extra['block']!r} (expected 1 and {two})")
+        raise HookBroken(
+            f"a replace patch's extra_options say n_heads={extra['n_heads']!r}, "
+            f"block={extra['block']!r} (expected 1 and {two})"
+        )
     _source_mentions(_attr(attention, "SpatialTransformer.forward"), "activations_shape", "block_index")
 
 
@@ -219,27 +253,36 @@ def _check_optimized_attention() -> None:
     try:
         out = optimized_attention(q, k, v, 2, attn_precision=None, transformer_options={})
     except TypeError as error:
-        raise HookBroken(f"optimized_attention(q, k, v, heads, attn_precision=, transformer_options=): {error}") from None
+        raise HookBroken(
+            f"optimized_attention(q, k, v, heads, attn_precision=, transformer_options=): {error}"
+        ) from None
     split = [t.reshape(2, 5, 2, 4).transpose(1, 2) for t in (q, k, v)]
     expected = torch.softmax(split[0] @ split[1].transpose(-1, -2) / 2.0, dim=-1) @ split[2]
     expected = expected.transpose(1, 2).reshape(2, 5, 8)
     if out.shape != expected.shape or not torch.allclose(out.float(), expected, atol=1e-4, rtol=1e-3):
-        raise HookBroken("optimized_attention(q, k, v, heads) no longer computes multi-head softmax attention "
-                         "on [batch, tokens, heads * dim] tensors")
+        raise HookBroken(
+            "optimized_attention(q, k, v, heads) no longer computes multi-head softmax attention "
+            "on [batch, tokens, heads * dim] tensors"
+        )
 
 
 def _check_patch_replace() -> None:
     model_patcher = _module("comfy.model_patcher")
-    _accepts(_attr(model_patcher, "ModelPatcher.set_model_patch_replace"), "transformer_index",
-             positional=("self", "patch", "name", "block_name", "number"))
+    _accepts(
+        _attr(model_patcher, "ModelPatcher.set_model_patch_replace"),
+        "transformer_index",
+        positional=("self", "patch", "name", "block_name", "number"),
+    )
     patcher = _tiny_patcher()
     marker = object()
     patcher.set_model_patch_replace(marker, "attn2", "input", 1)
     patcher.set_model_patch_replace(marker, "attn2", "input", 1, 0)
     table = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     if table.get(("input", 1)) is not marker or table.get(("input", 1, 0)) is not marker:
-        raise HookBroken("set_model_patch_replace no longer stores patches in model_options['transformer_options']"
-                         "['patches_replace'][name] under (block, number) / (block, number, transformer_index)")
+        raise HookBroken(
+            "set_model_patch_replace no longer stores patches in model_options['transformer_options']"
+            "['patches_replace'][name] under (block, number) / (block, number, transformer_index)"
+        )
     clone = patcher.clone()
     clone.set_model_patch_replace(object(), "attn2", "input", 2)
     if ("input", 2) in table:
@@ -273,8 +316,9 @@ def _check_wrappers() -> None:
     model_patcher = _module("comfy.model_patcher")
     outer, cond_batch = _attr(extension, "WrappersMP.OUTER_SAMPLE"), _attr(extension, "WrappersMP.CALC_COND_BATCH")
     _accepts(_attr(extension, "WrapperExecutor.__init__"), "class_obj")
-    _accepts(_attr(model_patcher, "ModelPatcher.add_wrapper_with_key"),
-             positional=("self", "wrapper_type", "key", "wrapper"))
+    _accepts(
+        _attr(model_patcher, "ModelPatcher.add_wrapper_with_key"), positional=("self", "wrapper_type", "key", "wrapper")
+    )
     # the pack's OUTER_SAMPLE wrapper reads (noise, latent_image, sampler, sigmas) and the guider's model_options,
     # which the guider reads again when it samples; CALC_COND_BATCH gets (model, conds, x_in, timestep, options)
     guider_class = _attr(samplers, "CFGGuider")
@@ -284,7 +328,9 @@ def _check_wrappers() -> None:
     _accepts(_attr(samplers, "calc_cond_batch"), positional=("model", "conds", "x_in", "timestep", "model_options"))
     patcher = _tiny_patcher()
     guider = guider_class(patcher)
-    if getattr(guider, "model_patcher", None) is not patcher or not isinstance(getattr(guider, "model_options", None), dict):
+    if getattr(guider, "model_patcher", None) is not patcher or not isinstance(
+        getattr(guider, "model_options", None), dict
+    ):
         raise HookBroken("CFGGuider(model) no longer keeps .model_patcher and .model_options")
     # the guider's sample() merges the patcher's wrappers into its model options (prepare_model_patcher); there
     # calc_cond_batch runs the CALC_COND_BATCH ones first, with (executor, model, conds, x_in, timestep, options)
@@ -304,15 +350,19 @@ def _check_wrappers() -> None:
     options.setdefault("transformer_options", {})
     _attr(_module("comfy.sampler_helpers"), "prepare_model_patcher")(patcher, {}, options)
     if stop not in _attr(extension, "get_all_wrappers")(outer, options, is_model_options=True):
-        raise HookBroken("prepare_model_patcher no longer puts the patcher's OUTER_SAMPLE wrappers in the model options")
+        raise HookBroken(
+            "prepare_model_patcher no longer puts the patcher's OUTER_SAMPLE wrappers in the model options"
+        )
     conds, x_in, timestep = [[], None], object(), object()
     try:
         samplers.calc_cond_batch("model", conds, x_in, timestep, options)
     except Stop:
         pass
     if len(seen) != 1 or seen[0][:4] != ("model", conds, x_in, timestep) or seen[0][4] is not options:
-        raise HookBroken("calc_cond_batch no longer runs the CALC_COND_BATCH wrappers with (model, conds, x_in, "
-                         "timestep, model_options)")
+        raise HookBroken(
+            "calc_cond_batch no longer runs the CALC_COND_BATCH wrappers with (model, conds, x_in, "
+            "timestep, model_options)"
+        )
 
 
 def _check_step_wrappers() -> None:
@@ -352,8 +402,10 @@ def _check_model_sampling() -> None:
     top, bottom = float(schedule.sigma_max), float(schedule.sigma_min)
     start, middle, end = (float(schedule.percent_to_sigma(percent)) for percent in (0.0, 0.5, 1.0))
     if not (start >= top > middle > bottom and end == 0.0):
-        raise HookBroken(f"ModelSamplingDiscrete.percent_to_sigma(0, 0.5, 1) = {start}, {middle}, {end}: no longer "
-                         f"from sigma_max ({top}) or above down to 0")
+        raise HookBroken(
+            f"ModelSamplingDiscrete.percent_to_sigma(0, 0.5, 1) = {start}, {middle}, {end}: no longer "
+            f"from sigma_max ({top}) or above down to 0"
+        )
     if abs(float(schedule.timestep(torch.tensor([top])).reshape(-1)[0]) - 999.0) > 0.5:
         raise HookBroken("ModelSamplingDiscrete.timestep(sigma_max) is no longer 999 (SD1.5's 0..999 timesteps)")
 
@@ -368,8 +420,15 @@ def _check_model_patcher_construction() -> None:
 
 def _check_folder_paths() -> None:
     folder_paths = _module("folder_paths")
-    for name in ("models_dir", "folder_names_and_paths", "get_folder_paths", "get_filename_list",
-                 "get_input_directory", "get_output_directory", "get_save_image_path"):
+    for name in (
+        "models_dir",
+        "folder_names_and_paths",
+        "get_folder_paths",
+        "get_filename_list",
+        "get_input_directory",
+        "get_output_directory",
+        "get_save_image_path",
+    ):
         _attr(folder_paths, name)
     if not isinstance(folder_paths.folder_names_and_paths, dict):
         raise HookBroken("folder_paths.folder_names_and_paths is no longer a dict")
@@ -387,6 +446,7 @@ def _model_management(*names: str) -> Callable[[], None]:
         model_management = _module("comfy.model_management")
         for name in names:
             _attr(model_management, name)
+
     return check
 
 
@@ -402,8 +462,14 @@ def _check_reference_pass() -> None:
     _accepts(base.apply_model, "c_crossattn", "transformer_options")
     _attr(base, "process_latent_in")
     vae = _attr(_module("comfy.sd"), "VAE")
-    _source_mentions(vae.__init__, "self.process_input", "self.vae_dtype", "self.output_device", "self.patcher",
-                     "self.first_stage_model")
+    _source_mentions(
+        vae.__init__,
+        "self.process_input",
+        "self.vae_dtype",
+        "self.output_device",
+        "self.patcher",
+        "self.first_stage_model",
+    )
 
 
 def _check_executor() -> None:
@@ -420,8 +486,13 @@ def _check_executor() -> None:
     for name in ("set_progress_bar_enabled", "set_progress_bar_global_hook"):
         _attr(_module("comfy.utils"), name)
     folder_paths = _module("folder_paths")
-    for name in ("set_output_directory", "set_input_directory", "set_temp_directory", "exists_annotated_filepath",
-                 "get_directory_by_type"):
+    for name in (
+        "set_output_directory",
+        "set_input_directory",
+        "set_temp_directory",
+        "exists_annotated_filepath",
+        "get_directory_by_type",
+    ):
         _attr(folder_paths, name)
     _attr(_module("comfy.options"), "enable_args_parsing")
     args = _attr(_module("comfy.cli_args"), "args")
@@ -430,41 +501,94 @@ def _check_executor() -> None:
 
 
 HOOKS: tuple[Hook, ...] = (
-    Hook(f"comfy_api.{API_VERSION} (ComfyExtension, io.ComfyNode, io.Schema, io.NodeOutput, io.Custom, inputs)",
-         EVERY_NODE, _check_node_api),
-    Hook("attn1/attn2 replace patches (comfy.ldm.modules.attention.BasicTransformerBlock: 3-tuple key, then "
-         "2-tuple)", (APPLY, GRAB), _check_attention_lookup),
-    Hook("comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=, transformer_options=)",
-         (APPLY, GRAB), _check_optimized_attention),
+    Hook(
+        f"comfy_api.{API_VERSION} (ComfyExtension, io.ComfyNode, io.Schema, io.NodeOutput, io.Custom, inputs)",
+        EVERY_NODE,
+        _check_node_api,
+    ),
+    Hook(
+        "attn1/attn2 replace patches (comfy.ldm.modules.attention.BasicTransformerBlock: 3-tuple key, then 2-tuple)",
+        (APPLY, GRAB),
+        _check_attention_lookup,
+    ),
+    Hook(
+        "comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=, transformer_options=)",
+        (APPLY, GRAB),
+        _check_optimized_attention,
+    ),
     Hook("comfy.model_patcher.ModelPatcher.set_model_patch_replace", (APPLY,), _check_patch_replace),
-    Hook("comfy.patcher_extension.CallbacksMP.ON_CLONE (add_callback_with_key, get_callbacks, clone)", (APPLY,),
-         _check_clone_callbacks),
-    Hook("comfy.patcher_extension.WrappersMP.OUTER_SAMPLE / CALC_COND_BATCH (add_wrapper_with_key, CFGGuider, "
-         "calc_cond_batch)", (APPLY,), _check_wrappers),
-    Hook("comfy.patcher_extension.WrappersMP.PREDICT_NOISE / APPLY_MODEL (CFGGuider.outer_predict_noise, "
-         "BaseModel.apply_model)", (APPLY,), _check_step_wrappers),
+    Hook(
+        "comfy.patcher_extension.CallbacksMP.ON_CLONE (add_callback_with_key, get_callbacks, clone)",
+        (APPLY,),
+        _check_clone_callbacks,
+    ),
+    Hook(
+        "comfy.patcher_extension.WrappersMP.OUTER_SAMPLE / CALC_COND_BATCH (add_wrapper_with_key, CFGGuider, "
+        "calc_cond_batch)",
+        (APPLY,),
+        _check_wrappers,
+    ),
+    Hook(
+        "comfy.patcher_extension.WrappersMP.PREDICT_NOISE / APPLY_MODEL (CFGGuider.outer_predict_noise, "
+        "BaseModel.apply_model)",
+        (APPLY,),
+        _check_step_wrappers,
+    ),
     Hook("comfy.model_patcher.create_model_options_clone", (APPLY,), _check_model_options_clone),
-    Hook("comfy.model_sampling.ModelSamplingDiscrete (percent_to_sigma, timestep, sigma_max)", (APPLY, GRAB),
-         _check_model_sampling),
-    Hook("comfy.model_patcher.ModelPatcher(model, load_device=, offload_device=)", (ENCODER,),
-         _check_model_patcher_construction),
-    Hook("folder_paths (models_dir, folder_names_and_paths, get_folder_paths, get_filename_list, input/output "
-         "directories, get_save_image_path)", (LOADER, MASKER, TEXT, SAVE, LOAD, APPLY), _check_folder_paths),
+    Hook(
+        "comfy.model_sampling.ModelSamplingDiscrete (percent_to_sigma, timestep, sigma_max)",
+        (APPLY, GRAB),
+        _check_model_sampling,
+    ),
+    Hook(
+        "comfy.model_patcher.ModelPatcher(model, load_device=, offload_device=)",
+        (ENCODER,),
+        _check_model_patcher_construction,
+    ),
+    Hook(
+        "folder_paths (models_dir, folder_names_and_paths, get_folder_paths, get_filename_list, input/output "
+        "directories, get_save_image_path)",
+        (LOADER, MASKER, TEXT, SAVE, LOAD, APPLY),
+        _check_folder_paths,
+    ),
     Hook("comfy.utils.ProgressBar(total).update_absolute(value, total)", (ENCODER, MASKER), _check_progress_bar),
-    Hook("comfy.model_management (sampling and loading)", (APPLY, GRAB, ENCODER, MASKER),
-         _model_management("load_models_gpu", "intermediate_device", "throw_exception_if_processing_interrupted",
-                           "get_torch_device", "soft_empty_cache")),
-    Hook("comfy.model_management (LLaVA placement)", (ENCODER,),
-         _model_management("minimum_inference_memory", "get_free_memory", "current_loaded_models", "free_memory",
-                           "text_encoder_offload_device")),
+    Hook(
+        "comfy.model_management (sampling and loading)",
+        (APPLY, GRAB, ENCODER, MASKER),
+        _model_management(
+            "load_models_gpu",
+            "intermediate_device",
+            "throw_exception_if_processing_interrupted",
+            "get_torch_device",
+            "soft_empty_cache",
+        ),
+    ),
+    Hook(
+        "comfy.model_management (LLaVA placement)",
+        (ENCODER,),
+        _model_management(
+            "minimum_inference_memory",
+            "get_free_memory",
+            "current_loaded_models",
+            "free_memory",
+            "text_encoder_offload_device",
+        ),
+    ),
     Hook("comfy.sd1_clip.SDTokenizer(embedding_directory=).tokenize_with_weights", (APPLY, TEXT), _check_tokenizer),
-    Hook("the reference pass (BaseModel.apply_model(c_crossattn=, transformer_options=), the SD1.5 VAE's parts)",
-         (GRAB,), _check_reference_pass),
+    Hook(
+        "the reference pass (BaseModel.apply_model(c_crossattn=, transformer_options=), the SD1.5 VAE's parts)",
+        (GRAB,),
+        _check_reference_pass,
+    ),
 )
 
 RUNNER_HOOKS: tuple[Hook, ...] = (
-    Hook("execution.PromptExecutor(server, cache_type=, cache_args=), validate_prompt, nodes.init_extra_nodes, "
-         "folder_paths and comfy.cli_args as the runner sets them", (RUNNER,), _check_executor),
+    Hook(
+        "execution.PromptExecutor(server, cache_type=, cache_args=), validate_prompt, nodes.init_extra_nodes, "
+        "folder_paths and comfy.cli_args as the runner sets them",
+        (RUNNER,),
+        _check_executor,
+    ),
 )
 
 
@@ -507,9 +631,20 @@ def require(node: str) -> None:
     broken = check_host().broken_for(node)
     if broken:
         problems = "; ".join(f"{name}: {reason}" for name, reason in broken.items())
-        raise MomaError(f"{node} cannot run on this ComfyUI ({comfyui_version()}): {problems}. Update ComfyUI-MoMA, "
-                        f"or use a ComfyUI listed in its docs/compatibility.md (the pack's log says so at start-up).")
+        raise MomaError(
+            f"{node} cannot run on this ComfyUI ({comfyui_version()}): {problems}. Update ComfyUI-MoMA, "
+            f"or use a ComfyUI listed in its docs/compatibility.md (the pack's log says so at start-up)."
+        )
 
 
-__all__ = ["HOOKS", "RUNNER_HOOKS", "ContractReport", "Hook", "HookBroken", "check_host", "comfyui_version",
-           "require", "run_checks"]
+__all__ = [
+    "HOOKS",
+    "RUNNER_HOOKS",
+    "ContractReport",
+    "Hook",
+    "HookBroken",
+    "check_host",
+    "comfyui_version",
+    "require",
+    "run_checks",
+]

@@ -1,5 +1,6 @@
 """MoMA Loader: the adapter file (read now), and which LLaVA folder / CLIP vision tower the encoder loads later
 ('none': neither is needed, the MOMA_MODEL then applies saved contexts only)."""
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,8 @@ def clip_vision_choices() -> list[str]:
     """CLIP vision folders (with config.json) and single .safetensors files outside those folders."""
     folders = _folders_with_config(CLIP_VISION_FOLDER)
     files = [
-        name for name in folder_paths.get_filename_list(CLIP_VISION_FOLDER)
+        name
+        for name in folder_paths.get_filename_list(CLIP_VISION_FOLDER)
         if name.lower().endswith(".safetensors") and not any(name.startswith(folder + "/") for folder in folders)
     ]
     return [name for name in sorted(folders + files) if name != NONE] + [NONE]
@@ -63,8 +65,9 @@ def clip_vision_choices() -> list[str]:
 
 def resolve_adapter(name: str) -> Path:
     """The adapter file named by ``adapter_name``, inside a registered models/moma folder."""
-    return resolve_inside("adapter_name", name, model_folders(MOMA_FOLDER), "file", "MoMA adapter",
-                          ADAPTER_WHERE_TO_GET)
+    return resolve_inside(
+        "adapter_name", name, model_folders(MOMA_FOLDER), "file", "MoMA adapter", ADAPTER_WHERE_TO_GET
+    )
 
 
 def resolve_llava(name: str) -> Path | None:
@@ -87,8 +90,9 @@ def resolve_clip_vision(name: str) -> Path | None:
     roots = model_folders(CLIP_VISION_FOLDER)
     path = find_inside("clip_vision_name", name, roots, "dir", "CLIP vision model")
     if path is None:
-        path = resolve_inside("clip_vision_name", name, roots, "file", "CLIP vision model",
-                              f"{CLIP_WHERE_TO_GET} {NONE_HINT}")
+        path = resolve_inside(
+            "clip_vision_name", name, roots, "file", "CLIP vision model", f"{CLIP_WHERE_TO_GET} {NONE_HINT}"
+        )
     with for_input("clip_vision_name"):
         check_clip_vision_path(path)
     return path
@@ -111,49 +115,89 @@ class MomaLoader(io.ComfyNode):
                 "installed."
             ),
             inputs=[
-                io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(MOMA_FOLDER),
-                               tooltip="attn_adapters_projectors.th (or .safetensors) from models/moma."),
-                io.Combo.Input("llava_name", options=llava_choices(),
-                               tooltip="The MoMA_llava_7b folder under models/LLM (config.json, shards, "
-                                       "tokenizer.model). 'none': for saved contexts (Load MoMA Context) only."),
-                io.Combo.Input("clip_vision_name", options=clip_vision_choices(),
-                               tooltip="openai/clip-vit-large-patch14-336: a folder or a .safetensors file in "
-                                       "models/clip_vision. 'none': for saved contexts (Load MoMA Context) only."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
-                               tooltip="auto: bf16 on CUDA (the reference's; fp16 on GPUs without bf16), fp16 on "
-                                       "Apple MPS, bf16 on a CPU where torch supports it (half the memory of fp32; "
-                                       "fp32 there otherwise). fp32: exact, twice the memory."),
-                io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",
-                               tooltip="8bit/4bit LLaVA via bitsandbytes (CUDA only): 8bit about halves LLaVA's "
-                                       "memory with nearly the same context tokens; 4bit saves more but changes them "
-                                       "noticeably."),
-                io.Boolean.Input("keep_llava_loaded", default=False,
-                                 tooltip="Keep LLaVA in memory between encodes (handed to ComfyUI's model management, "
-                                         "so it is offloaded to RAM when sampling needs the VRAM; 8bit/4bit models stay "
-                                         "on the GPU). Off: loaded for each encode and freed afterwards."),
-                io.Combo.Input("llava_placement", options=list(PLACEMENTS), default="auto", optional=True,
-                               tooltip="Where LLaVA lives while encoding. gpu: all on the GPU (fp16: ~14 GB). "
-                                       "stream: weights stay in RAM and each layer visits the GPU just before it "
-                                       "runs (~2 GB of VRAM, same tokens, a few seconds slower). cpu: encode on "
-                                       "the CPU. auto: gpu when ComfyUI says it fits, else stream (on a CPU-only "
-                                       "install: cpu). A kept stream encoder stays in RAM."),
+                io.Combo.Input(
+                    "adapter_name",
+                    options=folder_paths.get_filename_list(MOMA_FOLDER),
+                    tooltip="attn_adapters_projectors.th (or .safetensors) from models/moma.",
+                ),
+                io.Combo.Input(
+                    "llava_name",
+                    options=llava_choices(),
+                    tooltip="The MoMA_llava_7b folder under models/LLM (config.json, shards, "
+                    "tokenizer.model). 'none': for saved contexts (Load MoMA Context) only.",
+                ),
+                io.Combo.Input(
+                    "clip_vision_name",
+                    options=clip_vision_choices(),
+                    tooltip="openai/clip-vit-large-patch14-336: a folder or a .safetensors file in "
+                    "models/clip_vision. 'none': for saved contexts (Load MoMA Context) only.",
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=list(PRECISIONS),
+                    default="auto",
+                    tooltip="auto: bf16 on CUDA (the reference's; fp16 on GPUs without bf16), fp16 on "
+                    "Apple MPS, bf16 on a CPU where torch supports it (half the memory of fp32; "
+                    "fp32 there otherwise). fp32: exact, twice the memory.",
+                ),
+                io.Combo.Input(
+                    "quantization",
+                    options=list(QUANTIZATIONS),
+                    default="none",
+                    tooltip="8bit/4bit LLaVA via bitsandbytes (CUDA only): 8bit about halves LLaVA's "
+                    "memory with nearly the same context tokens; 4bit saves more but changes them "
+                    "noticeably.",
+                ),
+                io.Boolean.Input(
+                    "keep_llava_loaded",
+                    default=False,
+                    tooltip="Keep LLaVA in memory between encodes (handed to ComfyUI's model management, "
+                    "so it is offloaded to RAM when sampling needs the VRAM; 8bit/4bit models stay "
+                    "on the GPU). Off: loaded for each encode and freed afterwards.",
+                ),
+                io.Combo.Input(
+                    "llava_placement",
+                    options=list(PLACEMENTS),
+                    default="auto",
+                    optional=True,
+                    tooltip="Where LLaVA lives while encoding. gpu: all on the GPU (fp16: ~14 GB). "
+                    "stream: weights stay in RAM and each layer visits the GPU just before it "
+                    "runs (~2 GB of VRAM, same tokens, a few seconds slower). cpu: encode on "
+                    "the CPU. auto: gpu when ComfyUI says it fits, else stream (on a CPU-only "
+                    "install: cpu). A kept stream encoder stays in RAM.",
+                ),
             ],
             outputs=[MomaModel.Output(display_name="moma_model")],
         )
 
     @classmethod
-    def validate_inputs(cls, adapter_name: str | None = None, llava_name: str | None = None,
-                        clip_vision_name: str | None = None, precision: str | None = None,
-                        quantization: str | None = None, llava_placement: str | None = None) -> bool | str:
+    def validate_inputs(
+        cls,
+        adapter_name: str | None = None,
+        llava_name: str | None = None,
+        clip_vision_name: str | None = None,
+        precision: str | None = None,
+        quantization: str | None = None,
+        llava_placement: str | None = None,
+    ) -> bool | str:
         # Replaces ComfyUI's "value not in list" check with messages that say where to put the files; the same
         # confinement rule refuses absolute paths and '..'. Every problem, once (nodes/validation.py: verdict).
-        values = {"adapter_name": adapter_name, "llava_name": llava_name, "clip_vision_name": clip_vision_name,
-                  "precision": precision, "quantization": quantization, "llava_placement": llava_placement}
+        values = {
+            "adapter_name": adapter_name,
+            "llava_name": llava_name,
+            "clip_vision_name": clip_vision_name,
+            "precision": precision,
+            "quantization": quantization,
+            "llava_placement": llava_placement,
+        }
         problems = input_problems(cls, values)
         if problems:  # a name over its length limit never reaches the file system
             return verdict(problems, values)
-        for resolve, value in ((resolve_adapter, adapter_name), (resolve_llava, llava_name),
-                               (resolve_clip_vision, clip_vision_name)):
+        for resolve, value in (
+            (resolve_adapter, adapter_name),
+            (resolve_llava, llava_name),
+            (resolve_clip_vision, clip_vision_name),
+        ):
             if value is None:
                 continue
             try:
@@ -161,20 +205,35 @@ class MomaLoader(io.ComfyNode):
             except MomaError as error:
                 problems.append(str(error))
         # ComfyUI 0.3.x does not check V3 combo values, and this method replaces the check on 0.30
-        for name, choices in (("precision", PRECISIONS), ("quantization", QUANTIZATIONS),
-                              ("llava_placement", PLACEMENTS)):
+        for name, choices in (
+            ("precision", PRECISIONS),
+            ("quantization", QUANTIZATIONS),
+            ("llava_placement", PLACEMENTS),
+        ):
             problem = choice_problem(name, values[name], choices)
             if problem:
                 problems.append(problem)
         return verdict(problems, values)
 
     @classmethod
-    def execute(cls, adapter_name: str, llava_name: str, clip_vision_name: str, precision: str, quantization: str,
-                keep_llava_loaded: bool, llava_placement: str = "auto") -> io.NodeOutput:
+    def execute(
+        cls,
+        adapter_name: str,
+        llava_name: str,
+        clip_vision_name: str,
+        precision: str,
+        quantization: str,
+        keep_llava_loaded: bool,
+        llava_placement: str = "auto",
+    ) -> io.NodeOutput:
         host_contract.require(host_contract.LOADER)
         moma_model = MomaModelObject.load(
-            resolve_adapter(adapter_name), resolve_llava(llava_name), resolve_clip_vision(clip_vision_name),
-            precision=precision, quantization=quantization, keep_llava_loaded=keep_llava_loaded,
+            resolve_adapter(adapter_name),
+            resolve_llava(llava_name),
+            resolve_clip_vision(clip_vision_name),
+            precision=precision,
+            quantization=quantization,
+            keep_llava_loaded=keep_llava_loaded,
             placement=llava_placement,
         )
         return io.NodeOutput(moma_model)

@@ -1,4 +1,5 @@
 """MoMA Object Masker: reference IMAGE -> object MASK and the white-background IMAGE LLaVA sees."""
+
 from __future__ import annotations
 
 import logging
@@ -68,9 +69,12 @@ class MomaObjectMasker(io.ComfyNode):
                 "with 'invert' on."
             ),
             inputs=[
-                io.Image.Input("image", tooltip="The reference image(s). An RGBA IMAGE with a real cut-out uses its "
-                               "alpha instead of rembg. Load Image's IMAGE has no alpha: for a cut-out PNG, join it "
-                               "with Load Image's MASK in Join Image with Alpha first."),
+                io.Image.Input(
+                    "image",
+                    tooltip="The reference image(s). An RGBA IMAGE with a real cut-out uses its "
+                    "alpha instead of rembg. Load Image's IMAGE has no alpha: for a cut-out PNG, join it "
+                    "with Load Image's MASK in Join Image with Alpha first.",
+                ),
                 io.Combo.Input(
                     "rembg_model",
                     options=choices,
@@ -82,33 +86,46 @@ class MomaObjectMasker(io.ComfyNode):
                     ),
                 ),
                 io.Float.Input(
-                    "threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                    "threshold",
+                    default=0.5,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
                     tooltip="Pixels with mask > threshold become object (1), the rest background (0). "
-                            "0 keeps the soft mask values.",
+                    "0 keeps the soft mask values.",
                 ),
                 io.Int.Input(
-                    "grow", default=0, min=-512, max=512, step=1,
+                    "grow",
+                    default=0,
+                    min=-512,
+                    max=512,
+                    step=1,
                     tooltip="Grow the object by this many pixels (square neighbourhood); negative shrinks it. "
-                            "Applied after the threshold, before invert.",
+                    "Applied after the threshold, before invert.",
                 ),
                 io.Boolean.Input(
-                    "invert", default=False,
+                    "invert",
+                    default=False,
                     tooltip="Swap object and background (applied last).",
                 ),
                 io.Mask.Input(
-                    "mask", optional=True,
+                    "mask",
+                    optional=True,
                     tooltip="Optional object mask (1 = object), e.g. from SAM: it is thresholded, grown and "
-                            "inverted like rembg's, and rembg is not run. Load Image's MASK of a cut-out PNG is "
-                            "its transparency (1 = background): use it here with invert on. For a picture without "
-                            "transparency that MASK is all 0 (the whole picture, inverted): use Join Image with "
-                            "Alpha instead.",
+                    "inverted like rembg's, and rembg is not run. Load Image's MASK of a cut-out PNG is "
+                    "its transparency (1 = background): use it here with invert on. For a picture without "
+                    "transparency that MASK is all 0 (the whole picture, inverted): use Join Image with "
+                    "Alpha instead.",
                 ),
             ],
             outputs=[
                 # V3 ids must differ from the input ids ("mask" is the optional input); the socket reads "mask".
                 io.Mask.Output("object_mask", display_name="mask", tooltip="The object mask [B, H, W], 1 = object."),
-                io.Image.Output("white_background", display_name="white_background", tooltip="The image with the background painted white: "
-                                "image·mask + (1 − mask), RGB."),
+                io.Image.Output(
+                    "white_background",
+                    display_name="white_background",
+                    tooltip="The image with the background painted white: image·mask + (1 − mask), RGB.",
+                ),
             ],
         )
 
@@ -142,10 +159,13 @@ class MomaObjectMasker(io.ComfyNode):
         if mask is not None and mask.numel() and bool(mask.min() == mask.max()):
             value = mask.reshape(-1)[:1].reshape(1, 1).float()
             whole = bool(masker.refine_mask(value, threshold, 0, invert).all())
-            log.warning("MoMA Object Masker: the connected mask is %g everywhere (Load Image's MASK of a picture "
-                        "without transparency is all 0), so the object is %s. Disconnect it to use rembg; for a "
-                        "cut-out PNG, pass Load Image's IMAGE and MASK through Join Image with Alpha into 'image'.",
-                        float(value), "the whole picture" if whole else "nothing")
+            log.warning(
+                "MoMA Object Masker: the connected mask is %g everywhere (Load Image's MASK of a picture "
+                "without transparency is all 0), so the object is %s. Disconnect it to use rembg; for a "
+                "cut-out PNG, pass Load Image's IMAGE and MASK through Join Image with Alpha into 'image'.",
+                float(value),
+                "the whole picture" if whole else "nothing",
+            )
         object_mask, white = masker.object_masks(
             image, load_session, input_mask=mask, threshold=threshold, grow=grow, invert=invert
         )

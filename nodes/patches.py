@@ -3,6 +3,7 @@ the wrappers that give each sampling run its own state (``run_state.MomaRunState
 
 All maths lives in ``moma.attention`` / ``moma.subject_mask``; this module only installs and chains patches.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,7 +87,9 @@ class MomaRun:
         self.attn_mask = attn_mask  # [B?, H, W] user MASK, or None
         # The 4 context tokens through each attn2 layer's to_k_ip/to_v_ip, once: [2 (cond, uncond), 4, C]; the
         # context gain is folded into V (attention is linear in V).
-        tokens = torch.cat([cond_tokens.reshape(1, -1, cond_tokens.shape[-1]), uncond_tokens.reshape(1, -1, uncond_tokens.shape[-1])]).float()
+        tokens = torch.cat(
+            [cond_tokens.reshape(1, -1, cond_tokens.shape[-1]), uncond_tokens.reshape(1, -1, uncond_tokens.shape[-1])]
+        ).float()
         self.context_kv_master: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in LAYERS:
             k_w = to_k_ip[layer.cross_index].float()
@@ -107,6 +110,7 @@ class MomaRun:
 
     def sigma_windows(self, model_sampling: Any) -> tuple[tuple[float, float], tuple[float, float]]:
         """((low, high) sigma of the object path, (low, high) of the context path) for this model's schedule."""
+
         def window(percent: tuple[float, float]) -> tuple[float, float]:
             start, end = percent
             if start > end:  # an empty window
@@ -202,8 +206,9 @@ class MomaRun:
         finally:
             state.end_step()
 
-    def calc_cond_batch(self, executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: Any,
-                        model_options: dict) -> Any:
+    def calc_cond_batch(
+        self, executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: Any, model_options: dict
+    ) -> Any:
         """CALC_COND_BATCH wrapper: one model evaluation (cond and uncond, in one UNet call or several).
 
         The sampler's evaluation's subject maps become the mask of the next step. Extra evaluations that guidance
@@ -214,7 +219,8 @@ class MomaRun:
         state = self.state(transformer_options)
         frames = window_frames(transformer_options)
         sampler_evaluation = state.begin_evaluation(
-            conds, frames if frames is not None and len(frames) == x_in.shape[0] else None)
+            conds, frames if frames is not None and len(frames) == x_in.shape[0] else None
+        )
         try:
             out = executor(model, conds, x_in, timestep, model_options)
         except BaseException:
@@ -254,14 +260,23 @@ class MomaRun:
         frames = extra_options.get(FRAMES_KEY)
         return frames.get(self.key) if frames is not None else None
 
-    def object_term(self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def object_term(
+        self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict
+    ) -> torch.Tensor:
         frame = self.call_frame(extra_options)
         if frame is not None:
             return frame.object_term(self, layer, out, q, extra_options)
         return self.state(extra_options).object_term(layer, out, q, extra_options)
 
-    def cross_attention(self, layer: AttentionLayer, previous: ReplacePatch | None, q: torch.Tensor,
-                        k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def cross_attention(
+        self,
+        layer: AttentionLayer,
+        previous: ReplacePatch | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        extra_options: dict,
+    ) -> torch.Tensor:
         frame = self.call_frame(extra_options)
         if frame is not None:
             return frame.cross_attention(self, layer, previous, q, k, v, extra_options)
@@ -339,8 +354,9 @@ class _ChainedPatch:
             if not key.startswith("_") and not hasattr(type(self), key) and key not in ("callback", "kwargs"):
                 setattr(self, key, value)
 
-    def _with_added(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    extra_options: dict) -> torch.Tensor:
+    def _with_added(
+        self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict
+    ) -> torch.Tensor:
         if not self.callback:
             return out
         sigmas = extra_options.get("sigmas")
@@ -360,8 +376,12 @@ class _ChainedPatch:
         patch; for multi-GPU, per-device copies of the added callbacks' tensor kwargs, as the protocol does."""
         if self.previous is not None and hasattr(self.previous, "to"):
             self._moma_previous = self.previous.to(device_or_dtype)
-        if (isinstance(device_or_dtype, torch.device) and device_or_dtype.type != "cpu" and self.kwargs
-                and device_or_dtype not in self.multigpu_kwargs):
+        if (
+            isinstance(device_or_dtype, torch.device)
+            and device_or_dtype.type != "cpu"
+            and self.kwargs
+            and device_or_dtype not in self.multigpu_kwargs
+        ):
             per_device = []
             for added in self.kwargs:
                 moved = {}
@@ -435,10 +455,14 @@ def warn_if_shadowed(model_options: dict, run: MomaRun) -> None:
         return
     owners = sorted({getattr(patch, "__qualname__", type(patch).__qualname__) for _, _, patch in shadowed})
     where = ", ".join(f"{kind} {block[0]}_{block[1]}" for kind, block, _ in shadowed)
-    log.warning("Apply MoMA Attention (subject %r): a node applied after it replaced MoMA's attention patch at %s "
-                "(%s) without passing on to it, so MoMA does not act there. Apply that node (e.g. Self-Attention "
-                "Guidance) before Apply MoMA Attention.",
-                run.subject.subject if run.subject is not None else "?", where, ", ".join(owners))
+    log.warning(
+        "Apply MoMA Attention (subject %r): a node applied after it replaced MoMA's attention patch at %s "
+        "(%s) without passing on to it, so MoMA does not act there. Apply that node (e.g. Self-Attention "
+        "Guidance) before Apply MoMA Attention.",
+        run.subject.subject if run.subject is not None else "?",
+        where,
+        ", ".join(owners),
+    )
 
 
 CLONE_CALLBACK_KEY = "moma"
@@ -460,7 +484,9 @@ def copy_patches_on_clone(source: Any, clone: Any) -> None:
 
 def moma_runs_of(model: Any) -> list[MomaRun]:
     """The MoMA applications on a MODEL, in the order they were applied (each Apply node's run once)."""
-    table = getattr(model, "model_options", {}).get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    table = (
+        getattr(model, "model_options", {}).get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    )
     runs: list[MomaRun] = []
     for patch in table.values():
         chain = []
@@ -499,8 +525,14 @@ class ReferenceCapturePatch:
     """attn1 replace used only during the reference pass: plain self-attention, and records this
     layer's K_ref/V_ref at the object's tokens."""
 
-    def __init__(self, layer: AttentionLayer, to_k_ip: torch.Tensor, to_v_ip: torch.Tensor,
-                 object_mask: torch.Tensor, store: dict) -> None:
+    def __init__(
+        self,
+        layer: AttentionLayer,
+        to_k_ip: torch.Tensor,
+        to_v_ip: torch.Tensor,
+        object_mask: torch.Tensor,
+        store: dict,
+    ) -> None:
         self.layer = layer
         self.to_k_ip = to_k_ip
         self.to_v_ip = to_v_ip
@@ -515,12 +547,19 @@ class ReferenceCapturePatch:
         return comfy_attention(q, k, v, extra_options["n_heads"], extra_options)
 
 
-def reference_capture_options(to_k_ip: dict[int, torch.Tensor], to_v_ip: dict[int, torch.Tensor],
-                              object_mask: torch.Tensor, sigma: torch.Tensor, store: dict) -> dict:
+def reference_capture_options(
+    to_k_ip: dict[int, torch.Tensor],
+    to_v_ip: dict[int, torch.Tensor],
+    object_mask: torch.Tensor,
+    sigma: torch.Tensor,
+    store: dict,
+) -> dict:
     """Minimal transformer_options for the reference pass: only our capture patches run (other packs'
     patches are left out: they may expect sampling state that a lone evaluation does not have)."""
     attn1 = {
-        layer.block: ReferenceCapturePatch(layer, to_k_ip[layer.self_index], to_v_ip[layer.self_index], object_mask, store)
+        layer.block: ReferenceCapturePatch(
+            layer, to_k_ip[layer.self_index], to_v_ip[layer.self_index], object_mask, store
+        )
         for layer in LAYERS
     }
     return {"patches_replace": {"attn1": attn1}, "cond_or_uncond": [COND], "sigmas": sigma}

@@ -5,6 +5,7 @@ The rule is lexical: a name must be relative, and after normalising ``.`` / ``..
 folder it is looked up in. Symlinks a user placed inside those folders are followed (that is how models on other
 disks are shared), but a workflow cannot name a path that climbs out of them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,7 +57,9 @@ for _name, _exts in _EXTENSIONS.items():
 
 def model_folders(folder_name: str) -> list[str]:
     """Every folder ComfyUI has registered for ``folder_name`` (models/<name> and extra_model_paths.yaml)."""
-    return list(folder_paths.get_folder_paths(folder_name)) if folder_name in folder_paths.folder_names_and_paths else []
+    return (
+        list(folder_paths.get_folder_paths(folder_name)) if folder_name in folder_paths.folder_names_and_paths else []
+    )
 
 
 def describe_folders(roots: Sequence[str | Path]) -> str:
@@ -95,16 +98,19 @@ def _name_problem(value: str, roots: Sequence[str | Path], suffix_bytes: int = 0
         extra = suffix_bytes if index == len(parts) - 1 else 0
         if len(part) + extra > name_max:
             added = f" plus {extra} for the counter and extension" if extra else ""
-            return (f"has a part of {len(part)} bytes{added}, more than the {name_max} bytes the file system allows "
-                    f"in a file or folder name")
+            return (
+                f"has a part of {len(part)} bytes{added}, more than the {name_max} bytes the file system allows "
+                f"in a file or folder name"
+            )
     room = max(path_max - len(os.fsencode(os.path.abspath(root))) - 1 for root, _, path_max in limits)
     if len(encoded) + suffix_bytes >= room:
         return f"is {len(encoded)} bytes long, more than the file system's path limit leaves inside the folder"
     return None
 
 
-def relative_name(input_name: str, value: str, roots: Sequence[str | Path], what: str, advice: str = "",
-                  suffix_bytes: int = 0) -> str:
+def relative_name(
+    input_name: str, value: str, roots: Sequence[str | Path], what: str, advice: str = "", suffix_bytes: int = 0
+) -> str:
     """``value`` normalised to a relative POSIX path that stays inside any folder it is joined to.
 
     Raises a MomaError naming ``input_name``, the value and ``roots`` for an empty name, a name longer than
@@ -144,8 +150,9 @@ def relative_name(input_name: str, value: str, roots: Sequence[str | Path], what
     return posixpath.normpath(unified)
 
 
-def resolve_inside(input_name: str, value: str, roots: Sequence[str | Path], kind: Kind, what: str,
-                   hint: str = "") -> Path:
+def resolve_inside(
+    input_name: str, value: str, roots: Sequence[str | Path], kind: Kind, what: str, hint: str = ""
+) -> Path:
     """The first ``root / value`` that is a ``kind`` (file or folder), for ``value`` confined by ``relative_name``.
 
     The error when none matches names the input, the value and every folder searched, then ``hint``.
@@ -171,8 +178,9 @@ def find_inside(input_name: str, value: str, roots: Sequence[str | Path], kind: 
             if candidate.is_dir() if kind == "dir" else candidate.is_file():
                 return candidate
         except OSError as error:  # e.g. a folder without read permission on the way
-            raise MomaError(f"{input_name}: {what} {shown(value)} cannot be checked in {root}: {error.strerror or error}."
-                            ) from None
+            raise MomaError(
+                f"{input_name}: {what} {shown(value)} cannot be checked in {root}: {error.strerror or error}."
+            ) from None
     return None
 
 
@@ -180,9 +188,17 @@ def output_prefix(input_name: str, prefix: str) -> str:
     """A save ``filename_prefix`` checked to stay inside ComfyUI's output folder (normalised, relative) and to leave
     room, within the file system's limits, for the ``_00001_.safetensors`` ComfyUI's counter appends."""
     if not isinstance(prefix, str) or not prefix.strip():
-        raise MomaError(f"{input_name} is empty: give a prefix such as 'moma/context' (a path under the output folder).")
-    return relative_name(input_name, prefix, [folder_paths.get_output_directory()], "file name prefix",
-                         "give a prefix such as 'moma/context'.", suffix_bytes=SAVE_SUFFIX_BYTES)
+        raise MomaError(
+            f"{input_name} is empty: give a prefix such as 'moma/context' (a path under the output folder)."
+        )
+    return relative_name(
+        input_name,
+        prefix,
+        [folder_paths.get_output_directory()],
+        "file name prefix",
+        "give a prefix such as 'moma/context'.",
+        suffix_bytes=SAVE_SUFFIX_BYTES,
+    )
 
 
 def walk_folders(top: str | Path) -> Iterator[tuple[str, list[str]]]:

@@ -1,4 +1,5 @@
 """MoMA Subject Mask Preview: where MoMA acted in the last sampling run of a patched MODEL."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,13 +45,21 @@ class MomaSubjectMaskPreview(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from Apply MoMA Attention that the sampler used."),
                 io.Image.Input("images", tooltip="The sampler's decoded images (VAE Decode): the overlay's base."),
-                io.Int.Input("apply_index", default=0, min=0, max=15,
-                             tooltip="Which Apply MoMA Attention node of this MODEL, in the order they were "
-                                     "applied (0 = the first; two subjects: 0 and 1)."),
+                io.Int.Input(
+                    "apply_index",
+                    default=0,
+                    min=0,
+                    max=15,
+                    tooltip="Which Apply MoMA Attention node of this MODEL, in the order they were "
+                    "applied (0 = the first; two subjects: 0 and 1).",
+                ),
             ],
             outputs=[
-                io.Mask.Output("subject_mask", display_name="subject_mask",
-                               tooltip="[B, latent H, latent W], 1 = where MoMA acted."),
+                io.Mask.Output(
+                    "subject_mask",
+                    display_name="subject_mask",
+                    tooltip="[B, latent H, latent W], 1 = where MoMA acted.",
+                ),
                 io.Image.Output("overlay", display_name="overlay", tooltip="The images with the mask tinted red."),
             ],
         )
@@ -63,11 +72,15 @@ class MomaSubjectMaskPreview(io.ComfyNode):
     def execute(cls, model: Any, images: torch.Tensor, apply_index: int = 0) -> io.NodeOutput:
         runs = moma_runs_of(model)
         if not runs:
-            raise MomaError("MoMA Subject Mask Preview: this MODEL has no MoMA on it; connect the output of "
-                            "'Apply MoMA Attention' (the one the sampler used).")
+            raise MomaError(
+                "MoMA Subject Mask Preview: this MODEL has no MoMA on it; connect the output of "
+                "'Apply MoMA Attention' (the one the sampler used)."
+            )
         if apply_index >= len(runs):
-            raise MomaError(f"MoMA Subject Mask Preview: apply_index {apply_index}, but this MODEL has "
-                            f"{len(runs)} Apply MoMA Attention node(s) (0..{len(runs) - 1}).")
+            raise MomaError(
+                f"MoMA Subject Mask Preview: apply_index {apply_index}, but this MODEL has "
+                f"{len(runs)} Apply MoMA Attention node(s) (0..{len(runs) - 1})."
+            )
         mask = runs[apply_index].last_subject_mask
         if mask is None:
             raise MomaError(

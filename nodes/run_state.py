@@ -13,6 +13,7 @@ MoMA's APPLY_MODEL wrapper before each UNet call, outside the compiled region, w
 call (tensors only: the mask is all ones where there is none, the gates are 0/1 tensors, the rows' cond/uncond
 kinds an index tensor); its subject maps go to the tracker after the call.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,8 +80,9 @@ def object_timestep_ceiling(model_sampling: Any) -> float:
 def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
     """The attention ComfyUI itself runs in this layer (plain self- and text attention stay exactly as without
     MoMA, including another pack's ``optimized_attention_override``)."""
-    return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                               transformer_options=extra_options)
+    return optimized_attention(
+        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+    )
 
 
 # MoMA's own attentions (reference bank, 4 context tokens, subject mass) call torch's fused SDPA directly on
@@ -93,8 +95,10 @@ def latent_size(latent: Any) -> tuple[int, int]:
     """(height, width) of a latent tensor or shape [B, C, H, W] (what Feature Grab 'auto' matches)."""
     shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else tuple(latent or ())
     if len(shape) < 4:
-        raise MomaError(f"Feature Grab (resolution auto): cannot read the generation's size from a latent of shape "
-                        f"{shape}; set Feature Grab's resolution (e.g. 512) or connect its latent input.")
+        raise MomaError(
+            f"Feature Grab (resolution auto): cannot read the generation's size from a latent of shape "
+            f"{shape}; set Feature Grab's resolution (e.g. 512) or connect its latent input."
+        )
     return int(shape[-2]), int(shape[-1])
 
 
@@ -103,7 +107,7 @@ def layer_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
     shape = extra_options.get("activations_shape")
     if shape is not None and shape[-2] * shape[-1] == tokens:
         return int(shape[-2]), int(shape[-1])
-    side = int(round(tokens ** 0.5))
+    side = int(round(tokens**0.5))
     if side * side != tokens:
         raise RuntimeError(f"cannot infer the layer grid of {tokens} tokens (no activations_shape)")
     return side, side
@@ -124,8 +128,9 @@ def use_call_frame() -> bool:
     return _is_compiling()
 
 
-_is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) \
-    or torch._dynamo.is_compiling
+_is_compiling: Callable[[], bool] = (
+    getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+)
 
 
 def window_frames(extra_options: dict) -> list[int] | None:
@@ -216,8 +221,7 @@ class MomaRunState:
         self._gates[sigmas.device] = (sigmas, value)
         return value
 
-    def _decide_gates(self, sigmas: torch.Tensor, plan: tuple[bool | None, bool | None] | None
-                      ) -> tuple[Gate, Gate]:
+    def _decide_gates(self, sigmas: torch.Tensor, plan: tuple[bool | None, bool | None] | None) -> tuple[Gate, Gate]:
         sigma = sigmas.reshape(-1)[:1]
         (o_low, o_high), (c_low, c_high) = self.object_sigmas, self.context_sigmas
         if plan is None:  # a lone UNet call outside a sampling run: read the sigma
@@ -268,8 +272,11 @@ class MomaRunState:
         if has_uncond and self._step_depth:
             self._step_uncond = conds[1]
         uncond = self._step_uncond
-        self.kind_map = {} if sampler_evaluation or uncond is None else {
-            index: UNCOND for index, cond in enumerate(conds) if cond is uncond and index != UNCOND}
+        self.kind_map = (
+            {}
+            if sampler_evaluation or uncond is None
+            else {index: UNCOND for index, cond in enumerate(conds) if cond is uncond and index != UNCOND}
+        )
         self.tracker.discard_partial()
         self.tracker.begin_evaluation(frames)
         return sampler_evaluation
@@ -305,33 +312,53 @@ class MomaRunState:
             positions, length = run.subject_positions, run.prompt_length
             other = sorted({count for count in map(_token_count, positive) if count not in (None, length)})
             if other:
-                self._note(logging.WARNING, (
-                    f"{node}: the positive conditioning has {other[0]} tokens, but the text the subject's tokens "
-                    f"were looked up in, {subject.prompt!r}, has {length}: the positive prompt was encoded from "
-                    f"another text, so MoMA's subject mask follows unrelated tokens. Encode the positive prompt "
-                    f"with MoMA Text Encode, or wire its text into Apply MoMA Attention's 'prompt' input."))
+                self._note(
+                    logging.WARNING,
+                    (
+                        f"{node}: the positive conditioning has {other[0]} tokens, but the text the subject's tokens "
+                        f"were looked up in, {subject.prompt!r}, has {length}: the positive prompt was encoded from "
+                        f"another text, so MoMA's subject mask follows unrelated tokens. Encode the positive prompt "
+                        f"with MoMA Text Encode, or wire its text into Apply MoMA Attention's 'prompt' input."
+                    ),
+                )
         else:
             tag, count = tagged[0]
             positions, length = subject.positions(tag.token_ids), len(tag.token_ids)
             texts = list(dict.fromkeys(t.text for t, _ in tagged))
             if len(texts) > 1:
-                self._note(logging.WARNING, (
-                    f"{node}: the positive conditioning combines {len(texts)} MoMA Text Encode texts; the subject's "
-                    f"tokens are looked up in the first, {tag.text!r}, for all of them."))
+                self._note(
+                    logging.WARNING,
+                    (
+                        f"{node}: the positive conditioning combines {len(texts)} MoMA Text Encode texts; the subject's "
+                        f"tokens are looked up in the first, {tag.text!r}, for all of them."
+                    ),
+                )
             if count is not None and count != length:
-                self._note(logging.WARNING, (
-                    f"{node}: the positive conditioning has {count} tokens but its MoMA Text Encode text "
-                    f"{tag.text!r} has {length}: a node in between changed it (e.g. Conditioning Concat); the "
-                    f"subject's tokens are looked up in that text only."))
+                self._note(
+                    logging.WARNING,
+                    (
+                        f"{node}: the positive conditioning has {count} tokens but its MoMA Text Encode text "
+                        f"{tag.text!r} has {length}: a node in between changed it (e.g. Conditioning Concat); the "
+                        f"subject's tokens are looked up in that text only."
+                    ),
+                )
             if not positions:
-                self._note(logging.WARNING, (
-                    f"{node}: the subject is not in the positive prompt {tag.text!r} (from MoMA Text Encode); "
-                    f"the MoMA terms stay unmasked."))
+                self._note(
+                    logging.WARNING,
+                    (
+                        f"{node}: the subject is not in the positive prompt {tag.text!r} (from MoMA Text Encode); "
+                        f"the MoMA terms stay unmasked."
+                    ),
+                )
             elif (positions, length) != (run.subject_positions, run.prompt_length):
-                self._note(logging.INFO, (
-                    f"{node}: the subject's tokens are taken from the positive prompt MoMA Text Encode encoded, "
-                    f"{tag.text!r} (positions {positions}), not from {subject.prompt!r} (positions "
-                    f"{run.subject_positions})."))
+                self._note(
+                    logging.INFO,
+                    (
+                        f"{node}: the subject's tokens are taken from the positive prompt MoMA Text Encode encoded, "
+                        f"{tag.text!r} (positions {positions}), not from {subject.prompt!r} (positions "
+                        f"{run.subject_positions})."
+                    ),
+                )
         if (positions, length) != (self.subject_positions, self.prompt_length):
             self.subject_positions, self.prompt_length = positions, length
             for key in [key for key in self.device_cache if key[0] in ("cols", "subject", "subject_weights")]:
@@ -363,24 +390,37 @@ class MomaRunState:
 
         return self._cached(("cols", text_length, str(device)), build)
 
-    def context_heads(self, block: tuple[str, int], chunk_kinds: list[int], batch: int, heads: int,
-                      device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def context_heads(
+        self,
+        block: tuple[str, int],
+        chunk_kinds: list[int],
+        batch: int,
+        heads: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's projected MoMA tokens for every row, split into heads: [len(chunks) * batch, H, 4, D]."""
+
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             k_all, v_all = self.run.context_kv_master[block]
             order = torch.tensor([0 if kind == COND else 1 for kind in chunk_kinds]).repeat_interleave(batch)
-            return tuple(moma_attention.split_heads(t[order].to(device, dtype), heads).contiguous() for t in (k_all, v_all))
+            return tuple(
+                moma_attention.split_heads(t[order].to(device, dtype), heads).contiguous() for t in (k_all, v_all)
+            )
 
         return self._cached(("ctx", block, tuple(chunk_kinds), batch, heads, str(device), dtype), build)
 
-    def bank_heads(self, block: tuple[str, int], heads: int, device: torch.device, dtype: torch.dtype
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def bank_heads(
+        self, block: tuple[str, int], heads: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference bank of one layer on device, split into heads: [1, H, M, D] (once per run)."""
         bank = self.bank
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            return tuple(moma_attention.split_heads(t[block].to(device, dtype).unsqueeze(0), heads).contiguous()
-                         for t in (bank.keys, bank.values))
+            return tuple(
+                moma_attention.split_heads(t[block].to(device, dtype).unsqueeze(0), heads).contiguous()
+                for t in (bank.keys, bank.values)
+            )
 
         return self._cached(("bank", id(bank), block, heads, str(device), dtype), build)
 
@@ -390,18 +430,27 @@ class MomaRunState:
             self.bank = self.run.bank.bank_for_latent(*latent_size(extra_options.get("original_shape")))
         return self.bank
 
-    def subject_indicator(self, text_length: int, rows: int, heads: int, dim_head: int, device: torch.device,
-                          dtype: torch.dtype) -> torch.Tensor | None:
+    def subject_indicator(
+        self, text_length: int, rows: int, heads: int, dim_head: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """Values that make an attention over the text keys return the subject mass (see moma.attention)."""
         columns = self.subject_columns(text_length, device)
         if columns is None:
             return None
         return self._cached(
             ("subject", text_length, rows, heads, dim_head, str(device), dtype),
-            lambda: moma_attention.subject_indicator_values(text_length, columns, heads, dim_head, rows, device, dtype))
+            lambda: moma_attention.subject_indicator_values(text_length, columns, heads, dim_head, rows, device, dtype),
+        )
 
-    def spatial_mask(self, extra_options: dict, grid: tuple[int, int], chunks: int, batch: int,
-                     device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    def spatial_mask(
+        self,
+        extra_options: dict,
+        grid: tuple[int, int],
+        chunks: int,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
         """Subject mask (from the previous evaluation) times the optional user mask: [rows, h*w, 1] or None."""
         mask = self.tracker.rows(grid, chunks, device, dtype)
         if self.run.attn_mask is None:
@@ -420,8 +469,17 @@ class MomaRunState:
         user_rows = self._cached(key, build)
         return user_rows if mask is None else mask * user_rows
 
-    def gated_mask(self, gate: Gate, term: str, extra_options: dict, grid: tuple[int, int], chunks: int, batch: int,
-                   device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    def gated_mask(
+        self,
+        gate: Gate,
+        term: str,
+        extra_options: dict,
+        grid: tuple[int, int],
+        chunks: int,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
         """What a MoMA term is multiplied by: the spatial mask, times the gate when that is a device tensor
         (built once per UNet call and grid); None for 1."""
         mask = self.spatial_mask(extra_options, grid, chunks, batch, device, dtype)
@@ -437,7 +495,9 @@ class MomaRunState:
         return gated
 
     # --- the two terms ---------------------------------------------------------------------------
-    def object_term(self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def object_term(
+        self, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict
+    ) -> torch.Tensor:
         gain = self.run.object_gains[layer.block]
         if self.run.bank is None or gain == 0.0:
             return out
@@ -451,8 +511,15 @@ class MomaRunState:
         mask = self.gated_mask(gate, "object", extra_options, grid, chunks, q.shape[0] // chunks, q.device, q.dtype)
         return moma_attention.add_object_shortcut(out, ref_out, gain, mask)
 
-    def cross_attention(self, layer: AttentionLayer, previous: ReplacePatch | None, q: torch.Tensor,
-                        k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def cross_attention(
+        self,
+        layer: AttentionLayer,
+        previous: ReplacePatch | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        extra_options: dict,
+    ) -> torch.Tensor:
         heads = extra_options["n_heads"]
         chunk_kinds = self.chunk_kinds(extra_options)
         chunks = len(chunk_kinds)
@@ -460,11 +527,16 @@ class MomaRunState:
         batch = rows // chunks
         # The text output is what ComfyUI computes without MoMA (or the previous patch's); the subject map
         # is one more fused attention over the same keys (see moma.attention.subject_attention_mass).
-        out = previous(q, k, v, extra_options) if previous is not None else comfy_attention(q, k, v, heads, extra_options)
+        out = (
+            previous(q, k, v, extra_options) if previous is not None else comfy_attention(q, k, v, heads, extra_options)
+        )
         grid = layer_grid(extra_options, tokens)
         q_heads = moma_attention.split_heads(q, heads)
-        indicator = None if self.run_inactive() else self.subject_indicator(
-            k.shape[1], rows, heads, q.shape[-1] // heads, q.device, q.dtype)
+        indicator = (
+            None
+            if self.run_inactive()
+            else self.subject_indicator(k.shape[1], rows, heads, q.shape[-1] // heads, q.device, q.dtype)
+        )
         if indicator is not None:
             k_heads = moma_attention.split_heads(k, heads)
             if k_heads.shape[0] != rows:  # a context shared by every row
@@ -489,12 +561,20 @@ class MomaRunState:
         batch = x.shape[0] // len(kinds)
         mask = self.tracker.current_items()
         if mask is None or mask.shape[0] != batch:
-            mask = self._cached(("ones", batch, tuple(x.shape[-2:]), str(device)),
-                                lambda: torch.ones((batch, *x.shape[-2:]), device=device))
+            mask = self._cached(
+                ("ones", batch, tuple(x.shape[-2:]), str(device)),
+                lambda: torch.ones((batch, *x.shape[-2:]), device=device),
+            )
         elif mask.device != device:  # multi-GPU: the mask was made on another device
             mask = mask.to(device)
-        row_uncond = self._cached(("row_kinds", kinds, batch, str(device)), lambda: torch.tensor(
-            [0 if kind == COND else 1 for kind in kinds], dtype=torch.long).repeat_interleave(batch).to(device))
+        row_uncond = self._cached(
+            ("row_kinds", kinds, batch, str(device)),
+            lambda: (
+                torch.tensor([0 if kind == COND else 1 for kind in kinds], dtype=torch.long)
+                .repeat_interleave(batch)
+                .to(device)
+            ),
+        )
         user = None
         if self.run.attn_mask is not None:
             sub_idxs = window_frames(extra_options)
@@ -508,22 +588,50 @@ class MomaRunState:
         if isinstance(context, torch.Tensor) and context.ndim == 3:
             subject = self._subject_weights(int(context.shape[1]), device, dtype)
         # as 0/1 tensors [1]; one constant per term and value (two inputs of a compiled call never alias)
-        gates = tuple(self._cached((f"gate_{term}", value, str(device)), lambda value=value: torch.tensor(
-            [value], device=device)) if isinstance(value, bool) else value.reshape(1)
-            for term, value in zip(("object", "context"), self.gates(extra_options)))
+        gates = tuple(
+            self._cached((f"gate_{term}", value, str(device)), lambda value=value: torch.tensor([value], device=device))
+            if isinstance(value, bool)
+            else value.reshape(1)
+            for term, value in zip(("object", "context"), self.gates(extra_options))
+        )
         bank = self.reference_bank(extra_options) if self.run.bank is not None else None
-        bank_on_device = None if bank is None else self._cached(
-            ("frame_bank", id(bank), str(device), dtype),
-            lambda: {block: (bank.keys[block].to(device, dtype).unsqueeze(0),
-                             bank.values[block].to(device, dtype).unsqueeze(0)) for block in bank.keys})
-        tokens = self._cached(("frame_tokens", str(device), dtype), lambda: {
-            block: (k.to(device, dtype), v.to(device, dtype)) for block, (k, v) in self.run.context_kv_master.items()})
-        return CallFrame(mask=mask, row_uncond=row_uncond, user=user, subject=subject, object_gate=gates[0],
-                         context_gate=gates[1], bank=bank_on_device, tokens=tokens, kinds=list(kinds))
+        bank_on_device = (
+            None
+            if bank is None
+            else self._cached(
+                ("frame_bank", id(bank), str(device), dtype),
+                lambda: {
+                    block: (
+                        bank.keys[block].to(device, dtype).unsqueeze(0),
+                        bank.values[block].to(device, dtype).unsqueeze(0),
+                    )
+                    for block in bank.keys
+                },
+            )
+        )
+        tokens = self._cached(
+            ("frame_tokens", str(device), dtype),
+            lambda: {
+                block: (k.to(device, dtype), v.to(device, dtype))
+                for block, (k, v) in self.run.context_kv_master.items()
+            },
+        )
+        return CallFrame(
+            mask=mask,
+            row_uncond=row_uncond,
+            user=user,
+            subject=subject,
+            object_gate=gates[0],
+            context_gate=gates[1],
+            bank=bank_on_device,
+            tokens=tokens,
+            kinds=list(kinds),
+        )
 
     def _subject_weights(self, text_length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """[text_length]: 1 at the subject's columns, 0 elsewhere (all 0 without subject tokens or when MoMA is
         off for the whole run: the maps then carry no information and the mask stays all ones)."""
+
         def build() -> torch.Tensor:
             weights = torch.zeros(text_length, dtype=dtype)
             columns = None if self.run_inactive() else self.subject_columns(text_length, torch.device("cpu"))
@@ -544,9 +652,19 @@ class CallFrame:
     """One UNet call's MoMA inputs for the compiled path (see the module docstring) and the two terms computed
     from them. ``records`` collects the call's subject maps ([rows, h*w], layer grid) for the tracker."""
 
-    def __init__(self, *, mask: torch.Tensor, row_uncond: torch.Tensor, user: torch.Tensor | None,
-                 subject: torch.Tensor | None, object_gate: torch.Tensor, context_gate: torch.Tensor,
-                 bank: dict | None, tokens: dict, kinds: list[int]) -> None:
+    def __init__(
+        self,
+        *,
+        mask: torch.Tensor,
+        row_uncond: torch.Tensor,
+        user: torch.Tensor | None,
+        subject: torch.Tensor | None,
+        object_gate: torch.Tensor,
+        context_gate: torch.Tensor,
+        bank: dict | None,
+        tokens: dict,
+        kinds: list[int],
+    ) -> None:
         self.mask = mask  # [B, H, W] float32 at the latent grid: the step's subject mask of each item, or ones
         self.row_uncond = row_uncond  # [rows] long: 0 for a cond row, 1 for an uncond row
         self.user = user  # [B, 1, h, w] float32: each item's user MASK (Apply's attn_mask), or None
@@ -568,8 +686,9 @@ class CallFrame:
             mask = mask * user.reshape(user.shape[0], -1, 1).repeat(chunks, 1, 1).to(dtype)
         return mask * gate.to(dtype).view(1, 1, 1)
 
-    def object_term(self, run: MomaRun, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor,
-                    extra_options: dict) -> torch.Tensor:
+    def object_term(
+        self, run: MomaRun, layer: AttentionLayer, out: torch.Tensor, q: torch.Tensor, extra_options: dict
+    ) -> torch.Tensor:
         gain = run.object_gains[layer.block]
         if self.bank is None or gain == 0.0:
             return out
@@ -581,11 +700,21 @@ class CallFrame:
         mask = self.spatial_mask(layer_grid(extra_options, q.shape[1]), q.shape[0], q.dtype, self.object_gate)
         return moma_attention.add_object_shortcut(out, ref_out, gain, mask)
 
-    def cross_attention(self, run: MomaRun, layer: AttentionLayer, previous: ReplacePatch | None,
-                        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def cross_attention(
+        self,
+        run: MomaRun,
+        layer: AttentionLayer,
+        previous: ReplacePatch | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        extra_options: dict,
+    ) -> torch.Tensor:
         heads = extra_options["n_heads"]
         rows, tokens = q.shape[0], q.shape[1]
-        out = previous(q, k, v, extra_options) if previous is not None else comfy_attention(q, k, v, heads, extra_options)
+        out = (
+            previous(q, k, v, extra_options) if previous is not None else comfy_attention(q, k, v, heads, extra_options)
+        )
         grid = layer_grid(extra_options, tokens)
         q_heads = moma_attention.split_heads(q, heads)
         if self.subject is not None and self.subject.shape[0] == k.shape[1]:

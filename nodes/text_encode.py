@@ -1,5 +1,6 @@
 """MoMA Text Encode: CLIPTextEncode that tags its conditioning with the text, so sampling finds the subject
 tokens in the text the positive conditioning was really made from (not in whatever text Apply was given)."""
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,10 @@ def sd15_token_chunks(tokens: Any) -> list:
     if isinstance(tokens, dict):
         if "l" in tokens:
             return tokens["l"]
-        raise MomaError(f"MoMA Text Encode: this CLIP has text encoders {sorted(tokens)}, not SD1.5's CLIP-L; "
-                        f"wire the CLIP of the SD1.5 checkpoint you sample with.")
+        raise MomaError(
+            f"MoMA Text Encode: this CLIP has text encoders {sorted(tokens)}, not SD1.5's CLIP-L; "
+            f"wire the CLIP of the SD1.5 checkpoint you sample with."
+        )
     return tokens
 
 
@@ -89,17 +92,29 @@ class MomaTextEncode(io.ComfyNode):
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of your SD1.5 checkpoint (as for CLIPTextEncode)."),
-                io.String.Input("text", multiline=True, dynamic_prompts=True, default="",
-                                tooltip="The positive prompt. Leave it empty to use the connected context's sd_prompt "
-                                        "(photo of a {subject}. {prompt})."),
-                MomaContext.Input("context", optional=True,
-                                  tooltip="Optional: from LLaVA Context Encoder or Load MoMA Context. Its sd_prompt is "
-                                          "the text when 'text' is empty; a text without its subject word is warned about."),
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    default="",
+                    tooltip="The positive prompt. Leave it empty to use the connected context's sd_prompt "
+                    "(photo of a {subject}. {prompt}).",
+                ),
+                MomaContext.Input(
+                    "context",
+                    optional=True,
+                    tooltip="Optional: from LLaVA Context Encoder or Load MoMA Context. Its sd_prompt is "
+                    "the text when 'text' is empty; a text without its subject word is warned about.",
+                ),
             ],
-            outputs=[io.Conditioning.Output(display_name="CONDITIONING",
-                                            tooltip="For the sampler's positive input (MoMA reads its tag).")],
-            **schema_extras(search_aliases=["moma prompt", "moma positive prompt", "moma clip text encode",
-                                            "text encode moma"]),
+            outputs=[
+                io.Conditioning.Output(
+                    display_name="CONDITIONING", tooltip="For the sampler's positive input (MoMA reads its tag)."
+                )
+            ],
+            **schema_extras(
+                search_aliases=["moma prompt", "moma positive prompt", "moma clip text encode", "text encode moma"]
+            ),
         )
 
     @classmethod
@@ -115,13 +130,19 @@ class MomaTextEncode(io.ComfyNode):
             raise MomaError("MoMA Text Encode: 'context' must come from LLaVA Context Encoder or Load MoMA Context.")
         if not (text or "").strip():
             if context is None:
-                raise MomaError("MoMA Text Encode: 'text' is empty and no context is connected: type the positive "
-                                "prompt, or connect the context (its sd_prompt is then encoded).")
+                raise MomaError(
+                    "MoMA Text Encode: 'text' is empty and no context is connected: type the positive "
+                    "prompt, or connect the context (its sd_prompt is then encoded)."
+                )
             text = context.sd_prompt
         conditioning = encode_tagged(clip, text)
         if context is not None and getattr(context, "subject", "").strip():
             tag = prompt_tag(conditioning[0][1])
             if tag is not None and not subject_tokens(context.subject, text).positions(tag.token_ids):
-                log.warning("MoMA Text Encode: the text %r does not contain the context's subject %r; MoMA finds no "
-                            "subject tokens in it and acts unmasked.", text, context.subject)
+                log.warning(
+                    "MoMA Text Encode: the text %r does not contain the context's subject %r; MoMA finds no "
+                    "subject tokens in it and acts unmasked.",
+                    text,
+                    context.subject,
+                )
         return io.NodeOutput(conditioning)

@@ -1,4 +1,5 @@
 """Custom ComfyUI socket types of the pack (objects passed by reference between nodes)."""
+
 from .node_api import io
 
 MomaModel = io.Custom("MOMA_MODEL")  # moma.model.MomaModel: adapter weights + how to load LLaVA/CLIP

@@ -13,6 +13,7 @@ input returns the text (shown once, under that input); a node whose method takes
 with the input it concerns. Linked inputs reach ``validate_inputs`` as None (their value is not known yet) and
 inputs missing from the workflow not at all: both are checked where the value is used.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,14 @@ log = logging.getLogger(__name__)
 
 # node id -> STRING and combo input -> the most characters it takes (every one the nodes have; tests check that)
 TEXT_LIMITS: dict[str, dict[str, int]] = {
-    "MomaLoader": {"adapter_name": NAME_CHARS, "llava_name": NAME_CHARS, "clip_vision_name": NAME_CHARS,
-                   "precision": CHOICE_CHARS, "quantization": CHOICE_CHARS, "llava_placement": CHOICE_CHARS},
+    "MomaLoader": {
+        "adapter_name": NAME_CHARS,
+        "llava_name": NAME_CHARS,
+        "clip_vision_name": NAME_CHARS,
+        "precision": CHOICE_CHARS,
+        "quantization": CHOICE_CHARS,
+        "llava_placement": CHOICE_CHARS,
+    },
     "MomaContextEncoder": {"subject": SUBJECT_CHARS, "prompt": PROMPT_CHARS},
     "MomaSaveContext": {"filename_prefix": NAME_CHARS},
     "MomaLoadContext": {"context_file": NAME_CHARS, "path": NAME_CHARS},
@@ -56,8 +63,9 @@ def float_ranges(node_cls: type) -> dict[str, tuple[float | None, float | None]]
     """FLOAT input -> (min, max) of a node, read from its schema (so the ranges live in one place)."""
     from .node_api import io
 
-    return {item.id: (item.min, item.max) for item in node_cls.define_schema().inputs
-            if isinstance(item, io.Float.Input)}
+    return {
+        item.id: (item.min, item.max) for item in node_cls.define_schema().inputs if isinstance(item, io.Float.Input)
+    }
 
 
 @functools.cache
@@ -115,8 +123,11 @@ def verdict(problems: list[str], values: Mapping[str, Any]) -> bool | str:
 # ------------------------------------------------------------------------------------ Apply MoMA Attention
 
 
-WINDOWS = (("start_percent", "end_percent"), ("object_start_percent", "object_end_percent"),
-           ("context_start_percent", "context_end_percent"))
+WINDOWS = (
+    ("start_percent", "end_percent"),
+    ("object_start_percent", "object_end_percent"),
+    ("context_start_percent", "context_end_percent"),
+)
 
 
 def apply_problems(node_cls: type, values: Mapping[str, Any]) -> list[str]:
@@ -147,22 +158,30 @@ def apply_settings(node_cls: type, values: Mapping[str, Any]) -> dict[tuple[str,
     return parse_block_weights(values.get("block_weights") or "")
 
 
-def warn_idle_windows(start_percent: float, end_percent: float, object_window: tuple[float, float],
-                      context_window: tuple[float, float], model_sampling: Any = None,
-                      timestep_ceiling: Callable[[Any], float] | None = None) -> list[str]:
+def warn_idle_windows(
+    start_percent: float,
+    end_percent: float,
+    object_window: tuple[float, float],
+    context_window: tuple[float, float],
+    model_sampling: Any = None,
+    timestep_ceiling: Callable[[Any], float] | None = None,
+) -> list[str]:
     """Warn (once per Apply) about a path whose window can never act: outside start..end, or (the object path,
     given the model's sampling and ``timestep_ceiling``: where the object path starts, t < 950 on SD1.5) entirely
     before the object path starts. Returns the warnings."""
     warnings = []
     for path, (low, high) in (("object", object_window), ("context", context_window)):
         if max(start_percent, low) > min(end_percent, high):
-            warnings.append(f"the {path} window {low:g}..{high:g} lies outside start/end {start_percent:g}.."
-                            f"{end_percent:g}, so the {path} path never acts")
+            warnings.append(
+                f"the {path} window {low:g}..{high:g} lies outside start/end {start_percent:g}.."
+                f"{end_percent:g}, so the {path} path never acts"
+            )
         elif path == "object" and model_sampling is not None and timestep_ceiling is not None:
             last = min(end_percent, high)
             if _before_object_path(model_sampling, last, timestep_ceiling):
-                warnings.append(f"the object window ends at {last:g}, before t < 950 where the object path starts, "
-                                f"so it never acts")
+                warnings.append(
+                    f"the object window ends at {last:g}, before t < 950 where the object path starts, so it never acts"
+                )
     for warning in warnings:
         log.warning("Apply MoMA Attention: %s; check the *_percent inputs.", warning)
     return warnings

@@ -12,6 +12,7 @@
    and the example graph (`--help-pictures-only` makes just these, from the docs/*.png already there).
 Prints the demo's peak RSS (the figure in README's Requirements).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,27 +55,54 @@ def run_demo(work: Path) -> dict[str, Path]:
     demo_graph(graph)
     out = work / "out"
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(RUNNER), str(graph), "--demo", "--cpu", "--base-dir", str(work / "base"),
-                             "--output", str(out), "--image", str(SAMPLE / "moma_reference.jpg"),
-                             "--mask", str(SAMPLE / "moma_reference_mask.png"),
-                             "--width", "256", "--height", "256", "--steps", "4"],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(RUNNER),
+            str(graph),
+            "--demo",
+            "--cpu",
+            "--base-dir",
+            str(work / "base"),
+            "--output",
+            str(out),
+            "--image",
+            str(SAMPLE / "moma_reference.jpg"),
+            "--mask",
+            str(SAMPLE / "moma_reference_mask.png"),
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--steps",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     print(result.stdout)
     if result.returncode != 0:
         raise SystemExit(result.stderr)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 / 1024
     print(f"demo: {time.perf_counter() - started:.0f}s, peak RSS {peak:.1f} GB")
     images = [Path(line.strip()) for line in result.stdout.split("images:\n", 1)[1].splitlines() if line.strip()]
-    found = {"mask": next(p for p in images if p.name.startswith("doc_mask")),
-             "white": next(p for p in images if p.name.startswith("doc_white")),
-             "result": next(p for p in images if not p.name.startswith("doc_"))}
+    found = {
+        "mask": next(p for p in images if p.name.startswith("doc_mask")),
+        "white": next(p for p in images if p.name.startswith("doc_white")),
+        "result": next(p for p in images if not p.name.startswith("doc_")),
+    }
     found["reference"] = SAMPLE / "moma_reference.jpg"
     return found
 
 
 def labelled_strip(files: dict[str, Path], target: Path) -> None:
-    labels = [("reference", "reference (sample picture)"), ("mask", "object mask (its mask, Object Masker)"),
-              ("white", "what LLaVA sees"), ("result", "result: noise (random test weights)")]
+    labels = [
+        ("reference", "reference (sample picture)"),
+        ("mask", "object mask (its mask, Object Masker)"),
+        ("white", "what LLaVA sees"),
+        ("result", "result: noise (random test weights)"),
+    ]
     strip = Image.new("RGB", (TILE * len(labels), TILE + 44), "white")
     draw = ImageDraw.Draw(strip)
     for i, (key, text) in enumerate(labels):
@@ -82,8 +110,12 @@ def labelled_strip(files: dict[str, Path], target: Path) -> None:
             tile = ImageOps.contain(picture.convert("RGB"), (TILE, TILE))
         strip.paste(tile, (i * TILE + (TILE - tile.width) // 2, 0))
         draw.text((i * TILE + 8, TILE + 6), text, fill="black")
-    draw.text((8, TILE + 24), "Made by scripts/make_pictures.py on the demo's tiny random-weight models: they show the "
-              "graph executing, not MoMA's quality.", fill=(90, 90, 90))
+    draw.text(
+        (8, TILE + 24),
+        "Made by scripts/make_pictures.py on the demo's tiny random-weight models: they show the "
+        "graph executing, not MoMA's quality.",
+        fill=(90, 90, 90),
+    )
     strip.save(target, optimize=True)
 
 
@@ -97,8 +129,21 @@ def graph_screenshot(work: Path, target: Path) -> None:
     port, debug_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}/"
     log = open(work / "gui.log", "w")
-    server = subprocess.Popen([sys.executable, str(RUNNER), "--gui", "--demo", "--cpu", "--port", str(port),
-                               "--base-dir", str(work / "base")], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(RUNNER),
+            "--gui",
+            "--demo",
+            "--cpu",
+            "--port",
+            str(port),
+            "--base-dir",
+            str(work / "base"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -111,8 +156,9 @@ def graph_screenshot(work: Path, target: Path) -> None:
                 time.sleep(0.5)
         # a first visit opens the template browser over the graph; a returning user's setting does not
         for setting, value in (("Comfy.TutorialCompleted", b"true"), ("Comfy.Minimap.Visible", b"false")):
-            request = urllib.request.Request(url + f"settings/{setting}", data=value, method="POST",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                url + f"settings/{setting}", data=value, method="POST", headers={"Content-Type": "application/json"}
+            )
             urllib.request.urlopen(request, timeout=10).close()
         ui = json.loads((REPO / "workflows" / "moma_context.json").read_text())
         raw = work / "graph_raw.png"
@@ -132,8 +178,14 @@ def graph_screenshot(work: Path, target: Path) -> None:
     box = inner.point(lambda v: 255 if abs(v - background) > 12 else 0).getbbox()
     if box:
         pad = 24
-        picture = picture.crop((max(box[0] + margin - pad, 0), max(box[1] + margin - pad, 0),
-                                min(box[2] + margin + pad, picture.width), min(box[3] + margin + pad, picture.height)))
+        picture = picture.crop(
+            (
+                max(box[0] + margin - pad, 0),
+                max(box[1] + margin - pad, 0),
+                min(box[2] + margin + pad, picture.width),
+                min(box[3] + margin + pad, picture.height),
+            )
+        )
     if picture.width > 1600:
         picture = picture.resize((1600, round(picture.height * 1600 / picture.width)), Image.LANCZOS)
     picture.save(target, optimize=True)
@@ -156,8 +208,11 @@ def help_pictures(docs: Path, target: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs")
-    parser.add_argument("--help-pictures-only", action="store_true",
-                        help="only cut the help pages' pictures (web/docs/images) from the docs/*.png already there")
+    parser.add_argument(
+        "--help-pictures-only",
+        action="store_true",
+        help="only cut the help pages' pictures (web/docs/images) from the docs/*.png already there",
+    )
     opts = parser.parse_args()
     if opts.help_pictures_only:
         help_pictures(opts.out, REPO / "web" / "docs" / "images")

@@ -4,6 +4,7 @@
 The entry point of the pack's runner, tools/moma_runner (one module per job); scripts/run.sh calls it
 with the host's Python.
 """
+
 from __future__ import annotations
 
 import sys

@@ -6,6 +6,7 @@
 - ``saved_context_graph``: the API graph checkpoint -> MoMA (saved context, Feature Grab) -> KSampler -> decode;
 - ``run_api_workflow``: validate and run an API-format graph through ComfyUI's real executor.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -71,31 +72,80 @@ def load_checkpoint(ckpt_name: str) -> tuple[Any, Any, Any]:
     return nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)
 
 
-def saved_context_graph(ckpt: str, context_file: str, image: str, mask: str, llava: str = "none",
-                        clip_vision: str = "none", seed: int = 1, steps: int = 1) -> dict:
+def saved_context_graph(
+    ckpt: str,
+    context_file: str,
+    image: str,
+    mask: str,
+    llava: str = "none",
+    clip_vision: str = "none",
+    seed: int = 1,
+    steps: int = 1,
+) -> dict:
     """Checkpoint -> MoMA Loader, a saved context (``context_file`` in the output folder), Feature Grab at 64 of
     ``image``/``mask`` (input folder, subject 'car') -> Apply MoMA -> euler KSampler at 64x64 (positive: the
     context's sd_prompt) -> VAE Decode (node "dec"). The caller adds the output node."""
     return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "loader": {"class_type": "MomaLoader", "inputs": {
-            "adapter_name": "attn_adapters_projectors.th", "llava_name": llava, "clip_vision_name": clip_vision,
-            "precision": "fp32", "quantization": "none", "keep_llava_loaded": False}},
+        "loader": {
+            "class_type": "MomaLoader",
+            "inputs": {
+                "adapter_name": "attn_adapters_projectors.th",
+                "llava_name": llava,
+                "clip_vision_name": clip_vision,
+                "precision": "fp32",
+                "quantization": "none",
+                "keep_llava_loaded": False,
+            },
+        },
         "img": {"class_type": "LoadImage", "inputs": {"image": image}},
         "mask": {"class_type": "LoadImageMask", "inputs": {"image": mask, "channel": "red"}},
         "ctx": {"class_type": "MomaLoadContext", "inputs": {"context_file": f"{context_file} [output]", "path": ""}},
-        "grab": {"class_type": "MomaFeatureGrab", "inputs": {
-            "model": ["ckpt", 0], "moma_model": ["loader", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
-            "image": ["img", 0], "mask": ["mask", 0], "subject": "car", "seed": 1, "resolution": 64}},
-        "apply": {"class_type": "MomaApply", "inputs": {
-            "model": ["ckpt", 0], "moma_model": ["loader", 0], "context": ["ctx", 0], "reference": ["grab", 0],
-            "preset": "context", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "grab": {
+            "class_type": "MomaFeatureGrab",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "moma_model": ["loader", 0],
+                "vae": ["ckpt", 2],
+                "clip": ["ckpt", 1],
+                "image": ["img", 0],
+                "mask": ["mask", 0],
+                "subject": "car",
+                "seed": 1,
+                "resolution": 64,
+            },
+        },
+        "apply": {
+            "class_type": "MomaApply",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "moma_model": ["loader", 0],
+                "context": ["ctx", 0],
+                "reference": ["grab", 0],
+                "preset": "context",
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": ["ctx", 1], "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
         "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "ks": {"class_type": "KSampler", "inputs": {
-            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
-            "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "ks": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["apply", 0],
+                "positive": ["pos", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["lat", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
     }
 
@@ -121,8 +171,11 @@ def run_api_workflow(prompt: dict, prompt_id: str | None = None) -> dict:
         executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
         if not executor.success:
             failure = next(
-                (data for event, data in executor.status_messages
-                 if event in ("execution_error", "execution_interrupted")),
+                (
+                    data
+                    for event, data in executor.status_messages
+                    if event in ("execution_error", "execution_interrupted")
+                ),
                 {},
             )
             raise WorkflowError(

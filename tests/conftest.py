@@ -1,4 +1,5 @@
 """Session set-up: a real ComfyUI host with the pack loaded, and the tiny real-format model fixtures."""
+
 from __future__ import annotations
 
 import contextlib
@@ -145,8 +146,9 @@ def pytest_collection_finish(session):
         if any("sd15_checkpoint" in item.fixturenames for item in used):
             import comfy_exec
 
-            comfy_exec.load_checkpoint(comfy_exec.place_model("checkpoints", fixture_file("sd15_checkpoint"),
-                                                              HOST.models_dir))
+            comfy_exec.load_checkpoint(
+                comfy_exec.place_model("checkpoints", fixture_file("sd15_checkpoint"), HOST.models_dir)
+            )
     except Exception as err:  # the fixtures that need them fail with the full story
         import logging
 
@@ -227,10 +229,14 @@ METHOD_TESTS_DEFAULT_HOST_ONLY = {"test_sd15.py", "test_masker.py"}
 def pytest_collection_modifyitems(config, items):
     if host.on_default_host():
         return
-    skip = pytest.mark.skip(reason=f"independent of ComfyUI and of the torch/transformers versions: run on the "
-                                   f"default host, ComfyUI {host.DEFAULT_COMFYUI}")
-    covered = pytest.mark.skip(reason=f"the same on every ComfyUI version: run on the default host, ComfyUI "
-                                      f"{host.DEFAULT_COMFYUI} (other cases cover this host)")
+    skip = pytest.mark.skip(
+        reason=f"independent of ComfyUI and of the torch/transformers versions: run on the "
+        f"default host, ComfyUI {host.DEFAULT_COMFYUI}"
+    )
+    covered = pytest.mark.skip(
+        reason=f"the same on every ComfyUI version: run on the default host, ComfyUI "
+        f"{host.DEFAULT_COMFYUI} (other cases cover this host)"
+    )
     for item in items:
         path = Path(str(item.fspath)).resolve()
         if path.parent == METHOD_TESTS and path.name in METHOD_TESTS_DEFAULT_HOST_ONLY:
@@ -243,8 +249,10 @@ def pytest_collection_modifyitems(config, items):
 def comfy_host() -> host.Host:
     """The booted ComfyUI host (base directory, models directory, the pack's module name)."""
     if HOST is None:
-        pytest.fail(f"MOMA_TEST_SPLIT=processes: this pytest process boots no ComfyUI; a test that needs one "
-                    f"belongs outside {sorted(PROCESS_MODULES)}")
+        pytest.fail(
+            f"MOMA_TEST_SPLIT=processes: this pytest process boots no ComfyUI; a test that needs one "
+            f"belongs outside {sorted(PROCESS_MODULES)}"
+        )
     return HOST
 
 
@@ -355,5 +363,3 @@ def moma_context(moma_model, test_images, load_image_tensor):
     context = encode_context(encoder, moma_model, image[0], mask[0], MOMA_SUBJECT, MOMA_PROMPT)
     del encoder
     return context
-
-

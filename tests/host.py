@@ -9,6 +9,7 @@ After ``boot()``:
 - the pack module ComfyUI loaded is also importable as ``comfyui_moma`` (same module objects), so tests
   write ``from comfyui_moma.moma.attention import ...``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,6 +78,11 @@ def cases_for_hosts(values: list, older_host: set) -> list:
     def name(value: Any) -> Any:
         return value[0] if isinstance(value, tuple) else value
 
-    return [pytest.param(*(value if isinstance(value, tuple) else (value,)), id=str(name(value)),
-                         marks=() if name(value) in older_host else pytest.mark.default_host_only)
-            for value in values]
+    return [
+        pytest.param(
+            *(value if isinstance(value, tuple) else (value,)),
+            id=str(name(value)),
+            marks=() if name(value) in older_host else pytest.mark.default_host_only,
+        )
+        for value in values
+    ]

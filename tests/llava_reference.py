@@ -2,6 +2,7 @@
 sentencepiece, pixels from PIL/numpy, the vision tower from transformers' own ``CLIPVisionModel.from_pretrained``,
 and the projector, the Llama decoder (RoPE tables rounded to fp16 as the reference's transformers 4.37 stored
 them), the mapping and the 4-token projector by hand from the raw checkpoint tensors."""
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ def _rotate(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None]
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     cos, sin = cos.half().float(), sin.half().float()
-    rotated = torch.cat([-x[..., dim // 2:], x[..., : dim // 2]], -1)
+    rotated = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
     return x * cos + rotated * sin
 
 
@@ -66,8 +67,10 @@ def _llama_last_hidden(sd: dict[str, torch.Tensor], embeds: torch.Tensor, layers
     for i in range(layers):
         p = f"model.layers.{i}."
         x = _rms_norm(h, sd[p + "input_layernorm.weight"])
-        q, k, v = (F.linear(x, sd[p + f"self_attn.{n}_proj.weight"]).view(length, heads, head_dim).transpose(0, 1)
-                   for n in "qkv")
+        q, k, v = (
+            F.linear(x, sd[p + f"self_attn.{n}_proj.weight"]).view(length, heads, head_dim).transpose(0, 1)
+            for n in "qkv"
+        )
         q, k = _rotate(q), _rotate(k)
         probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(head_dim) + causal, dim=-1)
         h = h + F.linear((probs @ v).transpose(0, 1).reshape(length, width), sd[p + "self_attn.o_proj.weight"])
@@ -77,8 +80,15 @@ def _llama_last_hidden(sd: dict[str, torch.Tensor], embeds: torch.Tensor, layers
     return _rms_norm(h, sd["model.norm.weight"])
 
 
-def expected_context(llava_dir: Path, clip_vision_dir: Path, adapter_file: Path, rgb: np.ndarray,
-                     mask: np.ndarray, subject: str, prompt: str) -> dict[str, torch.Tensor]:
+def expected_context(
+    llava_dir: Path,
+    clip_vision_dir: Path,
+    adapter_file: Path,
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    subject: str,
+    prompt: str,
+) -> dict[str, torch.Tensor]:
     """llava_emb [1, 1024], cond / uncond tokens [1, 4, 768] and the LLaVA input length, in fp32, for an 8-bit
     RGB picture [H, W, 3] and its 8-bit mask [H, W]."""
     import json
@@ -94,17 +104,24 @@ def expected_context(llava_dir: Path, clip_vision_dir: Path, adapter_file: Path,
         hidden_states = vision(pixel_values=_expected_pixels(rgb, mask), output_hidden_states=True).hidden_states
         patches = hidden_states[-2][0, 1:]  # penultimate layer, CLS dropped: [576, 1024]
         sd = _checkpoint(llava_dir)
-        picture = F.linear(F.gelu(F.linear(patches, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
-                           sd["model.mm_projector.2.weight"], sd["model.mm_projector.2.bias"])
+        picture = F.linear(
+            F.gelu(F.linear(patches, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
+            sd["model.mm_projector.2.weight"],
+            sd["model.mm_projector.2.bias"],
+        )
         cut = ids.index(-200)
         table = sd["model.embed_tokens.weight"]
-        embeds = torch.cat([table[ids[:cut]], picture, table[ids[cut + 1:]]])
+        embeds = torch.cat([table[ids[:cut]], picture, table[ids[cut + 1 :]]])
         last = _llama_last_hidden(sd, embeds, config["num_hidden_layers"], config["num_attention_heads"])[-1]
-        adapter = {k: {kk: vv.float() for kk, vv in v.items()}
-                   for k, v in torch.load(adapter_file, map_location="cpu", weights_only=True).items()}
+        adapter = {
+            k: {kk: vv.float() for kk, vv in v.items()}
+            for k, v in torch.load(adapter_file, map_location="cpu", weights_only=True).items()
+        }
         m = adapter["llm_mapping"]
-        llava_emb = F.linear(F.silu(F.linear(last, m["mapping.gate_proj.weight"])) * F.linear(last, m["mapping.up_proj.weight"]),
-                             m["mapping.down_proj.weight"])[None]
+        llava_emb = F.linear(
+            F.silu(F.linear(last, m["mapping.gate_proj.weight"])) * F.linear(last, m["mapping.up_proj.weight"]),
+            m["mapping.down_proj.weight"],
+        )[None]
         p = adapter["projectors"]
 
         def tokens(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +129,9 @@ def expected_context(llava_dir: Path, clip_vision_dir: Path, adapter_file: Path,
             y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + 1e-5)
             return y * p["norm.weight"] + p["norm.bias"]
 
-        return {"llava_emb": llava_emb, "cond": tokens(llava_emb), "uncond": tokens(torch.zeros(1, 1024)),
-                "length": torch.tensor(embeds.shape[0])}
-
-
+        return {
+            "llava_emb": llava_emb,
+            "cond": tokens(llava_emb),
+            "uncond": tokens(torch.zeros(1, 1024)),
+            "length": torch.tensor(embeds.shape[0]),
+        }

@@ -3,6 +3,7 @@ Python package whose ``__init__.py`` only works when ComfyUI imports it (relativ
 sys.path). pytest would import that ``__init__.py`` as the parent package of ``tests/`` under the
 checkout's folder name; collect the root as a plain directory instead. The tests reach the pack the way
 ComfyUI loads it (tests/host.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -12,6 +12,7 @@ patch is there.
 The callback adds a real, measurable term: attention of the image queries over a few extra tokens projected
 to the layer's width, times ``weight``; every call is recorded in ``CALLS`` with the pack's ``tag``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,8 +57,9 @@ class IPAdapterStylePatch:
         return self
 
 
-def extra_tokens_attention(out, q, k, v, extra_options, tag="ipadapter", tokens=None, weight=1.0,
-                           sigma_start=0.0, sigma_end=0.0, **kwargs):
+def extra_tokens_attention(
+    out, q, k, v, extra_options, tag="ipadapter", tokens=None, weight=1.0, sigma_start=0.0, sigma_end=0.0, **kwargs
+):
     """The pack's term: q over ``tokens`` [n, 768] projected to the layer width (fixed random map), x weight."""
     from comfy.ldm.modules.attention import optimized_attention
 
@@ -69,8 +71,9 @@ def extra_tokens_attention(out, q, k, v, extra_options, tag="ipadapter", tokens=
     return optimized_attention(q, ip, ip, extra_options["n_heads"]) * weight
 
 
-def apply_ipadapter_style(model: Any, tag: str, weight: float = 1.0, sigma_start: float = 1e9,
-                          sigma_end: float = 0.0, seed: int = 0) -> Any:
+def apply_ipadapter_style(
+    model: Any, tag: str, weight: float = 1.0, sigma_start: float = 1e9, sigma_end: float = 0.0, seed: int = 0
+) -> Any:
     """A clone of ``model`` with the pack's callback on every SD1.5 attn2 block, installed as those packs do."""
     patched = model.clone()
     tokens = torch.randn(4, 768, generator=torch.Generator().manual_seed(seed))
@@ -93,8 +96,13 @@ class IPAdapterStyleNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "ipadapter"}),
-                             "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0})}}
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "tag": ("STRING", {"default": "ipadapter"}),
+                "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0}),
+            }
+        }
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"

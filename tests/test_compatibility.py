@@ -1,5 +1,6 @@
 """Where the pack installs and what it relies on: the ComfyUI range the registry enforces, the one versioned node
 API, and the host contract (nodes/host_contract.py) on this host and on hosts with one hook removed or changed."""
+
 from __future__ import annotations
 
 import ast
@@ -25,8 +26,9 @@ VERSION = re.compile(r"\b0\.\d+(?:\.\d+)?\b")
 def listed_versions() -> set[str]:
     """The ComfyUI versions docs/compatibility.md's table lists (tested in CI or checked by hand), and every version
     in the README's "Supported ComfyUI versions" section when it has one."""
-    table = [line for line in (REPO / "docs" / "compatibility.md").read_text().splitlines()
-             if line.startswith("| ComfyUI ")]
+    table = [
+        line for line in (REPO / "docs" / "compatibility.md").read_text().splitlines() if line.startswith("| ComfyUI ")
+    ]
     versions = {match.group(0) for line in table for match in VERSION.finditer(line.split("|")[1])}
     readme = (REPO / "README.md").read_text()
     section = re.search(r"^## Supported ComfyUI versions\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
@@ -58,10 +60,18 @@ def _imports_of(path: Path) -> set[str]:
 def test_only_node_api_imports_comfyuis_node_api(comfy_host) -> None:
     """Every file of the pack (what ComfyUI loads, and the runner and demo writers beside it) reaches comfy_api only
     through nodes/node_api.py, and the version it names is in this ComfyUI."""
-    shipped = [REPO / "__init__.py", *(REPO / "nodes").glob("*.py"), *(REPO / "moma").glob("*.py"),
-               *(REPO / "tools").rglob("*.py"), *(REPO / "scripts").glob("*.py")]
-    importers = sorted(str(path.relative_to(REPO)) for path in shipped
-                       if any(name.split(".")[0] == "comfy_api" for name in _imports_of(path)))
+    shipped = [
+        REPO / "__init__.py",
+        *(REPO / "nodes").glob("*.py"),
+        *(REPO / "moma").glob("*.py"),
+        *(REPO / "tools").rglob("*.py"),
+        *(REPO / "scripts").glob("*.py"),
+    ]
+    importers = sorted(
+        str(path.relative_to(REPO))
+        for path in shipped
+        if any(name.split(".")[0] == "comfy_api" for name in _imports_of(path))
+    )
     assert importers == ["nodes/node_api.py"]
     assert _imports_of(REPO / "nodes" / "node_api.py") >= {f"comfy_api.{API_VERSION}"}
     versioned = importlib.import_module(f"comfy_api.{API_VERSION}")
@@ -96,8 +106,10 @@ def _no_three_tuple_lookup(monkeypatch) -> str:
 
     def two_tuple_only(self, x, context=None, transformer_options={}):  # noqa: B006  (ComfyUI's own signature)
         options = dict(transformer_options)
-        options["patches_replace"] = {kind: {key: patch for key, patch in table.items() if len(key) == 2}
-                                      for kind, table in transformer_options.get("patches_replace", {}).items()}
+        options["patches_replace"] = {
+            kind: {key: patch for key, patch in table.items() if len(key) == 2}
+            for kind, table in transformer_options.get("patches_replace", {}).items()
+        }
         return forward(self, x, context=context, transformer_options=options)
 
     monkeypatch.setattr(attention.BasicTransformerBlock, "forward", two_tuple_only)
@@ -107,18 +119,32 @@ def _no_three_tuple_lookup(monkeypatch) -> str:
 def _reordered_outer_sample(monkeypatch) -> str:
     import comfy.samplers
 
-    def outer_sample(self, noise, sigmas, latent_image, sampler, denoise_mask=None, callback=None,
-                     disable_pbar=False, seed=None, latent_shapes=None):
+    def outer_sample(
+        self,
+        noise,
+        sigmas,
+        latent_image,
+        sampler,
+        denoise_mask=None,
+        callback=None,
+        disable_pbar=False,
+        seed=None,
+        latent_shapes=None,
+    ):
         raise AssertionError("not called by the contract")
 
     monkeypatch.setattr(comfy.samplers.CFGGuider, "outer_sample", outer_sample)
     return "WrappersMP.OUTER_SAMPLE"
 
 
-@pytest.mark.parametrize("mutate", [_drop_on_clone, _no_three_tuple_lookup, _reordered_outer_sample],
-                         ids=["ON_CLONE renamed", "no 3-tuple key lookup", "outer_sample arguments reordered"])
-def test_a_host_with_one_hook_changed_fails_the_contract_and_the_node_refuses(comfy_host, monkeypatch, caplog,
-                                                                              mutate) -> None:
+@pytest.mark.parametrize(
+    "mutate",
+    [_drop_on_clone, _no_three_tuple_lookup, _reordered_outer_sample],
+    ids=["ON_CLONE renamed", "no 3-tuple key lookup", "outer_sample arguments reordered"],
+)
+def test_a_host_with_one_hook_changed_fails_the_contract_and_the_node_refuses(
+    comfy_host, monkeypatch, caplog, mutate
+) -> None:
     import comfyui_version
 
     hook_words = mutate(monkeypatch)

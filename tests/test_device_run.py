@@ -2,6 +2,7 @@
 runner's limits and results, what comes back from $OUT, the size accounting of one device-tool call, the ComfyUI
 subset, the plans' arguments against the benchmarks' parsers, and that the call the docs give is the one the code
 makes. The GPU steps themselves need a lent GPU (scripts/gpu_check.sh --bare); --dry-run proves the packing here."""
+
 from __future__ import annotations
 
 import ast
@@ -48,25 +49,43 @@ def test_step_limit_passes_saved_time_on_but_never_takes_a_later_steps_budget() 
 
 def test_an_overrunning_step_is_cut_off_with_its_children_and_the_next_steps_still_run(tmp_path: Path) -> None:
     child_pid = tmp_path / "child.pid"
-    hang = ("import subprocess, sys, time\n"
-            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-            f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
-            "print('started a child, sleeping', flush=True)\n"
-            "time.sleep(60)\n")
-    write_json = (f"import json; json.dump({{'value': 3}}, open({str(tmp_path / 'work' / 'result.json')!r}, 'w')); "
-                  "print('wrote result.json')")
+    hang = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+        "print('started a child, sleeping', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    write_json = (
+        f"import json; json.dump({{'value': 3}}, open({str(tmp_path / 'work' / 'result.json')!r}, 'w')); "
+        "print('wrote result.json')"
+    )
     steps = [
         python_step("ok", "print('hello')", 5),
         python_step("hang", hang, 2),
         python_step("fails", "import sys; print('bad input'); sys.exit(3)", 5),
         python_step("tiny", "print('never runs')", 1),
-        python_step("measured", write_json, 5, keep=["result.json"],
-                    summarize=lambda work: {"value": json.loads((work / "result.json").read_text())["value"],
-                                            "targets": [{"name": "value", "value": 3, "wanted": "<= 2", "met": False}]}),
+        python_step(
+            "measured",
+            write_json,
+            5,
+            keep=["result.json"],
+            summarize=lambda work: {
+                "value": json.loads((work / "result.json").read_text())["value"],
+                "targets": [{"name": "value", "value": 3, "wanted": "<= 2", "met": False}],
+            },
+        ),
     ]
     console: list[str] = []
-    run = runner.Run(repo=REPO, out_dir=tmp_path / "out", work_dir=tmp_path / "work", total_s=20.0, stretch=1.0,
-                     min_limit_s=1.5, echo=console.append)  # "tiny" (1 s) is skipped
+    run = runner.Run(
+        repo=REPO,
+        out_dir=tmp_path / "out",
+        work_dir=tmp_path / "work",
+        total_s=20.0,
+        stretch=1.0,
+        min_limit_s=1.5,
+        echo=console.append,
+    )  # "tiny" (1 s) is skipped
     start = time.monotonic()
     summary = runner.run_steps(steps, run)
     assert time.monotonic() - start < 10
@@ -112,8 +131,12 @@ def test_a_killed_run_stops_its_step_and_leaves_its_summary(tmp_path: Path) -> N
     import signal
 
     pid_file = tmp_path / "child.pid"
-    process = subprocess.Popen([PY, "-c", KILLED_RUN, str(tmp_path / "out"), str(pid_file)], cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO / "tools")}, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [PY, "-c", KILLED_RUN, str(tmp_path / "out"), str(pid_file)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "tools")},
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while not pid_file.is_file() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -132,16 +155,19 @@ def test_a_summary_that_cannot_read_its_output_is_recorded(tmp_path: Path) -> No
     def broken(work: Path) -> dict:
         return json.loads((work / "missing.json").read_text())
 
-    summary = runner.run_steps([python_step("crashed", "import sys; sys.exit(1)", 5, summarize=broken)],
-                               runner.Run(repo=REPO, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
-                                          total_s=10, echo=lambda line: None))
+    summary = runner.run_steps(
+        [python_step("crashed", "import sys; sys.exit(1)", 5, summarize=broken)],
+        runner.Run(repo=REPO, out_dir=tmp_path / "out", work_dir=tmp_path / "work", total_s=10, echo=lambda line: None),
+    )
     assert summary["steps"][0]["results"]["unreadable"].startswith("FileNotFoundError")
 
 
 def test_the_run_refuses_budgets_over_its_total(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exceed"):
-        runner.run_steps([python_step("a", "pass", 10), python_step("b", "pass", 10)],
-                         runner.Run(repo=REPO, out_dir=tmp_path, work_dir=tmp_path, total_s=15))
+        runner.run_steps(
+            [python_step("a", "pass", 10), python_step("b", "pass", 10)],
+            runner.Run(repo=REPO, out_dir=tmp_path, work_dir=tmp_path, total_s=15),
+        )
 
 
 def test_what_comes_back_from_out_is_checked(tmp_path: Path) -> None:
@@ -202,10 +228,24 @@ def test_account_counts_the_working_tree_and_the_carried_paths(tmp_path: Path) -
 
 
 def test_the_comfyui_subset_rules() -> None:
-    kept = ["comfy/text_encoders/spiece_tokenizer.py", "comfy/sd1_tokenizer/vocab.json", "comfy/sd1_clip_config.json",
-            "comfy_api/latest/__init__.py", "comfy_extras/nodes_mask.py", "app/tests_helpers.py", "comfy/ldm/tests/x.py"]
-    dropped = ["comfy/text_encoders/t5_tokenizer/tokenizer.json", "comfy_api_nodes/nodes_openai.py", "tests/x.py",
-               "tests-unit/a/b.py", "blueprints/Brightness.json", "openapi.yaml", "comfy/__pycache__/sd.cpython-312.pyc"]
+    kept = [
+        "comfy/text_encoders/spiece_tokenizer.py",
+        "comfy/sd1_tokenizer/vocab.json",
+        "comfy/sd1_clip_config.json",
+        "comfy_api/latest/__init__.py",
+        "comfy_extras/nodes_mask.py",
+        "app/tests_helpers.py",
+        "comfy/ldm/tests/x.py",
+    ]
+    dropped = [
+        "comfy/text_encoders/t5_tokenizer/tokenizer.json",
+        "comfy_api_nodes/nodes_openai.py",
+        "tests/x.py",
+        "tests-unit/a/b.py",
+        "blueprints/Brightness.json",
+        "openapi.yaml",
+        "comfy/__pycache__/sd.cpython-312.pyc",
+    ]
     assert [path for path in kept if pack.left_out(path)] == []
     assert [path for path in dropped if not pack.left_out(path)] == []
     assert pack.left_out("comfy/text_encoders/llama_tokenizer", is_dir=True)
@@ -213,11 +253,18 @@ def test_the_comfyui_subset_rules() -> None:
 
 
 def test_wheel_tags_for_the_machine() -> None:
-    fits = ["av-18.1.0-cp311-abi3-manylinux_2_28_x86_64.whl", "torchsde-0.2.6-py3-none-any.whl",
-            "blake3-1.0.11-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-            "comfy_aimdo-0.4.11-cp39-abi3-manylinux2010_x86_64.manylinux2014_x86_64.whl"]
-    misfits = ["blake3-1.0.11-cp311-cp311-manylinux_2_17_x86_64.whl", "av-18.1.0-cp313-abi3-manylinux_2_28_x86_64.whl",
-               "x-1.0-cp312-cp312-manylinux_2_28_aarch64.whl", "x-1.0-cp312-cp312-win_amd64.whl"]
+    fits = [
+        "av-18.1.0-cp311-abi3-manylinux_2_28_x86_64.whl",
+        "torchsde-0.2.6-py3-none-any.whl",
+        "blake3-1.0.11-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "comfy_aimdo-0.4.11-cp39-abi3-manylinux2010_x86_64.manylinux2014_x86_64.whl",
+    ]
+    misfits = [
+        "blake3-1.0.11-cp311-cp311-manylinux_2_17_x86_64.whl",
+        "av-18.1.0-cp313-abi3-manylinux_2_28_x86_64.whl",
+        "x-1.0-cp312-cp312-manylinux_2_28_aarch64.whl",
+        "x-1.0-cp312-cp312-win_amd64.whl",
+    ]
     assert [name for name in fits if not pack.wheel_fits_machine(Path(name))] == []
     assert [name for name in misfits if pack.wheel_fits_machine(Path(name))] == []
     assert not [wheel for wheel in pack.WHEELS if machine.on_machine(wheel.name)], "carried but already there"
@@ -236,21 +283,32 @@ def test_one_call_with_the_real_tree_and_the_carried_files_fits(tmp_path: Path) 
     assert total <= machine.TREE_LIMIT_BYTES - 2**20, (
         f"one GPU call would send {total / 2**20:.1f} MiB (working tree {tree / 2**20:.1f}, ComfyUI "
         f"{copied['bytes'] / 2**20:.1f}, wheels {wheels / 2**20:.1f}) of {machine.TREE_LIMIT_BYTES / 2**20:.0f}: "
-        f"leave 1 MiB to spare")
+        f"leave 1 MiB to spare"
+    )
     coverage = pack.requirement_coverage(comfy / "requirements.txt")
     assert [name for name, where in coverage.items() if where == "UNACCOUNTED"] == []
 
 
 def test_the_fixture_table_is_the_tests_own() -> None:
     tree = ast.parse((REPO / "tests" / "conftest.py").read_text())
-    table = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                 and any(getattr(target, "id", None) == "FIXTURE_FILES" for target in node.targets))
+    table = next(
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and any(getattr(target, "id", None) == "FIXTURE_FILES" for target in node.targets)
+    )
     assert ast.literal_eval(table) == fixtures.FIXTURES
 
 
 def _contexts(tmp_path: Path) -> plan.Context:
-    return plan.Context(python=PY, repo=REPO, work=tmp_path / "work", site=tmp_path / "site",
-                        fixture_cache=tmp_path / "fixtures", host_dir=REPO / pack.PACK_DIR)
+    return plan.Context(
+        python=PY,
+        repo=REPO,
+        work=tmp_path / "work",
+        site=tmp_path / "site",
+        fixture_cache=tmp_path / "fixtures",
+        host_dir=REPO / pack.PACK_DIR,
+    )
 
 
 PARSE_BENCHMARK_ARGS = r"""
@@ -283,17 +341,33 @@ def test_every_plan_is_within_its_limits_and_its_benchmark_arguments_parse(tmp_p
             for argument in step.argv:
                 if argument.startswith(("tests/", "benchmarks/")):
                     assert (REPO / argument).is_file(), f"{step.name}: {argument} does not exist"
-    cases = [(step.argv[1], step.argv[2:]) for steps in plans.values() for step in steps
-             if step.argv[1].startswith("benchmarks/")]
+    cases = [
+        (step.argv[1], step.argv[2:])
+        for steps in plans.values()
+        for step in steps
+        if step.argv[1].startswith("benchmarks/")
+    ]
     assert {script for script, _ in cases} == {"benchmarks/sampling.py", "benchmarks/llava_encode.py"}
-    result = subprocess.run([PY, "-c", PARSE_BENCHMARK_ARGS, json.dumps(cases)], cwd=REPO, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": ""})
+    result = subprocess.run(
+        [PY, "-c", PARSE_BENCHMARK_ARGS, json.dumps(cases)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     from device_run import imports
 
     # the node ids the imports step requires: read from the graphs of the tests and the sampling benchmark
-    assert {"KSampler", "LoadImage", "ImageBatch", "MomaApply", "MomaFeatureGrab", "MomaSaveContext",
-            "SaveLatent"} <= set(imports.run_node_ids())
+    assert {
+        "KSampler",
+        "LoadImage",
+        "ImageBatch",
+        "MomaApply",
+        "MomaFeatureGrab",
+        "MomaSaveContext",
+        "SaveLatent",
+    } <= set(imports.run_node_ids())
 
 
 def test_the_documented_device_call_is_the_one_the_code_makes() -> None:
@@ -310,13 +384,24 @@ def test_the_documented_device_call_is_the_one_the_code_makes() -> None:
 
 def test_the_summaries_hold_the_results_to_their_targets(tmp_path: Path) -> None:
     variant = {"per_step_s": 0.03, "ratio": 1.0, "ratio_per_repeat": [1.0], "peak_cuda_mb": 3000.0}
-    report = {"sampling": {"512": {"variants": {"plain": variant, "moma 30%": {**variant, "ratio": 1.31,
-                                                                               "peak_cuda_mb": 3040.0}}},
-                           "768": {"variants": {"plain": variant, "moma 30%": {**variant, "ratio": 1.1}}}},
-              "op_counts": {"variants": {"plain": {"ops_per_call": 2027, "host_reads_per_call": 0},
-                                         "moma 30%": {"ops_per_call": 2302, "added_ops_per_call": 275,
-                                                      "host_reads_per_call": 0, "added_host_reads_per_call": 0}}},
-              "reference_pass": {"30%": {"total_s": 0.08, "plain_cfg_steps": 2.7}}}
+    report = {
+        "sampling": {
+            "512": {"variants": {"plain": variant, "moma 30%": {**variant, "ratio": 1.31, "peak_cuda_mb": 3040.0}}},
+            "768": {"variants": {"plain": variant, "moma 30%": {**variant, "ratio": 1.1}}},
+        },
+        "op_counts": {
+            "variants": {
+                "plain": {"ops_per_call": 2027, "host_reads_per_call": 0},
+                "moma 30%": {
+                    "ops_per_call": 2302,
+                    "added_ops_per_call": 275,
+                    "host_reads_per_call": 0,
+                    "added_host_reads_per_call": 0,
+                },
+            }
+        },
+        "reference_pass": {"30%": {"total_s": 0.08, "plain_cfg_steps": 2.7}},
+    }
     (tmp_path / "sampling.json").write_text(json.dumps(report))
     sampling = plan.summarize_sampling(tmp_path / "sampling.json", on_cuda=True)
     assert [target["met"] for target in sampling["targets"]] == [False, True, True], sampling["targets"]
@@ -325,18 +410,39 @@ def test_the_summaries_hold_the_results_to_their_targets(tmp_path: Path) -> None
     assert plan.summarize_sampling(tmp_path / "sampling.json", on_cuda=False)["targets"] == []
 
     def row(placement, cap, **values):
-        return {"precision": "fp16", "placement": placement, "cap": cap, "load_s": 3.0, "encode_first_s": 1.4,
-                "encode_warm_s": 0.1, "load_peak_cuda_mb": 13000.0, "encode_peak_cuda_mb": 13200.0, **values}
+        return {
+            "precision": "fp16",
+            "placement": placement,
+            "cap": cap,
+            "load_s": 3.0,
+            "encode_first_s": 1.4,
+            "encode_warm_s": 0.1,
+            "load_peak_cuda_mb": 13000.0,
+            "encode_peak_cuda_mb": 13200.0,
+            **values,
+        }
 
-    rows = [row("gpu", None), row("stream", None, tokens_vs_resident="equal"),
-            row("stream", 6.0, encode_warm_s=0.25, load_peak_cuda_mb=900.0, encode_peak_cuda_mb=2100.0,
-                tokens_vs_resident="equal"),
-            {"precision": "fp16", "placement": "gpu", "cap": 8.0, "oom": "CUDA out of memory"}]
+    rows = [
+        row("gpu", None),
+        row("stream", None, tokens_vs_resident="equal"),
+        row(
+            "stream",
+            6.0,
+            encode_warm_s=0.25,
+            load_peak_cuda_mb=900.0,
+            encode_peak_cuda_mb=2100.0,
+            tokens_vs_resident="equal",
+        ),
+        {"precision": "fp16", "placement": "gpu", "cap": 8.0, "oom": "CUDA out of memory"},
+    ]
     (tmp_path / "llava.json").write_text(json.dumps(rows))
     (tmp_path / "llava.log").write_text("writing ...\n  written in 21.5 s\n")
     llava = plan.summarize_llava(tmp_path / "llava.json", tmp_path / "llava.log", on_cuda=True)
-    assert [(target["value"], target["met"]) for target in llava["targets"]] == [(2100.0, True), (2.5, True),
-                                                                                  (True, True)]
+    assert [(target["value"], target["met"]) for target in llava["targets"]] == [
+        (2100.0, True),
+        (2.5, True),
+        (True, True),
+    ]
     assert llava["write_s"] == 21.5 and "fp16 gpu@8GB OOM" in llava["headline"]
     rows[1]["tokens_vs_resident"] = "max diff 1.2e-03"
     (tmp_path / "llava.json").write_text(json.dumps(rows))
@@ -346,6 +452,7 @@ def test_the_summaries_hold_the_results_to_their_targets(tmp_path: Path) -> None
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1" time="2.5">'
         '<testcase classname="tests.a" name="test_ok"/><testcase classname="tests.a" name="test_bad">'
         '<failure message="assert 1 == 2">trace</failure></testcase>'
-        '<testcase classname="tests.a" name="test_skip"><skipped/></testcase></testsuite></testsuites>')
+        '<testcase classname="tests.a" name="test_skip"><skipped/></testcase></testsuite></testsuites>'
+    )
     junit = plan.summarize_junit("t")(tmp_path)
     assert junit["passed"] == 1 and junit["failed_tests"] == ["tests.a::test_bad: assert 1 == 2"]

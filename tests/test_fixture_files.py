@@ -1,4 +1,5 @@
 """The fixture writers give real-format files: an SD1.5 checkpoint ComfyUI loads as SD15, and test pictures."""
+
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,7 @@ def _block(diffusion_model: torch.nn.Module, block: tuple[str, int]) -> torch.nn
 
 def _state_dict_from_file(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     with safe_open(path, "pt") as f:
-        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 def _fp16_unet_weights(model, path: Path) -> dict[str, torch.Tensor]:
@@ -42,7 +43,7 @@ def _fp16_unet_weights(model, path: Path) -> dict[str, torch.Tensor]:
     copies are those very values: shared rather than read again (a second 1.7 GB UNet in the process)."""
     from_comfy = model.model.diffusion_model.state_dict()
     with safe_open(path, "pt") as f:
-        file_keys = {k[len(sd15.UNET_PREFIX):] for k in f.keys() if k.startswith(sd15.UNET_PREFIX)}
+        file_keys = {k[len(sd15.UNET_PREFIX) :] for k in f.keys() if k.startswith(sd15.UNET_PREFIX)}
         same = set(from_comfy) == file_keys and all(t.dtype == torch.float16 for t in from_comfy.values())
         if same:  # spot-check that they are the file's values
             key = sorted(file_keys)[len(file_keys) // 2]
@@ -61,7 +62,9 @@ def test_checkpoint_has_the_sd15_single_file_layout(sd15_checkpoint: Path) -> No
     prefixes = (sd15.UNET_PREFIX, sd15.VAE_PREFIX, sd15.CLIP_PREFIX + "text_model.")
     assert all(key.startswith(prefixes) for key in header)
     assert {p: sum(k.startswith(p) for k in header) for p in prefixes} == {
-        sd15.UNET_PREFIX: 686, sd15.VAE_PREFIX: 248, sd15.CLIP_PREFIX + "text_model.": 197
+        sd15.UNET_PREFIX: 686,
+        sd15.VAE_PREFIX: 248,
+        sd15.CLIP_PREFIX + "text_model.": 197,
     }
     assert not any("text_projection" in key for key in header)
     assert header.pop(sd15.POSITION_IDS_KEY)["dtype"] == "I64"
@@ -200,7 +203,10 @@ def test_fp16_activations_stay_finite_and_match_fp32(loaded_sd15, sd15_checkpoin
 # --- test pictures ---
 
 EXPECTED_PICTURES = {
-    "rgb": ("RGB", (512, 512)), "rgba": ("RGBA", (128, 128)), "grey": ("L", (96, 96)), "wide": ("RGB", (96, 64))
+    "rgb": ("RGB", (512, 512)),
+    "rgba": ("RGBA", (128, 128)),
+    "grey": ("L", (96, 96)),
+    "wide": ("RGB", (96, 64)),
 }
 
 

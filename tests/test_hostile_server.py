@@ -7,6 +7,7 @@ files nobody chose. Each case is the example workflow ``workflows/api/moma_conte
 and only the outputs that depend on it, so the server refuses it at validation: nothing is sampled. The pytest
 process imports neither ComfyUI nor torch (scripts/test.sh's second run; tests/conftest.py ``PROCESS_MODULES``).
 """
+
 from __future__ import annotations
 
 import array
@@ -45,8 +46,22 @@ class Server:
         self.log = base.parent / "server.log"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(RUNNER), "--gui", "--demo", "--cpu", "--port", str(self.port), "--base-dir",
-                 str(base)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                [
+                    sys.executable,
+                    str(RUNNER),
+                    "--gui",
+                    "--demo",
+                    "--cpu",
+                    "--port",
+                    str(self.port),
+                    "--base-dir",
+                    str(base),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + 600
         while True:
             try:
@@ -80,8 +95,15 @@ class Server:
 def _context_file(subject: str) -> bytes:
     """A MoMA context .safetensors (zero tokens) written without torch: header JSON, then the float32 data."""
     shapes = {"cond_tokens": [1, 4, 768], "uncond_tokens": [1, 4, 768], "llava_emb": [1, 1024]}
-    header: dict = {"__metadata__": {"format": "moma-context", "version": "1", "subject": subject, "prompt": "x",
-                                     "sd_prompt": f"photo of a {subject}. x"}}
+    header: dict = {
+        "__metadata__": {
+            "format": "moma-context",
+            "version": "1",
+            "subject": subject,
+            "prompt": "x",
+            "sd_prompt": f"photo of a {subject}. x",
+        }
+    }
     data, offset = b"", 0
     for name, shape in shapes.items():
         size = math.prod(shape) * 4
@@ -96,8 +118,10 @@ def _context_file(subject: str) -> bytes:
 def _odd_files(base: Path) -> list[str]:
     """Files nobody chose in the folders the server lists; their names."""
     inputs, llm = base / "input", base / "models" / "LLM"
-    for name, header in (("odd_list_header.safetensors", b"[1, 2]"),
-                         ("odd_deep_header.safetensors", b"[" * 50_000 + b"]" * 50_000)):
+    for name, header in (
+        ("odd_list_header.safetensors", b"[1, 2]"),
+        ("odd_deep_header.safetensors", b"[" * 50_000 + b"]" * 50_000),
+    ):
         (inputs / name).write_bytes(struct.pack("<Q", len(header)) + header)
     os.mkfifo(inputs / "odd_fifo.safetensors")
     (inputs / "odd_broken_link.safetensors").symlink_to(inputs / "nowhere.safetensors")
@@ -123,16 +147,18 @@ def server(tmp_path_factory):
 
 def _only_outputs_needing(prompt: dict, node: str) -> dict:
     """``prompt`` without the output nodes that do not depend on ``node`` (those would validate and run)."""
+
     def depends(node_id: str, seen: set) -> bool:
         if node_id == node:
             return True
         seen.add(node_id)
-        return any(isinstance(value, list) and value[0] not in seen and depends(value[0], seen)
-                   for value in prompt[node_id]["inputs"].values())
+        return any(
+            isinstance(value, list) and value[0] not in seen and depends(value[0], seen)
+            for value in prompt[node_id]["inputs"].values()
+        )
 
     outputs = {"SaveImage", "PreviewImage", "MomaSaveContext"}
-    return {key: value for key, value in prompt.items()
-            if value["class_type"] not in outputs or depends(key, set())}
+    return {key: value for key, value in prompt.items() if value["class_type"] not in outputs or depends(key, set())}
 
 
 def _hostile(class_type: str, **inputs) -> tuple[dict, str]:
@@ -142,20 +168,37 @@ def _hostile(class_type: str, **inputs) -> tuple[dict, str]:
     return _only_outputs_needing(prompt, node), node
 
 
-@pytest.mark.parametrize("class_type,inputs,expected", [
-    ("MomaApply", {"start_percent": math.nan}, "start_percent: nan is not a finite number; give a number in 0..1."),
-    ("MomaApply", {"context_strength": math.inf}, "context_strength: inf is not a finite number"),
-    ("MomaApply", {"object_end_percent": -math.inf}, "object_end_percent: -inf is not a finite number"),
-    ("MomaApply", {"object_start_percent": "nan"}, "object_start_percent: nan is not a finite number"),
-    ("MomaApply", {"preset": "custom", "strength": "NaN"}, "strength: nan is not a finite number"),
-    ("MomaObjectMasker", {"threshold": math.nan}, "threshold: nan is not a finite number"),
-    ("MomaApply", {"block_weights": "input" + " " * MEGABYTE + "= 1"},
-     "block_weights: 'input     "),  # ... (1,048,581 characters) is longer than the 2,048 characters
-    ("MomaContextEncoder", {"prompt": "autumn " * (MEGABYTE // 7)}, "is longer than the 8,192 characters"),
-    ("MomaSaveContext", {"filename_prefix": "moma/" + "n" * 300 + "/context"}, "has a part of 300 bytes"),
-    ("MomaLoader", {"adapter_name": "absent.th"}, "adapter_name: MoMA adapter 'absent.th' not found in"),
-], ids=["nan-literal", "infinity-literal", "minus-infinity", "nan-string", "nan-string-custom-strength",
-        "masker-nan", "block-weights-megabyte", "prompt-megabyte", "save-prefix-too-long", "adapter-missing-once"])
+@pytest.mark.parametrize(
+    "class_type,inputs,expected",
+    [
+        ("MomaApply", {"start_percent": math.nan}, "start_percent: nan is not a finite number; give a number in 0..1."),
+        ("MomaApply", {"context_strength": math.inf}, "context_strength: inf is not a finite number"),
+        ("MomaApply", {"object_end_percent": -math.inf}, "object_end_percent: -inf is not a finite number"),
+        ("MomaApply", {"object_start_percent": "nan"}, "object_start_percent: nan is not a finite number"),
+        ("MomaApply", {"preset": "custom", "strength": "NaN"}, "strength: nan is not a finite number"),
+        ("MomaObjectMasker", {"threshold": math.nan}, "threshold: nan is not a finite number"),
+        (
+            "MomaApply",
+            {"block_weights": "input" + " " * MEGABYTE + "= 1"},
+            "block_weights: 'input     ",
+        ),  # ... (1,048,581 characters) is longer than the 2,048 characters
+        ("MomaContextEncoder", {"prompt": "autumn " * (MEGABYTE // 7)}, "is longer than the 8,192 characters"),
+        ("MomaSaveContext", {"filename_prefix": "moma/" + "n" * 300 + "/context"}, "has a part of 300 bytes"),
+        ("MomaLoader", {"adapter_name": "absent.th"}, "adapter_name: MoMA adapter 'absent.th' not found in"),
+    ],
+    ids=[
+        "nan-literal",
+        "infinity-literal",
+        "minus-infinity",
+        "nan-string",
+        "nan-string-custom-strength",
+        "masker-nan",
+        "block-weights-megabyte",
+        "prompt-megabyte",
+        "save-prefix-too-long",
+        "adapter-missing-once",
+    ],
+)
 def test_the_server_refuses_the_workflow_with_one_clear_error(server, class_type, inputs, expected) -> None:
     prompt, node = _hostile(class_type, **inputs)
     status, body = server.post_prompt(prompt)
@@ -186,9 +229,11 @@ def test_object_info_lists_every_node_despite_odd_files(server) -> None:
 def test_choosing_an_odd_file_is_a_clear_error(server) -> None:
     prompt = graph.load_workflow(REPO / "workflows" / "api" / "moma_saved_context.json")
     (node,) = graph.ids_of(prompt, "MomaLoadContext")
-    for context_file, expected in (("odd_list_header.safetensors [input]", "its header is not a JSON object"),
-                                   ("odd_deep_header.safetensors [input]", "is not a readable .safetensors file"),
-                                   ("odd_fifo.safetensors [input]", "not found")):
+    for context_file, expected in (
+        ("odd_list_header.safetensors [input]", "its header is not a JSON object"),
+        ("odd_deep_header.safetensors [input]", "is not a readable .safetensors file"),
+        ("odd_fifo.safetensors [input]", "not found"),
+    ):
         prompt[node]["inputs"].update(context_file=context_file, path="")
         status, body = server.post_prompt(_only_outputs_needing(prompt, node))
         assert status == 400, (status, body)

@@ -7,6 +7,7 @@ is one, else to the package's ``__init__``. A module's own enclosing packages ar
 first anyway), unless it names one explicitly (``from . import something_defined_in_init``).
 Pure Python: no ComfyUI, no torch.
 """
+
 from __future__ import annotations
 
 import ast
@@ -71,7 +72,7 @@ def import_edges(name: str, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
                 assert base, f"{name}: relative import above the top package"
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
@@ -148,4 +149,5 @@ def test_the_cycle_finder_finds_cycles():
 def test_no_import_cycle_in_the_pack_or_its_tools():
     found = cycles(import_graph())
     assert not found, "import cycles (each a set of modules importing each other): " + "; ".join(
-        " <-> ".join(component) for component in found)
+        " <-> ".join(component) for component in found
+    )

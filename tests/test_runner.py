@@ -7,6 +7,7 @@ needs ComfyUI in the pytest process itself: scripts/test.sh runs this module in 
 start one (tests/conftest.py, MOMA_TEST_SPLIT), so that checkpoint load does not come beside a booted test host.
 The in-process validation comparison is tests/test_runner_validation.py.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,9 @@ assert common.API_DIR == API_DIR
 
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(RUNNER), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(RUNNER), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
 
 
 def printed_images(stdout: str) -> list[Path]:
@@ -59,8 +61,16 @@ def test_overrides_touch_the_documented_nodes(tmp_path):
     prompt = graph.load_workflow(API_DIR / "moma_context.json")
     before = copy.deepcopy(prompt)
     image, mask = tmp_path / "ref.png", tmp_path / "ref_mask.png"
-    ov = graph.Overrides(image=image, mask=mask, subject="teddy bear", prompt="A teddy bear on the moon.",
-                          seed=77, steps=9, width=320, height=256)
+    ov = graph.Overrides(
+        image=image,
+        mask=mask,
+        subject="teddy bear",
+        prompt="A teddy bear on the moon.",
+        seed=77,
+        steps=9,
+        width=320,
+        height=256,
+    )
     changes, staged = graph.apply_overrides(prompt, ov)
 
     masker = graph.ids_of(prompt, "MomaObjectMasker")[0]
@@ -68,13 +78,17 @@ def test_overrides_touch_the_documented_nodes(tmp_path):
     assert mask_node not in before and prompt[mask_node]["inputs"]["channel"] == "red"
     assert prompt[masker]["inputs"]["mask"] == [mask_node, 0]
     assert {(s.node_id, s.input_name, s.source) for s in staged} == {
-        (graph.ids_of(prompt, "LoadImage")[0], "image", image), (mask_node, "image", mask)}
+        (graph.ids_of(prompt, "LoadImage")[0], "image", image),
+        (mask_node, "image", mask),
+    }
     for nid in graph.ids_of(prompt, "MomaContextEncoder", "MomaFeatureGrab"):
         assert prompt[nid]["inputs"]["subject"] == "teddy bear"
     (encoder,) = graph.ids_of(prompt, "MomaContextEncoder")
     assert prompt[encoder]["inputs"]["prompt"] == "A teddy bear on the moon."
     # the positive CLIPTextEncode keeps its link to the encoder's sd_prompt
-    positives = [n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and graph.is_link(n["inputs"]["text"])]
+    positives = [
+        n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and graph.is_link(n["inputs"]["text"])
+    ]
     assert positives and all(p["inputs"]["text"][0] == encoder for p in positives)
     (sampler,) = graph.ids_of(prompt, "KSampler")
     (grab,) = graph.ids_of(prompt, "MomaFeatureGrab")
@@ -98,15 +112,18 @@ def test_prompt_override_on_plain_graph_hits_the_positive_text_only():
     assert prompt[negative]["inputs"]["text"] == negative_text
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(subject="car"), "--subject: no node"),
-    (dict(image=Path("x.png")), "--image: this workflow has no LoadImage"),
-    (dict(mask=Path("m.png")), "--mask: this workflow has no LoadImageMask"),
-    (dict(context=Path("c.safetensors")), "--context: this workflow has no MomaLoadContext"),
-    (dict(width=100), "multiple of 8"),
-    (dict(steps=0), "--steps must be"),
-    (dict(reference_resolution=128), "--reference-resolution: no MomaFeatureGrab"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(subject="car"), "--subject: no node"),
+        (dict(image=Path("x.png")), "--image: this workflow has no LoadImage"),
+        (dict(mask=Path("m.png")), "--mask: this workflow has no LoadImageMask"),
+        (dict(context=Path("c.safetensors")), "--context: this workflow has no MomaLoadContext"),
+        (dict(width=100), "multiple of 8"),
+        (dict(steps=0), "--steps must be"),
+        (dict(reference_resolution=128), "--reference-resolution: no MomaFeatureGrab"),
+    ],
+)
 def test_overrides_without_a_target_are_errors(overrides, message):
     prompt = graph.load_workflow(API_DIR / "plain_sd15.json")
     with pytest.raises(common.RunnerError, match=re.escape(message)):
@@ -125,7 +142,9 @@ def test_reference_resolution_and_context_overrides():
     (grab,) = graph.ids_of(prompt, "MomaFeatureGrab")
     assert prompt[grab]["inputs"]["resolution"] == 256
     assert prompt[loader]["inputs"]["path"] == ""
-    assert [(s.node_id, s.input_name, s.source, s.annotate) for s in staged] == [(loader, "context_file", context, True)]
+    assert [(s.node_id, s.input_name, s.source, s.annotate) for s in staged] == [
+        (loader, "context_file", context, True)
+    ]
     assert graph.context_file_inputs(prompt) == [(loader, prompt[loader]["inputs"]["context_file"])]
 
 
@@ -169,8 +188,11 @@ def test_the_gui_demo_shrink_keeps_the_aspect_and_leaves_small_or_linked_values(
     assert prompt["5"]["inputs"]["resolution"] == 0  # auto follows the shrunk size
     assert prompt["6"]["inputs"]["steps"] == ["9", 0]
     assert (prompt["7"]["inputs"]["width"], prompt["7"]["inputs"]["height"]) == (48, 32)
-    assert changes == ["image 768x512 -> 64x40", f"steps 20 -> {demo.DEMO_STEPS}",
-                       f"Feature Grab resolution 512 -> {demo.DEMO_REFERENCE_RESOLUTION}"]
+    assert changes == [
+        "image 768x512 -> 64x40",
+        f"steps 20 -> {demo.DEMO_STEPS}",
+        f"Feature Grab resolution 512 -> {demo.DEMO_REFERENCE_RESOLUTION}",
+    ]
 
 
 def test_only_the_demo_gui_loads_the_shrinking_hook(tmp_path):
@@ -214,8 +236,13 @@ def test_ui_format_is_rejected_with_advice(tmp_path):
 
 def _expected_lines(entry: dict, models_dir: Path) -> list[str]:
     target = models_dir / entry["folder"] / entry["name"]
-    return [entry["name"], f"models/{entry['folder']}/", str(target), entry["download"].replace("{dest}", str(target)),
-            entry["source"]]
+    return [
+        entry["name"],
+        f"models/{entry['folder']}/",
+        str(target),
+        entry["download"].replace("{dest}", str(target)),
+        entry["source"],
+    ]
 
 
 def test_missing_models_are_listed_with_folder_and_source(tmp_path):
@@ -249,8 +276,10 @@ def test_missing_models_of_the_plain_graph_only(tmp_path):
     base = tmp_path.resolve() / "base"
     result = run_cli(str(API_DIR / "plain_sd15.json"), "--base-dir", str(base), timeout=300)
     assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
-    needed = {n["inputs"].get("ckpt_name") or n["inputs"].get("vae_name")
-              for n in graph.load_workflow(API_DIR / "plain_sd15.json").values()} - {None}
+    needed = {
+        n["inputs"].get("ckpt_name") or n["inputs"].get("vae_name")
+        for n in graph.load_workflow(API_DIR / "plain_sd15.json").values()
+    } - {None}
     assert f"needs {len(needed)} model file(s)" in result.stderr
     for entry in TABLE["models"]:
         listed = entry["name"] in result.stderr
@@ -273,8 +302,9 @@ def test_missing_saved_context_is_explained(tmp_path):
     result = run_cli(str(API_DIR / "moma_saved_context.json"), "--base-dir", str(base), timeout=300)
     assert result.returncode == common.EXIT_MISSING, result.stdout + result.stderr
     (node,) = graph.ids_of(graph.load_workflow(API_DIR / "moma_saved_context.json"), "MomaLoadContext")
-    assert (f"Saved MoMA context 'moma/context_00001_.safetensors [output]' (node {node} MomaLoadContext) is not "
-            "there") in result.stderr
+    assert (
+        f"Saved MoMA context 'moma/context_00001_.safetensors [output]' (node {node} MomaLoadContext) is not there"
+    ) in result.stderr
     assert "workflows/api/moma_context.json first" in result.stderr and "--context PATH" in result.stderr
     assert "DreamShaper" not in result.stderr  # only the files this graph uses
     # MoMA Loader's llava_name / clip_vision_name are 'none' here: neither is asked for
@@ -301,8 +331,12 @@ def test_none_names_no_file():
 # --check: ComfyUI's validation of every shipped API workflow on the demo models (nothing is executed)
 
 
-@pytest.mark.parametrize("workflow", host.cases_for_hosts(sorted(p.name for p in API_DIR.glob("*.json")),
-                                                          {"moma_context.json", "moma_saved_context.json"}))
+@pytest.mark.parametrize(
+    "workflow",
+    host.cases_for_hosts(
+        sorted(p.name for p in API_DIR.glob("*.json")), {"moma_context.json", "moma_saved_context.json"}
+    ),
+)
 def test_every_api_workflow_passes_the_check_on_demo_models(workflow, tmp_path_factory):
     base = tmp_path_factory.getbasetemp().resolve() / "check-base"  # shared: links are made once
     result = run_cli(str(API_DIR / workflow), "--demo", "--check", "--base-dir", str(base), timeout=600)
@@ -313,8 +347,18 @@ def test_every_api_workflow_passes_the_check_on_demo_models(workflow, tmp_path_f
 def test_mask_override_adds_a_valid_mask_node(test_images, tmp_path_factory):
     image, mask = test_images["wide"]
     base = tmp_path_factory.getbasetemp().resolve() / "check-base"
-    result = run_cli(str(API_DIR / "moma_context.json"), "--demo", "--check", "--base-dir", str(base),
-                     "--image", str(image), "--mask", str(mask), timeout=600)
+    result = run_cli(
+        str(API_DIR / "moma_context.json"),
+        "--demo",
+        "--check",
+        "--base-dir",
+        str(base),
+        "--image",
+        str(image),
+        "--mask",
+        str(mask),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "LoadImageMask added, wired to MomaObjectMasker" in result.stdout
     staged = base / "input" / mask.name
@@ -348,7 +392,9 @@ def test_demo_runs_the_default_workflow(demo_run):
     assert common.DEFAULT_WORKFLOW == API_DIR / "moma_context.json"
     assert f"MomaFeatureGrab.resolution = {demo.DEMO_REFERENCE_RESOLUTION}" in result.stdout
     assert "demo: reference image rgb.png (generated test picture)" in result.stdout
-    (saved,) = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("saved MoMA context: ")]
+    (saved,) = [
+        line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("saved MoMA context: ")
+    ]
     assert Path(saved).parent == (root / "out" / "moma").resolve() and Path(saved).is_file()
     # models are linked under the real file names of the workflow
     prompt = graph.load_workflow(common.DEFAULT_WORKFLOW)
@@ -390,9 +436,23 @@ def gui_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     log_path = root / "gui.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, str(RUNNER), "--gui", "--demo", "--cpu", "--port", str(port),
-                                   "--base-dir", str(root / "base")], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                str(RUNNER),
+                "--gui",
+                "--demo",
+                "--cpu",
+                "--port",
+                str(port),
+                "--base-dir",
+                str(root / "base"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -428,8 +488,15 @@ def test_gui_log_leaves_out_database_migrations_and_kernel_backends(gui_server):
     """The --gui log (comfy_main.py's filters): no alembic migration dump, no comfy-kitchen backend list; ComfyUI's
     own lines around them (device, versions, the URL) stay."""
     log = gui_server.log.read_text()
-    for internal in ("alembic", "Running upgrade", "Context impl SQLiteImpl", "non-transactional DDL",
-                     "Revision ID", "Database upgraded", "Found comfy_kitchen backend"):
+    for internal in (
+        "alembic",
+        "Running upgrade",
+        "Context impl SQLiteImpl",
+        "non-transactional DDL",
+        "Revision ID",
+        "Database upgraded",
+        "Found comfy_kitchen backend",
+    ):
         assert internal not in log, internal
     assert "Device: cpu" in log and "ComfyUI version:" in log and "Starting server" in log
 
@@ -451,8 +518,11 @@ def test_gui_demo_runs_a_queued_example_at_the_demo_size(gui_server):
     """What the web app's Queue button sends for moma_context (its API twin, 512x512 and 50 steps) runs on the
     --gui --demo server at 64x64 with 2 steps; the server logs one line saying so."""
     prompt = json.loads((API_DIR / "moma_context.json").read_text())
-    request = urllib.request.Request(f"{gui_server.url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{gui_server.url}/prompt",
+        data=json.dumps({"prompt": prompt}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     started = time.monotonic()
     with urllib.request.urlopen(request) as response:
         prompt_id = json.load(response)["prompt_id"]
@@ -468,8 +538,12 @@ def test_gui_demo_runs_a_queued_example_at_the_demo_size(gui_server):
     (latent,) = [node for node in ran.values() if node["class_type"] == "EmptyLatentImage"]
     (sampler,) = [node for node in ran.values() if node["class_type"] == "KSampler"]
     assert (latent["inputs"]["width"], latent["inputs"]["height"], sampler["inputs"]["steps"]) == (64, 64, 2)
-    images = [image for output in history["outputs"].values() for image in output.get("images", [])
-              if image["type"] == "output"]
+    images = [
+        image
+        for output in history["outputs"].values()
+        for image in output.get("images", [])
+        if image["type"] == "output"
+    ]
     assert images
     for image in images:
         with Image.open(gui_server.base / "output" / image["subfolder"] / image["filename"]) as picture:
@@ -480,9 +554,11 @@ def test_gui_demo_runs_a_queued_example_at_the_demo_size(gui_server):
     print(f"moma_context on the --gui --demo server: {time.monotonic() - started:.1f} s from the post to the image")
 
 
-@pytest.mark.skipif(browser.chromium() is None,
-                    reason="Chromium is not installed: apt-get install chromium (Debian), snap install chromium (Ubuntu), "
-                           "dnf install chromium (Fedora), or set MOMA_CHROMIUM to a Chromium or Chrome executable")
+@pytest.mark.skipif(
+    browser.chromium() is None,
+    reason="Chromium is not installed: apt-get install chromium (Debian), snap install chromium (Ubuntu), "
+    "dnf install chromium (Fedora), or set MOMA_CHROMIUM to a Chromium or Chrome executable",
+)
 def test_gui_web_app_round_trips_every_example_without_a_missing_file(gui_server, tmp_path):
     """ComfyUI's frontend (the version the host serves), served by --gui --demo, loads every UI file, exports
     exactly its API twin ("Export (API)" = graphToPrompt) and saves it back unchanged: the files are what the
@@ -508,8 +584,9 @@ def test_gui_web_app_round_trips_every_example_without_a_missing_file(gui_server
         info = json.load(response)
     assert results.keys() == workflows.keys()
     for stem, result in results.items():
-        assert result["api"] == json.loads((API_DIR / f"{stem}.json").read_text()), \
+        assert result["api"] == json.loads((API_DIR / f"{stem}.json").read_text()), (
             f"{stem}: the web app exports another graph"
+        )
         assert result["saved"] == workflows[stem], f"{stem}: the web app saves it differently"
         if stem == "moma_saved_context":
             continue  # its context file is what moma_context writes first: not there before that run
@@ -522,14 +599,20 @@ FRONTENDS_DROPPING_PACK_TRANSLATIONS = {"1.32.9"}  # ComfyUI 0.3.75's
 
 
 def _post_setting(url: str, name: str, value: object) -> None:
-    request = urllib.request.Request(f"{url}/settings/{name}", data=json.dumps(value).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/settings/{name}",
+        data=json.dumps(value).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(request, timeout=10).close()
 
 
-@pytest.mark.skipif(browser.chromium() is None,
-                    reason="Chromium is not installed: apt-get install chromium (Debian), snap install chromium (Ubuntu), "
-                           "dnf install chromium (Fedora), or set MOMA_CHROMIUM to a Chromium or Chrome executable")
+@pytest.mark.skipif(
+    browser.chromium() is None,
+    reason="Chromium is not installed: apt-get install chromium (Debian), snap install chromium (Ubuntu), "
+    "dnf install chromium (Fedora), or set MOMA_CHROMIUM to a Chromium or Chrome executable",
+)
 def test_gui_web_app_in_chinese_shows_the_translations_and_help_pages(gui_server, tmp_path):
     """With the frontend's language set to Chinese (the setting Comfy.Locale, as its settings dialog sets it), the web
     app titles the MoMA nodes and labels their inputs from locales/zh, and Apply MoMA Attention's help (the right side
@@ -546,9 +629,16 @@ def test_gui_web_app_in_chinese_shows_the_translations_and_help_pages(gui_server
     debug_port = _free_port()
     try:
         with browser.headless_chromium(gui_server.url + "/", debug_port, tmp_path / "profile"):
-            shown = asyncio.run(browser.node_titles_and_help(
-                gui_server.url + "/", debug_port, workflow, "MomaApply", shots,
-                focus=["MomaObjectMasker", "MomaContextEncoder", "MomaFeatureGrab"]))
+            shown = asyncio.run(
+                browser.node_titles_and_help(
+                    gui_server.url + "/",
+                    debug_port,
+                    workflow,
+                    "MomaApply",
+                    shots,
+                    focus=["MomaObjectMasker", "MomaContextEncoder", "MomaFeatureGrab"],
+                )
+            )
     finally:
         _post_setting(gui_server.url, "Comfy.Locale", "en")
 
@@ -579,8 +669,12 @@ def test_gui_web_app_in_chinese_shows_the_translations_and_help_pages(gui_server
             picture.quantize(colors=256).save(Path(keep) / path.name, optimize=True)
 
 
-@pytest.mark.parametrize("workflow", host.cases_for_hosts(sorted(p.name for p in API_DIR.glob("*.json")),
-                                                          {"moma_context.json", "moma_saved_context.json"}))
+@pytest.mark.parametrize(
+    "workflow",
+    host.cases_for_hosts(
+        sorted(p.name for p in API_DIR.glob("*.json")), {"moma_context.json", "moma_saved_context.json"}
+    ),
+)
 def test_server_check_passes_every_example_with_demo(workflow, gui_server):
     """--check --server --demo: the server's model lists have every file (u2net.onnx included), the demo
     picture and context are uploaded, and ComfyUI's validation on /object_info accepts the graph."""
@@ -674,8 +768,9 @@ def test_every_model_has_one_download_command():
         if entry["type"] == "file":
             assert entry["download"] == f"curl -L --fail -o {{dest}} '{entry['url']}'"
         else:
-            assert entry["download"] == (f"hf download {entry['hf_repo']} {' '.join(entry['files'])} "
-                                         "--local-dir {dest}")
+            assert entry["download"] == (
+                f"hf download {entry['hf_repo']} {' '.join(entry['files'])} --local-dir {{dest}}"
+            )
         assert entry["licence"]
     llava = next(e for e in TABLE["models"] if e["name"] == "MoMA_llava_7b")
     assert "attn_adapters_projectors.th" not in llava["files"]
@@ -700,8 +795,10 @@ def test_readme_models_tables_match_models_json_and_the_workflows():
             assert (use.name, use.folder) in listed, (workflow.name, use)
 
 
-@pytest.mark.skipif(os.environ.get("MOMA_TEST_SPLIT") != "processes",
-                    reason="scripts/test.sh's second pytest run (MOMA_TEST_SPLIT=processes) only")
+@pytest.mark.skipif(
+    os.environ.get("MOMA_TEST_SPLIT") != "processes",
+    reason="scripts/test.sh's second pytest run (MOMA_TEST_SPLIT=processes) only",
+)
 def test_the_pytest_process_of_these_runs_stays_small():
     """Last in the module: nothing here booted ComfyUI or imported torch in this process (0.7 GiB), so each
     demo run's checkpoint load (its child's peak) comes beside a process of well under 0.5 GiB."""

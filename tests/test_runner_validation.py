@@ -1,6 +1,7 @@
 """The runner's server-mode check (ComfyUI's validation rules applied to /object_info) against ComfyUI's own
 validate_prompt, in this process's ComfyUI, on the demo stand-ins of every model the examples use.
 (The runner's other tests, tests/test_runner.py, start their ComfyUI in subprocesses.)"""
+
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,11 @@ def object_info_in_process() -> dict:
         if hasattr(cls, "GET_NODE_INFO_V1"):
             info[name] = cls.GET_NODE_INFO_V1()
         else:
-            info[name] = {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES),
-                          "output_node": getattr(cls, "OUTPUT_NODE", False) is True}
+            info[name] = {
+                "input": cls.INPUT_TYPES(),
+                "output": list(cls.RETURN_TYPES),
+                "output_node": getattr(cls, "OUTPUT_NODE", False) is True,
+            }
     return json.loads(json.dumps(info, default=str))  # as it travels: tuples become lists
 
 
@@ -86,7 +90,8 @@ def test_object_info_validation_agrees_with_comfyui(workflow, demo_models_in_hos
     info = object_info_in_process()
     for name, prompt in _mutations(graph.load_workflow(API_DIR / workflow)).items():
         ok, _error, _outputs, node_errors = asyncio.run(
-            execution.validate_prompt(uuid.uuid4().hex, copy.deepcopy(prompt), None))
+            execution.validate_prompt(uuid.uuid4().hex, copy.deepcopy(prompt), None)
+        )
         ours_ok, _ours_error, _ours_outputs, ours_errors = validate_with_object_info(copy.deepcopy(prompt), info)
         comfy_verdict = ok and not node_errors
         assert (ours_ok and not ours_errors) == comfy_verdict, (name, node_errors, ours_errors)
@@ -98,5 +103,6 @@ def test_object_info_validation_agrees_with_comfyui(workflow, demo_models_in_hos
                     # a MoMA node checks its FLOAT and choice inputs in its own validate_inputs (which
                     # /object_info cannot show): the same node fails, with the node's own error type
                     continue
-                assert ({e["type"] for e in ours_errors[nid]["errors"]}
-                        == {e["type"] for e in node_errors[nid]["errors"]}), (name, nid)
+                assert {e["type"] for e in ours_errors[nid]["errors"]} == {
+                    e["type"] for e in node_errors[nid]["errors"]
+                }, (name, nid)

@@ -7,6 +7,7 @@ group of its own and with TMPDIR set to an empty folder: whatever the run leaves
 keep. Runs in scripts/test.sh's second pytest run (tests/conftest.py PROCESS_MODULES): it starts processes of its
 own (the first run of each case boots ComfyUI in its pytest).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,16 +29,28 @@ CHROMIUM_LINE = "[test] Chromium is not installed"
 
 def start_test_sh(tmp: Path, *args: str, measured_outside: bool = False, **extra_env: str) -> subprocess.Popen:
     tmp.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TMPDIR": str(tmp), "MOMA_HOST_DIR": str(host.host_dir()), "PYTHONUNBUFFERED": "1",
-           **extra_env}
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp),
+        "MOMA_HOST_DIR": str(host.host_dir()),
+        "PYTHONUNBUFFERED": "1",
+        **extra_env,
+    }
     env.pop("MOMA_TEST_SPLIT", None)
     env.pop("MOMA_KEEP_TEST_TMP", None)
     if measured_outside:
         env["MOMA_RSS_PEAK"] = "the caller"
     else:
         env.pop("MOMA_RSS_PEAK", None)
-    return subprocess.Popen(["bash", str(TEST_SH), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        ["bash", str(TEST_SH), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def leftovers(tmp: Path) -> list[str]:
@@ -46,8 +59,14 @@ def leftovers(tmp: Path) -> list[str]:
 
 def test_a_passing_run_prints_its_peak_memory_the_chromium_advice_and_cleans_up(tmp_path):
     """A machine without Chromium (MOMA_CHROMIUM names no executable): the advice comes just before the end."""
-    process = start_test_sh(tmp_path / "tmp", "tests/test_import_graph.py", "-q", "-p", "no:cacheprovider",
-                            MOMA_CHROMIUM=str(tmp_path / "no-chromium-here"))
+    process = start_test_sh(
+        tmp_path / "tmp",
+        "tests/test_import_graph.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        MOMA_CHROMIUM=str(tmp_path / "no-chromium-here"),
+    )
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output
     assert "3 passed" in output

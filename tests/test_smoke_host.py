@@ -1,5 +1,6 @@
 """Smoke test through the real ComfyUI host: the pack is registered, the SD1.5 fixture loads, KSampler
 calls attention replace patches on all 16 SD1.5 blocks, and a plain API workflow runs through the executor."""
+
 from __future__ import annotations
 
 import asyncio
@@ -46,8 +47,11 @@ def test_comfyui_registered_the_pack_and_its_nodes(comfy_host) -> None:
     assert isinstance(extension, ComfyExtension)
     # The oracle is the pack's public API written out here (node ids are what saved workflows refer to), not the
     # pack's own list: what ComfyUI registered from this folder must be exactly these nodes.
-    registered = {node_id: cls for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items()
-                  if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == f"custom_nodes.{FOLDER}"}
+    registered = {
+        node_id: cls
+        for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items()
+        if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == f"custom_nodes.{FOLDER}"
+    }
     assert set(registered) == set(PUBLIC_NODES), sorted(registered)
     for node_id, display_name in PUBLIC_NODES.items():
         info = registered[node_id].GET_NODE_INFO_V1()  # what /object_info serves
@@ -72,8 +76,16 @@ def plain_txt2img_workflow(ckpt_name: str, prefix: str) -> dict:
         "5": {
             "class_type": "KSampler",
             "inputs": {
-                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-                "seed": 0, "steps": STEPS, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 0,
+                "steps": STEPS,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
             },
         },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},

@@ -4,6 +4,7 @@ give the same image, and the server's RSS after warm-up grows less than 5%.
 
 Not in the default suite: ``MOMA_SOAK=1 pytest -m soak tests/test_soak.py`` (``MOMA_SOAK_RUNS``, default 200).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,26 +44,74 @@ SEEDS = (1, 2)
 def _graph(reference: str, prompt: str, seed: int, prefix: str) -> dict:
     return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "moma_test_sd15.safetensors"}},
-        "loader": {"class_type": "MomaLoader", "inputs": {
-            "adapter_name": "attn_adapters_projectors.th", "llava_name": "MoMA_llava_7b",
-            "clip_vision_name": "clip-vit-large-patch14-336", "precision": "fp32", "quantization": "none",
-            "keep_llava_loaded": True}},
+        "loader": {
+            "class_type": "MomaLoader",
+            "inputs": {
+                "adapter_name": "attn_adapters_projectors.th",
+                "llava_name": "MoMA_llava_7b",
+                "clip_vision_name": "clip-vit-large-patch14-336",
+                "precision": "fp32",
+                "quantization": "none",
+                "keep_llava_loaded": True,
+            },
+        },
         "img": {"class_type": "LoadImage", "inputs": {"image": reference}},
         "mask": {"class_type": "LoadImageMask", "inputs": {"image": "soak_mask.png", "channel": "red"}},
-        "enc": {"class_type": "MomaContextEncoder", "inputs": {
-            "moma_model": ["loader", 0], "image": ["img", 0], "mask": ["mask", 0], "subject": "car", "prompt": prompt}},
-        "grab": {"class_type": "MomaFeatureGrab", "inputs": {
-            "model": ["ckpt", 0], "moma_model": ["loader", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
-            "image": ["img", 0], "mask": ["mask", 0], "subject": "car", "seed": seed, "resolution": 64}},
-        "apply": {"class_type": "MomaApply", "inputs": {
-            "model": ["ckpt", 0], "moma_model": ["loader", 0], "context": ["enc", 0], "reference": ["grab", 0],
-            "preset": "context", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "enc": {
+            "class_type": "MomaContextEncoder",
+            "inputs": {
+                "moma_model": ["loader", 0],
+                "image": ["img", 0],
+                "mask": ["mask", 0],
+                "subject": "car",
+                "prompt": prompt,
+            },
+        },
+        "grab": {
+            "class_type": "MomaFeatureGrab",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "moma_model": ["loader", 0],
+                "vae": ["ckpt", 2],
+                "clip": ["ckpt", 1],
+                "image": ["img", 0],
+                "mask": ["mask", 0],
+                "subject": "car",
+                "seed": seed,
+                "resolution": 64,
+            },
+        },
+        "apply": {
+            "class_type": "MomaApply",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "moma_model": ["loader", 0],
+                "context": ["enc", 0],
+                "reference": ["grab", 0],
+                "preset": "context",
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": ["enc", 1], "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
         "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "ks": {"class_type": "KSampler", "inputs": {
-            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
-            "seed": seed, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "ks": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["apply", 0],
+                "positive": ["pos", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["lat", 0],
+                "seed": seed,
+                "steps": 1,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": prefix}},
     }
@@ -79,9 +128,23 @@ class Server:
         self.log = open(log, "w")
         comfy_root = host.host_dir() / "ComfyUI"
         self.process = subprocess.Popen(
-            [sys.executable, str(comfy_root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base), "--disable-api-nodes", "--database-url", "sqlite:///:memory:"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(comfy_root / "main.py"),
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--base-directory",
+                str(base),
+                "--disable-api-nodes",
+                "--database-url",
+                "sqlite:///:memory:",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.client_id = uuid.uuid4().hex
         deadline = time.monotonic() + 180
         while True:
@@ -181,8 +244,10 @@ def test_soak(sd15_checkpoint: Path, adapter_file: Path, llava_dir: Path, clip_v
         server.close()
     warm = rss[min(WARM_UP, len(rss) - 1)]
     growth = (max(rss[WARM_UP:] or rss) - warm) / warm
-    print(f"\nsoak: {RUNS} runs in {elapsed:.0f} s ({elapsed / RUNS:.2f} s/run), {interrupts} interrupts "
-          f"({interrupted_runs} stopped a run), {len(digests)} distinct inputs, server RSS after warm-up "
-          f"{warm / 2**30:.2f} GiB, growth {growth * 100:+.1f}%")
+    print(
+        f"\nsoak: {RUNS} runs in {elapsed:.0f} s ({elapsed / RUNS:.2f} s/run), {interrupts} interrupts "
+        f"({interrupted_runs} stopped a run), {len(digests)} distinct inputs, server RSS after warm-up "
+        f"{warm / 2**30:.2f} GiB, growth {growth * 100:+.1f}%"
+    )
     assert len(digests) == len(combos) or RUNS < 3 * len(combos)
     assert growth < 0.05, [r / 2**30 for r in rss]

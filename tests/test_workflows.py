@@ -13,6 +13,7 @@ ComfyUI's template browser lists) and workflows/api/*.json (API format, for scri
 - each API workflow executes end to end through the real executor on the fixtures, shrunk to 64x64, 2 steps
   and a Feature Grab resolution of 128 (on the run's one loaded full-layout SD1.5 fixture).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -119,8 +120,10 @@ def widget_layout(class_type: str) -> list[str | None]:
             if kind == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
                 layout.append(None)
             if kind == "COMBO" and options.get("control_after_generate"):
-                raise NotImplementedError(f"{class_type}.{name}: a combo with control_after_generate (a control "
-                                          "and a filter value) is not used by the examples")
+                raise NotImplementedError(
+                    f"{class_type}.{name}: a combo with control_after_generate (a control "
+                    "and a filter value) is not used by the examples"
+                )
             upload = upload or (not optional and any(options.get(flag) for flag in UPLOAD_FLAGS))
         if upload:
             layout.append(None)
@@ -147,15 +150,19 @@ def ui_to_api(ui: dict) -> dict:
         values = node.get("widgets_values", [])
         assert len(values) == len(layout), (
             f"node {node['id']} {node['type']}: {len(values)} widget values {values}, expected {len(layout)} for "
-            f"{[name or '(control/upload)' for name in layout]}")
+            f"{[name or '(control/upload)' for name in layout]}"
+        )
         inputs = {name: value for name, value in zip(layout, values) if name is not None}
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
                 _, source, source_slot, _, _, _ = links[slot["link"]]
                 inputs[slot["name"]] = [str(source), source_slot]
         display_name, _ = node_info(node["type"])
-        prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
-                                   "_meta": {"title": node.get("title") or display_name}}
+        prompt[str(node["id"])] = {
+            "inputs": inputs,
+            "class_type": node["type"],
+            "_meta": {"title": node.get("title") or display_name},
+        }
     return prompt
 
 
@@ -328,8 +335,19 @@ def test_ui_workflow_is_a_well_formed_frontend_file(name, comfy_host):
     assert any(node["type"] in FRONTEND_ONLY for node in ui["nodes"]), "each example explains itself in a Note"
 
     for node in ui["nodes"]:
-        for key in ("id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
-                    "widgets_values"):
+        for key in (
+            "id",
+            "type",
+            "pos",
+            "size",
+            "flags",
+            "order",
+            "mode",
+            "inputs",
+            "outputs",
+            "properties",
+            "widgets_values",
+        ):
             assert key in node, f"node {node['id']}: no {key}"
         assert len(node["pos"]) == 2 and len(node["size"]) == 2 and min(node["size"]) > 0
         if node["type"] in FRONTEND_ONLY:
@@ -346,7 +364,7 @@ def test_ui_workflow_is_a_well_formed_frontend_file(name, comfy_host):
             assert saved_outputs == outputs, f"node {node['id']} outputs"
         # the frontend saves every socket (connected or not) first, then the inputs of its widgets
         sockets = [slot for slot in node["inputs"] if "widget" not in slot]
-        assert node["inputs"][:len(sockets)] == sockets, f"node {node['id']}: sockets after widget inputs"
+        assert node["inputs"][: len(sockets)] == sockets, f"node {node['id']}: sockets after widget inputs"
         expected_sockets = [(n, type_name(t)) for n, (t, o, _) in specs.items() if not is_widget(t, o)]
         assert [(s["name"], s["type"]) for s in sockets] == expected_sockets, f"node {node['id']} sockets"
         for slot in sockets:
@@ -380,7 +398,8 @@ def test_ui_workflow_reads_left_to_right_without_overlaps(name):
     for link_id, source, _, target, _, _ in ui["links"]:
         src, dst = by_id[source], by_id[target]
         assert src["pos"][0] + src["size"][0] <= dst["pos"][0], (
-            f"link {link_id} runs right to left: node {source} {src['type']} -> node {target} {dst['type']}")
+            f"link {link_id} runs right to left: node {source} {src['type']} -> node {target} {dst['type']}"
+        )
 
     def box(node):
         x, y = node["pos"]
@@ -389,7 +408,7 @@ def test_ui_workflow_reads_left_to_right_without_overlaps(name):
 
     boxes = [(node["id"], box(node)) for node in ui["nodes"]]
     for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(boxes):
-        for b, (bx0, by0, bx1, by1) in boxes[i + 1:]:
+        for b, (bx0, by0, bx1, by1) in boxes[i + 1 :]:
             assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"nodes {a} and {b} overlap"
 
 
@@ -433,9 +452,14 @@ def test_checks_catch_bad_workflows(example_host):
     del broken[sampler_id]["inputs"]["cfg"]
     broken[sampler_id]["inputs"]["model"] = [grab_id, 0]
     problems = "\n".join(api_problems(broken))
-    for expected in ("MomaApply.preset = 'contxt': not one of", "unknown input 'strenght'",
-                     "MomaFeatureGrab.resolution = 4096: outside 0..1024", "required input 'cfg' missing",
-                     "KSampler.model", "gets MOMA_REF, needs MODEL"):
+    for expected in (
+        "MomaApply.preset = 'contxt': not one of",
+        "unknown input 'strenght'",
+        "MomaFeatureGrab.resolution = 4096: outside 0..1024",
+        "required input 'cfg' missing",
+        "KSampler.model",
+        "gets MOMA_REF, needs MODEL",
+    ):
         assert expected in problems, problems
 
     ui = load(EXAMPLES / "moma_context.json")
@@ -459,8 +483,12 @@ def test_api_workflow_executes_on_fixtures(name, example_host, caplog):
     with caplog.at_level(logging.WARNING):
         outputs = comfy_exec.run_api_workflow(prompt)
 
-    saved = [(nid, image) for nid, output in outputs.items() for image in output.get("images", [])
-             if prompt[nid]["class_type"] == "SaveImage"]
+    saved = [
+        (nid, image)
+        for nid, output in outputs.items()
+        for image in output.get("images", [])
+        if prompt[nid]["class_type"] == "SaveImage"
+    ]
     assert saved, outputs
     for _nid, image in saved:
         path = Path(folder_paths.get_directory_by_type(image["type"])) / image["subfolder"] / image["filename"]
@@ -469,7 +497,9 @@ def test_api_workflow_executes_on_fixtures(name, example_host, caplog):
     for nid, node in prompt.items():
         if node["class_type"] == "PreviewImage":  # the object on white: the reference picture's size
             (preview,) = outputs[nid]["images"]
-            path = Path(folder_paths.get_directory_by_type(preview["type"])) / preview["subfolder"] / preview["filename"]
+            path = (
+                Path(folder_paths.get_directory_by_type(preview["type"])) / preview["subfolder"] / preview["filename"]
+            )
             with Image.open(path) as picture:
                 assert picture.size == (512, 512)
         if node["class_type"] == "MomaSaveContext":
@@ -480,8 +510,11 @@ def test_api_workflow_executes_on_fixtures(name, example_host, caplog):
     for nid, node in prompt.items():
         if node["class_type"] == "LoraLoader":
             # ComfyUI warns for every LoRA key it cannot map and every patch no model takes: none in the run
-            unloaded = [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()
-                        or "NOT LOADED" in r.getMessage()]
+            unloaded = [
+                r.getMessage()
+                for r in caplog.records
+                if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()
+            ]
             assert unloaded == []
             assert_lora_patches_every_module(prompt, nid)
 
@@ -500,7 +533,8 @@ def assert_lora_patches_every_module(prompt: dict, lora_id: str) -> None:
     assert source["class_type"] == "CheckpointLoaderSimple" and inputs["clip"][0] == inputs["model"][0]
     model, clip, _vae = nodes.CheckpointLoaderSimple().load_checkpoint(source["inputs"]["ckpt_name"])[:3]
     patched_model, patched_clip = nodes.LoraLoader().load_lora(
-        model, clip, inputs["lora_name"], inputs["strength_model"], inputs["strength_clip"])
+        model, clip, inputs["lora_name"], inputs["strength_model"], inputs["strength_clip"]
+    )
     modules = lora_modules()
     unet = [name for name in modules if name.startswith("lora_unet_")]
     assert len(patched_model.patches) == len(unet) and not model.patches
@@ -537,7 +571,7 @@ def test_ui_workflows_saved_before_the_new_inputs_keep_their_widget_values(name,
         values = node.get("widgets_values", [])
         assert len(values) <= len(layout), f"node {node['id']}: more values than widgets"
         specs = input_specs(node["type"])
-        for name_ in layout[len(values):]:
+        for name_ in layout[len(values) :]:
             assert name_ is None or specs[name_][2], f"node {node['id']}: new widget {name_} is not optional"
             values.append(None if name_ is None else specs[name_][1].get("default"))
         node["widgets_values"] = values

@@ -8,6 +8,7 @@ tests and by ``benchmarks/sampling.py``.
     seen.graph_breaks    # reason -> count
     seen.limit_hits      # "hit config.recompile_limit" warnings (the frame then runs eagerly, silently)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,11 +27,15 @@ class DynamoCounts:
 
     def summary(self) -> dict:
         """The counts as plain JSON values (the first line of each reason)."""
-        return {"compiled_frames": self.compiled_frames, "graphs": self.graphs, "recompiles": len(self.recompiles),
-                "recompile_reasons": [_reason(text) for text in self.recompiles],
-                "graph_breaks": sum(self.graph_breaks.values()),
-                "graph_break_reasons": sorted({reason.splitlines()[0] for reason in self.graph_breaks}),
-                "recompile_limit_hits": len(self.limit_hits)}
+        return {
+            "compiled_frames": self.compiled_frames,
+            "graphs": self.graphs,
+            "recompiles": len(self.recompiles),
+            "recompile_reasons": [_reason(text) for text in self.recompiles],
+            "graph_breaks": sum(self.graph_breaks.values()),
+            "graph_break_reasons": sorted({reason.splitlines()[0] for reason in self.graph_breaks}),
+            "recompile_limit_hits": len(self.limit_hits),
+        }
 
 
 def _reason(text: str) -> str:

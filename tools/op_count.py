@@ -11,6 +11,7 @@ are host-device syncs on CUDA. Used by the op-count test and by ``benchmarks/sam
     calls.per_eval      # one Counter per comfy.samplers.calc_cond_batch (a model evaluation: cond + uncond)
     calls.total         # everything counted while the context was open
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,11 +24,26 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten ops whose result the host has to wait for (on CUDA: a sync with everything queued before them)
-HOST_READS = frozenset({
-    "_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "nonzero_static",
-    "masked_select", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "argwhere",
-    "repeat_interleave_tensor", "device_to_host_copy",
-})
+HOST_READS = frozenset(
+    {
+        "_local_scalar_dense",
+        "item",
+        "is_nonzero",
+        "equal",
+        "allclose",
+        "nonzero",
+        "nonzero_static",
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_consecutive",
+        "unique_dim",
+        "argwhere",
+        "repeat_interleave_tensor",
+        "device_to_host_copy",
+    }
+)
 
 
 def host_reads(counts: Counter) -> int:

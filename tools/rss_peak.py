@@ -13,6 +13,7 @@ environment, so a script that measures itself (scripts/test.sh) knows it is meas
 COMMAND as usual (the terminal sends it to both); this process waits for it to end and still prints the peak.
 Used by .ci/run to measure the test runs' memory, and by scripts/test.sh.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ def _processes() -> dict[int, tuple[int, int, str]]:
                 stat = handle.read()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
         found[int(entry)] = (int(fields[1]), int(fields[21]) * PAGE, name)  # ppid, rss pages
     return found
 
@@ -63,8 +64,11 @@ def _command_line(pid: int, name: str) -> str:
             words = handle.read().split(b"\0")
     except OSError:
         return name
-    text = " ".join(os.path.basename(word.decode(errors="replace")) if index == 0 else word.decode(errors="replace")
-                    for index, word in enumerate(words) if word)
+    text = " ".join(
+        os.path.basename(word.decode(errors="replace")) if index == 0 else word.decode(errors="replace")
+        for index, word in enumerate(words)
+        if word
+    )
     return (text or name)[:160]
 
 
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
 
     log = open(args.log, "a") if args.log else None
-    gib = 2 ** 30
+    gib = 2**30
 
     def sample() -> None:
         while not done.is_set():
@@ -131,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     sampler.join()
     if log:
         log.close()
-    print(f"[rss_peak] {args.label}: peak RSS of the process tree {peak['total'] / gib:.2f} GiB (summed: shared pages "
-          f"once per process), peak PSS of the tree {peak['pss'] / gib:.2f} GiB, largest process "
-          f"{peak['largest'] / gib:.2f} GiB RSS ({peak['name']})", flush=True)
+    print(
+        f"[rss_peak] {args.label}: peak RSS of the process tree {peak['total'] / gib:.2f} GiB (summed: shared pages "
+        f"once per process), peak PSS of the tree {peak['pss'] / gib:.2f} GiB, largest process "
+        f"{peak['largest'] / gib:.2f} GiB RSS ({peak['name']})",
+        flush=True,
+    )
     return 128 - status if status < 0 else status
 
 

@@ -1,4 +1,5 @@
 """attn_adapters_projectors.th: strict, safe loading (spec 4.4) and the projector / mapping maths (spec 2)."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,24 @@ from comfyui_moma.moma.weights import (
 )
 
 # Spec 4.1 / 4.4, written out here independently of moma/sd15.py.
-SELF_CHANNELS = {0: 320, 2: 320, 4: 640, 6: 640, 8: 1280, 10: 1280, 12: 1280, 14: 1280, 16: 1280,
-                 18: 640, 20: 640, 22: 640, 24: 320, 26: 320, 28: 320, 30: 1280}
+SELF_CHANNELS = {
+    0: 320,
+    2: 320,
+    4: 640,
+    6: 640,
+    8: 1280,
+    10: 1280,
+    12: 1280,
+    14: 1280,
+    16: 1280,
+    18: 640,
+    20: 640,
+    22: 640,
+    24: 320,
+    26: 320,
+    28: 320,
+    30: 1280,
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +88,12 @@ def test_safetensors_conversion_round_trips(adapter_file: Path, tmp_path: Path) 
     converted = convert_adapter_to_safetensors(adapter_file, tmp_path / "attn_adapters_projectors.safetensors")
     with safe_open(str(converted), framework="pt") as handle:
         keys = set(handle.keys())
-    assert {"projectors.proj.weight", "self_cross_attentions.0.to_k_ip.weight", "self_cross_attentions.30.scale_learnable",
-            "llm_mapping.mapping.gate_proj.weight"} <= keys and len(keys) == 87
+    assert {
+        "projectors.proj.weight",
+        "self_cross_attentions.0.to_k_ip.weight",
+        "self_cross_attentions.30.scale_learnable",
+        "llm_mapping.mapping.gate_proj.weight",
+    } <= keys and len(keys) == 87
     original, again = load_adapter(adapter_file), load_adapter(converted)
     assert original.flat_state_dict().keys() == again.flat_state_dict().keys()
     for key, value in original.flat_state_dict().items():
@@ -80,8 +101,10 @@ def test_safetensors_conversion_round_trips(adapter_file: Path, tmp_path: Path) 
 
 
 def test_ip_adapter_file_is_named_as_such(tmp_path: Path) -> None:
-    ip_adapter = {"image_proj": {"proj.weight": torch.zeros(3072, 1024)},
-                  "ip_adapter": {"1.to_k_ip.weight": torch.zeros(320, 768)}}
+    ip_adapter = {
+        "image_proj": {"proj.weight": torch.zeros(3072, 1024)},
+        "ip_adapter": {"1.to_k_ip.weight": torch.zeros(320, 768)},
+    }
     with pytest.raises(MomaError, match="IP-Adapter file") as error:
         load_adapter(_save(tmp_path, ip_adapter, "ip-adapter_sd15.bin"))
     assert "ip-adapter_sd15.bin" in str(error.value) and "KunpengSong/MoMA_llava_7b" in str(error.value)
@@ -170,8 +193,10 @@ def test_mapping_and_projector_match_the_spec_formulas(adapter_file: Path, upstr
     mapping, projector = build_mapping(weights), build_projector(weights)
     hidden = torch.randn(2, 3, 4096, generator=torch.Generator().manual_seed(1))
     m = {k: v.float() for k, v in upstream["llm_mapping"].items()}
-    expected = F.linear(F.silu(F.linear(hidden, m["mapping.gate_proj.weight"])) * F.linear(hidden, m["mapping.up_proj.weight"]),
-                        m["mapping.down_proj.weight"])
+    expected = F.linear(
+        F.silu(F.linear(hidden, m["mapping.gate_proj.weight"])) * F.linear(hidden, m["mapping.up_proj.weight"]),
+        m["mapping.down_proj.weight"],
+    )
     torch.testing.assert_close(mapping(hidden), expected, rtol=1e-5, atol=1e-5)
 
     p = {k: v.float() for k, v in upstream["projectors"].items()}

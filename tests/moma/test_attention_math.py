@@ -1,4 +1,5 @@
 """MoMA's attention maths and subject-mask recipe on tiny tensors, against explicit formulas."""
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,11 @@ def test_packed_reference_bank_equals_reference_bias_masking():
 
 def test_text_attention_output_and_subject_map():
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(2, 9, 16, generator=g), torch.randn(2, 77, 16, generator=g), torch.randn(2, 77, 16, generator=g)
+    q, k, v = (
+        torch.randn(2, 9, 16, generator=g),
+        torch.randn(2, 77, 16, generator=g),
+        torch.randn(2, 77, 16, generator=g),
+    )
     cols = torch.tensor([4, 7])
     out, subject_map = attention.text_attention_with_subject_probs(q, k, v, 2, cols)
     expected, probs = explicit_attention(q, k, v, 2)
@@ -139,8 +144,16 @@ def test_subject_token_positions_every_occurrence():
     assert subject_mask.subject_token_positions(ids, {1615}) == [4, 7]
 
 
-@pytest.mark.parametrize(("size", "expected"), [((512, 512), (512, 512)), ((1000, 1000), (512, 512)),
-                                                ((512, 768), (448, 640)), ((64, 96), (448, 640)), ((30, 3000), (64, 1024))])
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((512, 512), (512, 512)),
+        ((1000, 1000), (512, 512)),
+        ((512, 768), (448, 640)),
+        ((64, 96), (448, 640)),
+        ((30, 3000), (64, 1024)),
+    ],
+)
 def test_reference_pixel_size_keeps_aspect_and_area(size, expected):
     assert reference.reference_pixel_size(*size) == expected
 
@@ -222,8 +235,9 @@ def test_head_layout_forms_equal_the_explicit_ones():
     torch.testing.assert_close(mass, probs.mean(1)[:, :, [4, 7, 30]].sum(-1), rtol=1e-5, atol=1e-7)
 
     ref_k, ref_v = torch.randn(11, heads * d, generator=g), torch.randn(11, heads * d, generator=g)
-    folded = attention.reference_attention_heads(q, attention.split_heads(ref_k[None], heads),
-                                                 attention.split_heads(ref_v[None], heads))
+    folded = attention.reference_attention_heads(
+        q, attention.split_heads(ref_k[None], heads), attention.split_heads(ref_v[None], heads)
+    )
     expected, _ = explicit_attention(q, ref_k.expand(3, -1, -1), ref_v.expand(3, -1, -1), heads)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)
 

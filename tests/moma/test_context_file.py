@@ -1,4 +1,5 @@
 """MOMA_CONTEXT as .safetensors: exact round trip, strict checks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,9 +13,14 @@ from safetensors.torch import save_file
 
 def _context() -> MomaContext:
     g = torch.Generator().manual_seed(3)
-    return MomaContext(cond_tokens=torch.randn(1, 4, 768, generator=g), uncond_tokens=torch.randn(1, 4, 768, generator=g),
-                       llava_emb=torch.randn(1, 1024, generator=g), subject="teddy bear",
-                       prompt="On the beach. ☀", sd_prompt="photo of a teddy bear. On the beach. ☀")
+    return MomaContext(
+        cond_tokens=torch.randn(1, 4, 768, generator=g),
+        uncond_tokens=torch.randn(1, 4, 768, generator=g),
+        llava_emb=torch.randn(1, 1024, generator=g),
+        subject="teddy bear",
+        prompt="On the beach. ☀",
+        sd_prompt="photo of a teddy bear. On the beach. ☀",
+    )
 
 
 def test_round_trip_is_exact(tmp_path: Path) -> None:
@@ -60,15 +66,29 @@ def test_moma_model_remembers_contexts_by_input_content() -> None:
     image, mask = torch.rand(8, 8, 3), torch.ones(8, 8)
     key = model.context_key(image, mask, "car", "red")
     assert key == model.context_key(image.clone(), mask.clone(), "car", "red")
-    assert len({key, model.context_key(image, mask, "car", "blue"), model.context_key(image, mask * 0, "car", "red"),
-                model.context_key(image[:4], mask, "car", "red"), model.context_key(image, mask, "ca", "rred")}) == 5
+    assert (
+        len(
+            {
+                key,
+                model.context_key(image, mask, "car", "blue"),
+                model.context_key(image, mask * 0, "car", "red"),
+                model.context_key(image[:4], mask, "car", "red"),
+                model.context_key(image, mask, "ca", "rred"),
+            }
+        )
+        == 5
+    )
     # several views: the key covers every picture and mask of the batch
     views, view_masks = torch.rand(3, 8, 8, 3), torch.ones(3, 8, 8)
     other_view, other_mask = views.clone(), view_masks.clone()
     other_view[2, 0, 0, 0] += 0.5
     other_mask[1, 3, 3] = 0.0
-    batch_keys = {model.context_key(views, view_masks, "car", "red"), model.context_key(other_view, view_masks, "car", "red"),
-                  model.context_key(views, other_mask, "car", "red"), model.context_key(views[:2], view_masks[:2], "car", "red")}
+    batch_keys = {
+        model.context_key(views, view_masks, "car", "red"),
+        model.context_key(other_view, view_masks, "car", "red"),
+        model.context_key(views, other_mask, "car", "red"),
+        model.context_key(views[:2], view_masks[:2], "car", "red"),
+    }
     assert len(batch_keys) == 4 and key not in batch_keys
     context = _context()
     model.remember_context(key, context)

@@ -1,5 +1,6 @@
 """A saved context carries a fingerprint of the adapter that made its tokens; Apply warns when MoMA Loader's
 adapter differs. A single-colour reference picture (a 16-bit PNG through Load Image) gets a warning."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,10 @@ def test_apply_warns_for_another_adapter_only(moma_context, moma_model, caplog, 
         other.adapter_sha256 = "ab" * 32
         reason = warn_if_other_adapter(load_context(save_context(other, tmp_path / "o.safetensors")), moma_model)
     assert reason and "another MoMA adapter" in reason and "abababababab" in reason
-    assert any("Apply MoMA Attention: " in record.getMessage() and "another MoMA adapter" in record.getMessage()
-               for record in caplog.records)
+    assert any(
+        "Apply MoMA Attention: " in record.getMessage() and "another MoMA adapter" in record.getMessage()
+        for record in caplog.records
+    )
 
 
 def test_16_bit_png_through_load_image_is_all_white_and_warned(comfy_host, caplog) -> None:
@@ -57,7 +60,8 @@ def test_16_bit_png_through_load_image_is_all_white_and_warned(comfy_host, caplo
 
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 65535, (32, 48)).astype(np.uint16)).save(
-        Path(folder_paths.get_input_directory()) / "moma_16bit.png")
+        Path(folder_paths.get_input_directory()) / "moma_16bit.png"
+    )
     image, _mask = nodes.LoadImage().load_image("moma_16bit.png")
     # ComfyUI 0.3.x's Load Image scales 16-bit values by 1/255 (all white); 0.30 reads them correctly
     white = float((image == 1.0).all(dim=-1).float().mean()) > 0.98
@@ -76,7 +80,8 @@ def test_16_bit_png_through_load_image_is_all_white_and_warned(comfy_host, caplo
     speckled[::3] = 0.2  # a third: a picture
     assert warn_if_constant_picture(speckled, "Feature Grab") is None
     assert warn_if_constant_picture(torch.zeros(8, 8, 3), "Feature Grab") and "16-bit" not in (
-        warn_if_constant_picture(torch.zeros(8, 8, 3), "Feature Grab") or "")
+        warn_if_constant_picture(torch.zeros(8, 8, 3), "Feature Grab") or ""
+    )
     picture = torch.full((8, 8, 3), 0.5)
     picture[:3, :, 0] = 0.6  # 3 of 8 rows tinted
     assert warn_if_constant_picture(picture, "Feature Grab") is None

@@ -1,5 +1,6 @@
 """Conversion of the pickled downloads to safetensors (moma/convert.py): the converted adapter and LLaVA folder
 load in preference to the pickles and give the same context tokens; a damaged write is caught."""
+
 from __future__ import annotations
 
 import json
@@ -33,23 +34,30 @@ def _context(moma_model: MomaModel):
     picture = torch.from_numpy(rng.random((200, 260, 3), dtype=np.float32))
     mask = torch.zeros(200, 260)
     mask[30:170, 40:220] = 1
-    return encode_context(moma_model.load_encoder("cpu"), moma_model, picture, mask, "robot toy", "A robot toy in outer space.")
+    return encode_context(
+        moma_model.load_encoder("cpu"), moma_model, picture, mask, "robot toy", "A robot toy in outer space."
+    )
 
 
-def test_converted_files_are_preferred_and_give_the_same_tokens(tmp_path: Path, llava_dir: Path, adapter_file: Path,
-                                                                clip_vision_dir: Path) -> None:
+def test_converted_files_are_preferred_and_give_the_same_tokens(
+    tmp_path: Path, llava_dir: Path, adapter_file: Path, clip_vision_dir: Path
+) -> None:
     folder, adapter = _copy_of(llava_dir, adapter_file, tmp_path)
     assert main([str(adapter), str(folder)]) == 0  # the CLI (python -m moma.convert)
-    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model-00001-of-00002.safetensors",
-                                                                  "model-00002-of-00002.safetensors"]
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     assert not list(tmp_path.rglob("*.partial*"))
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     pickled_index = json.loads((llava_dir / "pytorch_model.bin.index.json").read_text())
     assert set(index["weight_map"]) == set(pickled_index["weight_map"])  # every key, lm_head and tower keys too
     assert index["metadata"]["total_size"] == pickled_index["metadata"]["total_size"]
     assert [p.suffix for p in weight_files(folder, "")] == [".safetensors"] * 2  # preferred over the .bin next to it
-    assert LlavaFolder.open(folder).weight_files == [folder / "model-00001-of-00002.safetensors",
-                                                      folder / "model-00002-of-00002.safetensors"]
+    assert LlavaFolder.open(folder).weight_files == [
+        folder / "model-00001-of-00002.safetensors",
+        folder / "model-00002-of-00002.safetensors",
+    ]
 
     converted = MomaModel.load(adapter, folder, clip_vision_dir, precision="fp32")
     assert converted.adapter_path == adapter.with_suffix(".safetensors")
@@ -86,9 +94,11 @@ def test_tied_tensors_convert(tmp_path: Path) -> None:
     folder = tmp_path / "tied"
     folder.mkdir()
     table = torch.randn(16, 8)
-    torch.save({"model.embed_tokens.weight": table, "lm_head.weight": table, "half": table[:8]},
-               folder / "pytorch_model.bin")
+    torch.save(
+        {"model.embed_tokens.weight": table, "lm_head.weight": table, "half": table[:8]}, folder / "pytorch_model.bin"
+    )
     index = convert_folder(folder)
-    assert json.loads(index.read_text())["weight_map"] == {key: "model-00001-of-00001.safetensors"
-                                                           for key in ("half", "lm_head.weight", "model.embed_tokens.weight")}
+    assert json.loads(index.read_text())["weight_map"] == {
+        key: "model-00001-of-00001.safetensors" for key in ("half", "lm_head.weight", "model.embed_tokens.weight")
+    }
     shutil.rmtree(folder)

@@ -1,5 +1,6 @@
 """The limits on what a workflow or a file may hand the pack (moma/limits.py, moma/sd15.py): non-finite and
 absurd numbers, megabyte strings parsed in linear time, tensor sanity, the context-token bound of an adapter."""
+
 from __future__ import annotations
 
 import math
@@ -27,19 +28,33 @@ def _regex_parts(text: str) -> list[str]:
 
 def test_block_weight_entries_are_split_as_before() -> None:
     rng = random.Random(1)
-    cases = ["Input = 0.5, MIDDLE: 1,", "a=,1", "a =, 1", "=1", "input =", "a=:b", "a, =1", "a =1 b= 2 c = 3",
-             "x=1,,y=2", "a:=1", "input\t=\n1;output : 2"]
+    cases = [
+        "Input = 0.5, MIDDLE: 1,",
+        "a=,1",
+        "a =, 1",
+        "=1",
+        "input =",
+        "a=:b",
+        "a, =1",
+        "a =1 b= 2 c = 3",
+        "x=1,,y=2",
+        "a:=1",
+        "input\t=\n1;output : 2",
+    ]
     cases += ["".join(rng.choice("ab1.= :,;\t\n") for _ in range(rng.randint(0, 14))) for _ in range(5000)]
     for text in cases:
         assert _block_weight_parts(text) == _regex_parts(text), text
 
 
-@pytest.mark.parametrize("text", [
-    " " * MEGABYTE,  # the old regex rescanned the run of spaces from each position: quadratic
-    "input" + " " * MEGABYTE + "= 1",
-    ("input = 1, " * (MEGABYTE // 11)),
-    "1" * MEGABYTE,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        " " * MEGABYTE,  # the old regex rescanned the run of spaces from each position: quadratic
+        "input" + " " * MEGABYTE + "= 1",
+        ("input = 1, " * (MEGABYTE // 11)),
+        "1" * MEGABYTE,
+    ],
+)
 def test_a_megabyte_block_weights_is_refused_quickly(text: str) -> None:
     with comfy_exec.deadline(SECONDS, "parse_block_weights of a megabyte"):
         with pytest.raises(ValueError, match=f"{len(text):,} characters long; {BLOCK_WEIGHTS_CHARS:,}"):
@@ -111,8 +126,11 @@ def test_shown_keeps_short_values_and_counts_long_ones() -> None:
 def test_tensor_problems_in_every_float_dtype(dtype: torch.dtype) -> None:
     tensor = torch.randn(64, 33).to(dtype)
     assert tensor_problem(tensor) is None
-    for value, expected in ((math.nan, "contains NaN"), (math.inf, "contains an infinite value"),
-                            (-math.inf, "contains an infinite value")):
+    for value, expected in (
+        (math.nan, "contains NaN"),
+        (math.inf, "contains an infinite value"),
+        (-math.inf, "contains an infinite value"),
+    ):
         bad = tensor.clone()
         bad[17, 5] = value
         assert tensor_problem(bad) == expected, (dtype, value)
@@ -140,8 +158,9 @@ def _projector(seed: int, weight_scale: float) -> ImageProjModel:
 
 
 @pytest.mark.parametrize("seed,weight_scale,embedding_scale", [(0, 1.0, 1.0), (1, 0.05, 100.0), (2, 3.0, 1e4)])
-def test_every_token_an_adapter_makes_lies_within_its_bound(seed: int, weight_scale: float,
-                                                            embedding_scale: float) -> None:
+def test_every_token_an_adapter_makes_lies_within_its_bound(
+    seed: int, weight_scale: float, embedding_scale: float
+) -> None:
     projector = _projector(seed, weight_scale)
     bound = token_bound({name: value for name, value in projector.state_dict().items() if name.startswith("norm.")})
     generator = torch.Generator().manual_seed(seed + 10)

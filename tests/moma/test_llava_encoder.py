@@ -1,6 +1,7 @@
 """The context encoder end to end on the fixture files, against the independent re-derivation of spec 2 in
 tests/llava_reference.py (sentencepiece ids, PIL/numpy pixels, transformers' CLIPVisionModel, the Llama decoder,
 mapping and projector by hand from the raw checkpoint tensors)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,9 @@ PROMPT = "A teddy bear on the beach at sunset."
 
 def _reference_inputs() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(11)
-    rgb = np.asarray(Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).resize((300, 400), Image.BICUBIC))
+    rgb = np.asarray(
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).resize((300, 400), Image.BICUBIC)
+    )
     mask = np.zeros((400, 300), np.uint8)
     mask[80:330, 60:250] = 255
     return rgb, mask
@@ -47,9 +50,15 @@ def encoder_fp32(moma_model: MomaModel):
 def fp32_context(moma_model: MomaModel, encoder_fp32):
     rgb, mask = _reference_inputs()
     progress: list[tuple[int, int]] = []
-    context = encode_context(encoder_fp32, moma_model, torch.from_numpy(rgb / 255.0).float(),
-                             torch.from_numpy(mask / 255.0).float(), SUBJECT, PROMPT,
-                             progress=lambda done, total: progress.append((done, total)))
+    context = encode_context(
+        encoder_fp32,
+        moma_model,
+        torch.from_numpy(rgb / 255.0).float(),
+        torch.from_numpy(mask / 255.0).float(),
+        SUBJECT,
+        PROMPT,
+        progress=lambda done, total: progress.append((done, total)),
+    )
     return context, progress
 
 
@@ -65,7 +74,11 @@ def test_fp32_context_equals_the_re_derivation(fp32_expected, fp32_context, enco
     context, progress = fp32_context
     expected = fp32_expected
     assert int(expected["length"]) == 576 + len(expected_ids(llava_dir, SUBJECT, PROMPT)) - 1
-    assert context.llava_emb.shape == (1, 1024) and context.cond_tokens.shape == context.uncond_tokens.shape == (1, 4, 768)
+    assert context.llava_emb.shape == (1, 1024) and context.cond_tokens.shape == context.uncond_tokens.shape == (
+        1,
+        4,
+        768,
+    )
     # tight enough to see the fp32 (unrounded) RoPE tables, which put llava_emb ~8e-5 (relative) off
     err = float((context.llava_emb - expected["llava_emb"]).abs().max() / expected["llava_emb"].abs().max())
     print(f"llava_emb max relative error vs re-derivation: {err:.2e}")
@@ -92,16 +105,24 @@ def test_interrupt_between_layers_stops_and_leaves_no_hooks(moma_model: MomaMode
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        encode_context(encoder_fp32, moma_model, torch.from_numpy(rgb / 255.0).float(),
-                       torch.from_numpy(mask / 255.0).float(), SUBJECT, PROMPT, interrupt=interrupt)
+        encode_context(
+            encoder_fp32,
+            moma_model,
+            torch.from_numpy(rgb / 255.0).float(),
+            torch.from_numpy(mask / 255.0).float(),
+            SUBJECT,
+            PROMPT,
+            interrupt=interrupt,
+        )
     assert len(checks) == 2
     for layer in encoder_fp32.language_model.layers:
         assert not layer._forward_pre_hooks and not layer._forward_hooks
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_reduced_precision_follows_the_re_derivation(fp32_expected, adapter_file: Path, llava_dir: Path,
-                                                     clip_vision_dir: Path, precision: str, dtype: torch.dtype) -> None:
+def test_reduced_precision_follows_the_re_derivation(
+    fp32_expected, adapter_file: Path, llava_dir: Path, clip_vision_dir: Path, precision: str, dtype: torch.dtype
+) -> None:
     """bf16/fp16 against the independent fp32 re-derivation (not against the pack's own fp32 path), within what
     8 (bf16) or 11 (fp16) mantissa bits allow."""
     rgb, mask = _reference_inputs()
@@ -136,8 +157,9 @@ def test_quantization_without_cuda_is_a_clear_error(moma_model: MomaModel) -> No
     from comfyui_moma.moma.llava import load_context_encoder
 
     with pytest.raises(MomaError, match="needs a CUDA GPU"):
-        load_context_encoder(moma_model.llava_dir, moma_model.clip_vision_path, moma_model.adapter,
-                             quantization="4bit", device="cpu")
+        load_context_encoder(
+            moma_model.llava_dir, moma_model.clip_vision_path, moma_model.adapter, quantization="4bit", device="cpu"
+        )
 
 
 def _reference_437_rope_tables(head_dim: int, length: int, max_positions: int, theta: float = 10000.0):

@@ -1,5 +1,6 @@
 """Reading the LLaVA folder and the CLIP vision tower: the fixture files are real-format, wrong files give
 named MomaErrors, safetensors shards load like the pickles, nothing in a pickle runs."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ def test_fixture_llava_folder_is_in_the_original_format(llava_dir: Path) -> None
     assert (config["hidden_size"], config["mm_hidden_size"], config["mm_projector_type"]) == (4096, 1024, "mlp2x_gelu")
     assert (config["mm_vision_select_layer"], config["mm_vision_select_feature"]) == (-2, "patch")
     index = json.loads((llava_dir / "pytorch_model.bin.index.json").read_text())
-    assert sorted(set(index["weight_map"].values())) == ["pytorch_model-00001-of-00002.bin",
-                                                        "pytorch_model-00002-of-00002.bin"]
+    assert sorted(set(index["weight_map"].values())) == [
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+    ]
     keys = set()
     dtypes = set()
     for shard in sorted(llava_dir.glob("pytorch_model-*.bin")):
@@ -135,15 +138,20 @@ def test_llava_hf_key_names_get_a_hint(tmp_path: Path, llava_dir: Path) -> None:
 def test_shape_mismatch_names_file_key_and_shapes(tmp_path: Path, llava_dir: Path) -> None:
     folder = _variant(tmp_path, llava_dir)
     _edit_config(folder, intermediate_size=128)
-    with pytest.raises(MomaError, match=r"pytorch_model-00001-of-00002\.bin: model\.layers\.0\.mlp\.gate_proj\.weight "
-                                        r"has shape \(64, 4096\), config\.json implies \(128, 4096\)"):
+    with pytest.raises(
+        MomaError,
+        match=r"pytorch_model-00001-of-00002\.bin: model\.layers\.0\.mlp\.gate_proj\.weight "
+        r"has shape \(64, 4096\), config\.json implies \(128, 4096\)",
+    ):
         _load(folder)
 
 
 def test_missing_shard_truncated_shard_and_bad_configs(tmp_path: Path, llava_dir: Path) -> None:
     folder = _variant(tmp_path, llava_dir, "missing")
     (folder / "pytorch_model-00002-of-00002.bin").unlink()
-    with pytest.raises(MomaError, match=r"lists \['pytorch_model-00002-of-00002.bin'\], which are missing.*MoMA_llava_7b"):
+    with pytest.raises(
+        MomaError, match=r"lists \['pytorch_model-00002-of-00002.bin'\], which are missing.*MoMA_llava_7b"
+    ):
         LlavaFolder.open(folder)
 
     folder = _variant(tmp_path, llava_dir, "truncated")
@@ -152,10 +160,12 @@ def test_missing_shard_truncated_shard_and_bad_configs(tmp_path: Path, llava_dir
     with pytest.raises(MomaError, match="pytorch_model-00002-of-00002.bin.*truncated"):
         _load(folder)
 
-    for changes, message in [({"text_config": {}, "vision_config": {}}, "llava-hf"),
-                             ({"model_type": "llama"}, "model_type 'llama'"),
-                             ({"hidden_size": 5120}, r"hidden_size=5120 \(MoMA needs 4096\)"),
-                             ({"mm_projector_type": "linear"}, "mm_projector_type='linear'")]:
+    for changes, message in [
+        ({"text_config": {}, "vision_config": {}}, "llava-hf"),
+        ({"model_type": "llama"}, "model_type 'llama'"),
+        ({"hidden_size": 5120}, r"hidden_size=5120 \(MoMA needs 4096\)"),
+        ({"mm_projector_type": "linear"}, "mm_projector_type='linear'"),
+    ]:
         folder = tmp_path / f"config-{len(list(tmp_path.iterdir()))}"
         folder.mkdir()
         config = json.loads((llava_dir / "config.json").read_text())
@@ -208,8 +218,10 @@ def test_clip_single_safetensors_file_equals_the_folder(clip_vision_dir: Path, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(from_file(pixel_values=pixels, output_hidden_states=True).hidden_states[-2],
-                                   from_folder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2])
+        torch.testing.assert_close(
+            from_file(pixel_values=pixels, output_hidden_states=True).hidden_states[-2],
+            from_folder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2],
+        )
 
 
 def test_clip_wrong_file_is_named(tmp_path: Path, adapter_file: Path) -> None:
@@ -231,14 +243,16 @@ def test_clip_vision_only_save_loads_too(clip_vision_dir: Path, tmp_path: Path) 
         assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in loaded)
 
 
-def test_every_parameter_and_buffer_lands_on_the_requested_device(llava_dir: Path, clip_vision_dir: Path,
-                                                                  adapter_file: Path) -> None:
+def test_every_parameter_and_buffer_lands_on_the_requested_device(
+    llava_dir: Path, clip_vision_dir: Path, adapter_file: Path
+) -> None:
     """The meta device stands in for a GPU on a CPU-only machine: nothing (RoPE frequencies, CLIP position ids,
     mapping, projector) may be left behind on the CPU."""
     from comfyui_moma.moma.llava import load_context_encoder
 
-    encoder = load_context_encoder(llava_dir, clip_vision_dir, load_adapter(adapter_file), precision="bf16",
-                                   device="meta")
+    encoder = load_context_encoder(
+        llava_dir, clip_vision_dir, load_adapter(adapter_file), precision="bf16", device="meta"
+    )
     tensors = list(encoder.named_parameters()) + list(encoder.named_buffers())
     assert [name for name, tensor in tensors if tensor.device.type != "meta"] == []
     assert {tensor.dtype for name, tensor in encoder.named_parameters()} == {torch.bfloat16}

@@ -3,6 +3,7 @@
 Recipe: 8-bit picture and mask -> PIL bilinear resize to 512x512 each -> mask > 0 -> background 255 ->
 PIL bicubic resize to 336 (shortest edge; the picture is square) -> /255 -> (x - mean) / std.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,7 @@ def _picture(height: int, width: int, seed: int) -> np.ndarray:
 
 def _mask(height: int, width: int) -> np.ndarray:
     mask = np.zeros((height, width), np.uint8)
-    mask[height // 5: height * 3 // 4, width // 4: width * 2 // 3] = 255
+    mask[height // 5 : height * 3 // 4, width // 4 : width * 2 // 3] = 255
     mask[2, 3] = 1  # a single faint pixel: "> 0" makes it object after the resize too
     return mask
 
@@ -80,8 +81,9 @@ def test_rgba_grey_and_16_bit_have_defined_results(processor) -> None:
     sixteen = (rgb.astype(np.float64) * 257 + np.random.default_rng(3).integers(-120, 121, rgb.shape)).clip(0, 65535)
     deep = torch.from_numpy((sixteen / 65535).astype(np.float32))
     rounded = np.floor(sixteen / 65535 * 255 + 0.5).astype(np.uint8)
-    torch.testing.assert_close(llava_pixel_values(deep, mask, processor),
-                               _expected_pixels(rounded, _mask(200, 300)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        llava_pixel_values(deep, mask, processor), _expected_pixels(rounded, _mask(200, 300)), rtol=0, atol=1e-6
+    )
 
 
 def test_empty_mask_gives_white_and_prepared_reference_keeps_the_unwhitened_picture(processor) -> None:

@@ -3,6 +3,7 @@
 Independent constructions: (a) plain sentencepiece pieces -> ids, with BOS and -200 placed by hand;
 (b) transformers' LlamaTokenizer on the folder (what the reference's AutoTokenizer reads) + LLaVA's splice.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,14 +38,16 @@ def tokenizer(llava_dir: Path) -> LlavaTokenizer:
 
 
 @pytest.mark.parametrize("subject,prompt", CASES)
-def test_ids_equal_a_piece_by_piece_construction(tokenizer: LlavaTokenizer, llava_dir: Path, subject: str,
-                                                  prompt: str) -> None:
+def test_ids_equal_a_piece_by_piece_construction(
+    tokenizer: LlavaTokenizer, llava_dir: Path, subject: str, prompt: str
+) -> None:
     assert tokenizer.prompt_ids(subject, prompt) == _expected_ids(llava_dir, subject, prompt)
 
 
 @pytest.mark.parametrize("subject,prompt", CASES)
-def test_ids_equal_transformers_llama_tokenizer_with_llavas_splice(tokenizer: LlavaTokenizer, llava_dir: Path,
-                                                                  subject: str, prompt: str) -> None:
+def test_ids_equal_transformers_llama_tokenizer_with_llavas_splice(
+    tokenizer: LlavaTokenizer, llava_dir: Path, subject: str, prompt: str
+) -> None:
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(llava_dir))
@@ -62,10 +65,10 @@ def test_token_structure_bos_once_dummy_space_kept_star_last(tokenizer: LlavaTok
     image_at = ids.index(-200)
     assert ids.count(-200) == 1
     # the second chunk keeps SentencePiece's dummy-prefix space: "▁" then the newline byte
-    assert [sp.id_to_piece(i) for i in ids[image_at + 1: image_at + 3]] == ["▁", "<0x0A>"]
+    assert [sp.id_to_piece(i) for i in ids[image_at + 1 : image_at + 3]] == ["▁", "<0x0A>"]
     assert sp.id_to_piece(ids[-1]) == "▁*"
     assert sp.id_to_piece(ids[image_at - 1]) == "▁"  # "USER: " ends with a space piece
-    pieces = [sp.id_to_piece(i) for i in ids[image_at + 1:]]
+    pieces = [sp.id_to_piece(i) for i in ids[image_at + 1 :]]
     assert "".join(pieces).replace("▁", " ").endswith("leaves.. ASSISTANT: *")
 
 
@@ -73,7 +76,10 @@ def test_template_text_and_sd_prompt() -> None:
     assert llava_prompt("car", "A car in autumn.") == (
         "USER: <image>\n A photo of a car. Describe a new image of the same car in: A car in autumn.. ASSISTANT: *"
     )
-    assert sd_prompt("car", "A car in autumn with falling leaves.") == "photo of a car. A car in autumn with falling leaves."
+    assert (
+        sd_prompt("car", "A car in autumn with falling leaves.")
+        == "photo of a car. A car in autumn with falling leaves."
+    )
     # a prompt already written as the SD prompt is kept, and LLaVA gets it without the prefix
     assert sd_prompt("teddy bear", "Photo of a Teddy Bear. On the beach") == "Photo of a Teddy Bear. On the beach"
     assert llava_user_prompt("teddy bear", "Photo of a Teddy Bear. On the beach") == "On the beach"
@@ -81,8 +87,10 @@ def test_template_text_and_sd_prompt() -> None:
     assert llava_prompt("car", "photo of a car. A car in autumn.") == llava_prompt("car", "A car in autumn.")
 
 
-@pytest.mark.parametrize("subject,prompt,word", [("", "x", "subject is empty"), ("car", "a <image> car", "<image>"),
-                                                  ("car</s>", "x", "</s>")])
+@pytest.mark.parametrize(
+    "subject,prompt,word",
+    [("", "x", "subject is empty"), ("car", "a <image> car", "<image>"), ("car</s>", "x", "</s>")],
+)
 def test_unusable_texts_are_refused(subject: str, prompt: str, word: str) -> None:
     with pytest.raises(MomaError, match=word):
         llava_prompt(subject, prompt)

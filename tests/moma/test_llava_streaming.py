@@ -1,6 +1,7 @@
 """Layer streaming (moma/streaming.py) on the fixture files: the streamed encoder gives the resident encoder's
 tokens exactly, and really moves each layer's weights in before it runs and out after (CPU -> CPU copies here;
 the same code copies to CUDA on a GPU)."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,9 @@ from PIL import Image
 
 SUBJECT, PROMPT = "duck toy", "A duck toy in the rain."
 PACK_MODULE = comfyui_moma.__name__  # the name ComfyUI imported the pack under (from its folder's path)
-DEVICE = os.environ.get("MOMA_TEST_DEVICE", "cpu")  # cpu (CI: cpu -> cpu copies), or cuda with MOMA_TEST_DEVICE=cuda (pinned, side stream)
+DEVICE = os.environ.get(
+    "MOMA_TEST_DEVICE", "cpu"
+)  # cpu (CI: cpu -> cpu copies), or cuda with MOMA_TEST_DEVICE=cuda (pinned, side stream)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +47,9 @@ def _storages(module: torch.nn.Module) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_streamed_tokens_equal_the_resident_encoders(adapter_file: Path, llava_dir: Path, clip_vision_dir: Path,
-                                                     precision: str) -> None:
+def test_streamed_tokens_equal_the_resident_encoders(
+    adapter_file: Path, llava_dir: Path, clip_vision_dir: Path, precision: str
+) -> None:
     moma_model = MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision=precision)
     resident = _encode(moma_model, moma_model.load_encoder(DEVICE, placement="gpu"))
     encoder = moma_model.load_encoder(DEVICE, placement="stream", pin=DEVICE == "cuda")
@@ -57,8 +61,10 @@ def test_streamed_tokens_equal_the_resident_encoders(adapter_file: Path, llava_d
     host_resident = _storages(encoder.language_model.embed_tokens) | _storages(encoder.mm_projector)
 
     seen: dict[int, dict[str, int]] = {}
-    watchers = [layer.register_forward_hook(lambda module, *_, index=index: seen.__setitem__(index, _storages(module)))
-                for index, layer in enumerate(layers)]  # registered first: runs before the streamer drops the layer
+    watchers = [
+        layer.register_forward_hook(lambda module, *_, index=index: seen.__setitem__(index, _storages(module)))
+        for index, layer in enumerate(layers)
+    ]  # registered first: runs before the streamer drops the layer
     try:
         progress: list[tuple[int, int]] = []
         streamed = _encode(moma_model, encoder, progress=lambda done, total: progress.append((done, total)))
@@ -85,8 +91,9 @@ def test_streamed_tokens_equal_the_resident_encoders(adapter_file: Path, llava_d
     assert torch.equal(again.cond_tokens, resident.cond_tokens)
 
 
-def test_interrupted_streaming_puts_every_weight_back(adapter_file: Path, llava_dir: Path,
-                                                     clip_vision_dir: Path) -> None:
+def test_interrupted_streaming_puts_every_weight_back(
+    adapter_file: Path, llava_dir: Path, clip_vision_dir: Path
+) -> None:
     moma_model = MomaModel.load(adapter_file, llava_dir, clip_vision_dir, precision="fp32", placement="stream")
     encoder = moma_model.load_encoder(DEVICE)
     assert encoder.streamer is not None

@@ -6,6 +6,7 @@ Each case goes through what the pack runs on that file: ``load_adapter`` (MoMA L
 (the LLaVA folder and tokenizer checks) then the language model's weight loading (Context Encoder),
 ``check_clip_vision_path`` + ``load_clip_vision``, ``load_context`` (Load MoMA Context).
 """
+
 from __future__ import annotations
 
 import io
@@ -102,8 +103,10 @@ def _generic(valid: bytes, seed: int) -> Iterator[tuple[str, bytes]]:
         yield "header-length-too-big", struct.pack("<Q", 1 << 40) + valid[8:]
     yield "text", b"this is not a model\n"
     yield "json", b'{"weight_map": {"a": "b"}}'
-    yield "git-lfs-pointer", (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64
-                              + b"\nsize 113103551\n")
+    yield (
+        "git-lfs-pointer",
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 113103551\n"),
+    )
     yield "html-error-page", b"<!DOCTYPE html><html><body>404 Not Found</body></html>"
     yield "png", _png()
     yield "zip-of-junk", _zip_of_junk(rng)
@@ -143,21 +146,32 @@ def adapter_bytes(adapter_file: Path) -> bytes:
 
 def _tiny_lora() -> bytes:
     down, up = torch.zeros(4, 320), torch.zeros(320, 4)
-    return _safetensors_bytes({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": down,
-                               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": up,
-                               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)},
-                              {"ss_network_module": "networks.lora"})
+    return _safetensors_bytes(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": down,
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": up,
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        },
+        {"ss_network_module": "networks.lora"},
+    )
 
 
 def _context_bytes() -> bytes:
-    context = MomaContext(torch.zeros(1, 4, 768), torch.zeros(1, 4, 768), torch.zeros(1, 1024), "car", "x",
-                          "photo of a car. x")
+    context = MomaContext(
+        torch.zeros(1, 4, 768), torch.zeros(1, 4, 768), torch.zeros(1, 1024), "car", "x", "photo of a car. x"
+    )
     from safetensors.torch import save
 
-    return save({"cond_tokens": context.cond_tokens, "uncond_tokens": context.uncond_tokens,
-                 "llava_emb": context.llava_emb},
-                metadata={"format": "moma-context", "version": "1", "subject": "car", "prompt": "x",
-                          "sd_prompt": "photo of a car. x"})
+    return save(
+        {"cond_tokens": context.cond_tokens, "uncond_tokens": context.uncond_tokens, "llava_emb": context.llava_emb},
+        metadata={
+            "format": "moma-context",
+            "version": "1",
+            "subject": "car",
+            "prompt": "x",
+            "sd_prompt": "photo of a car. x",
+        },
+    )
 
 
 def test_adapter_th(tmp_path: Path, adapter_bytes: bytes) -> None:
@@ -165,18 +179,24 @@ def test_adapter_th(tmp_path: Path, adapter_bytes: bytes) -> None:
     path = tmp_path / "attn_adapters_projectors.th"
     upstream = torch.load(io.BytesIO(adapter_bytes), weights_only=True)
     neighbours = {
-        "ip-adapter": _torch_bytes({"image_proj": {"proj.weight": torch.zeros(4, 4)},
-                                    "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}}),
-        "sd-state-dict": _torch_bytes({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}),
+        "ip-adapter": _torch_bytes(
+            {"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}}
+        ),
+        "sd-state-dict": _torch_bytes(
+            {"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}
+        ),
         "plain-tensor": _torch_bytes(torch.zeros(3)),
         "list-of-groups": _torch_bytes([upstream["projectors"]]),
         "group-is-a-tensor": _torch_bytes({**upstream, "projectors": torch.zeros(1)}),
-        "int-weights": _torch_bytes({**upstream, "llm_mapping": {k: v.long() for k, v in upstream["llm_mapping"].items()}}),
+        "int-weights": _torch_bytes(
+            {**upstream, "llm_mapping": {k: v.long() for k, v in upstream["llm_mapping"].items()}}
+        ),
         "lora-safetensors-renamed": _tiny_lora(),
         "context-renamed": _context_bytes(),
         "runs-code": _torch_bytes({"projectors": _RunsCode(marker)}),
-        "runs-code-legacy": (lambda b: (torch.save({"x": _RunsCode(marker)}, b, _use_new_zipfile_serialization=False),
-                                        b.getvalue())[1])(io.BytesIO()),
+        "runs-code-legacy": (
+            lambda b: (torch.save({"x": _RunsCode(marker)}, b, _use_new_zipfile_serialization=False), b.getvalue())[1]
+        )(io.BytesIO()),
     }
     for label, data in [*_generic(adapter_bytes, 1), *neighbours.items()]:
         _assert_moma_error(load_adapter, path, data, f"adapter .th {label}", marker)
@@ -190,8 +210,9 @@ def test_adapter_safetensors(tmp_path: Path, adapter_file: Path) -> None:
         "lora": _tiny_lora(),
         "context": _context_bytes(),
         "flat-key-without-group": _safetensors_bytes({"proj": torch.zeros(2)}),
-        "ip-adapter-flat": _safetensors_bytes({"image_proj.proj.weight": torch.zeros(2),
-                                               "ip_adapter.1.to_k_ip.weight": torch.zeros(2)}),
+        "ip-adapter-flat": _safetensors_bytes(
+            {"image_proj.proj.weight": torch.zeros(2), "ip_adapter.1.to_k_ip.weight": torch.zeros(2)}
+        ),
         "torch-pickle-renamed": _torch_bytes({"a": torch.zeros(1)}),
     }
     for label, data in [*_generic(valid, 2), *neighbours.items()]:
@@ -314,7 +335,11 @@ def test_clip_vision_folder(tmp_path: Path, clip_vision_dir: Path, llava_dir: Pa
     (folder / "model.safetensors").unlink()
     valid = (clip_vision_dir / "model.safetensors").read_bytes()
     run = lambda _path: _load_clip(folder)  # noqa: E731
-    neighbours = {"lora": _tiny_lora(), "context": _context_bytes(), "llava-shard-renamed": _torch_bytes({"a": torch.zeros(1)})}
+    neighbours = {
+        "lora": _tiny_lora(),
+        "context": _context_bytes(),
+        "llava-shard-renamed": _torch_bytes({"a": torch.zeros(1)}),
+    }
     for label, data in [*_generic(valid, 7), *neighbours.items()]:
         _assert_moma_error(run, folder / "model.safetensors", data, f"CLIP model.safetensors {label}", marker)
 
@@ -324,8 +349,9 @@ def test_clip_vision_folder(tmp_path: Path, clip_vision_dir: Path, llava_dir: Pa
     config = json.loads((clip_vision_dir / "config.json").read_text())
     neighbours = {
         "llava-config": (llava_dir / "config.json").read_bytes(),
-        "narrower": json.dumps({**config, "vision_config": {**config.get("vision_config", {}), "hidden_size": 768},
-                                "hidden_size": 768}).encode(),
+        "narrower": json.dumps(
+            {**config, "vision_config": {**config.get("vision_config", {}), "hidden_size": 768}, "hidden_size": 768}
+        ).encode(),
         "list": b"[1, 2]",
     }
     for label, data in [*_generic((clip_vision_dir / "config.json").read_bytes(), 8), *neighbours.items()]:
@@ -349,10 +375,18 @@ def test_clip_vision_single_file(tmp_path: Path, clip_vision_dir: Path) -> None:
 
 def test_saved_context(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    valid = save_context(MomaContext(torch.randn(1, 4, 768), torch.randn(1, 4, 768), torch.randn(1, 1024), "car",
-                                     "x", "photo of a car. x"), tmp_path / "valid.safetensors").read_bytes()
+    valid = save_context(
+        MomaContext(
+            torch.randn(1, 4, 768), torch.randn(1, 4, 768), torch.randn(1, 1024), "car", "x", "photo of a car. x"
+        ),
+        tmp_path / "valid.safetensors",
+    ).read_bytes()
     meta = {"format": "moma-context", "version": "1", "subject": "car", "prompt": "x", "sd_prompt": "photo of a car. x"}
-    good = {"cond_tokens": torch.zeros(1, 4, 768), "uncond_tokens": torch.zeros(1, 4, 768), "llava_emb": torch.zeros(1, 1024)}
+    good = {
+        "cond_tokens": torch.zeros(1, 4, 768),
+        "uncond_tokens": torch.zeros(1, 4, 768),
+        "llava_emb": torch.zeros(1, 1024),
+    }
     neighbours = {
         "comfy-latent": _safetensors_bytes({"latent_tensor": torch.zeros(1, 4, 8, 8)}, {"format": "pt"}),
         "lora": _tiny_lora(),
@@ -372,8 +406,12 @@ def test_saved_context(tmp_path: Path) -> None:
 # Valid files whose numbers are not: NaN, infinities, or finite but absurd (1e30, beyond float16's 65504, which the
 # pack may compute in). Each tensor is checked once as it loads; the error names the file and the tensor.
 
-BAD_VALUES = {"nan": (math.nan, "contains NaN"), "inf": (math.inf, "contains an infinite value"),
-              "-inf": (-math.inf, "contains an infinite value"), "absurd": (1e30, r"reaches 1e\+30, beyond the plausible 65504")}
+BAD_VALUES = {
+    "nan": (math.nan, "contains NaN"),
+    "inf": (math.inf, "contains an infinite value"),
+    "-inf": (-math.inf, "contains an infinite value"),
+    "absurd": (1e30, r"reaches 1e\+30, beyond the plausible 65504"),
+}
 
 
 def _poisoned(tensor: torch.Tensor, value: float) -> torch.Tensor:
@@ -383,8 +421,9 @@ def _poisoned(tensor: torch.Tensor, value: float) -> torch.Tensor:
     return bad
 
 
-def _assert_names_tensor(run: Callable[[Path], object], path: Path, data: bytes, key: str, expected: str,
-                         label: str) -> None:
+def _assert_names_tensor(
+    run: Callable[[Path], object], path: Path, data: bytes, key: str, expected: str, label: str
+) -> None:
     path.unlink(missing_ok=True)
     path.write_bytes(data)
     with _deadline(CASE_SECONDS, label):
@@ -399,15 +438,30 @@ def _assert_names_tensor(run: Callable[[Path], object], path: Path, data: bytes,
 def test_adapter_values(tmp_path: Path, adapter_bytes: bytes, label: str) -> None:
     value, expected = BAD_VALUES[label]
     upstream = torch.load(io.BytesIO(adapter_bytes), weights_only=True)
-    group, key = {"nan": ("projectors", "norm.weight"), "inf": ("self_cross_attentions", "3.to_v_ip.weight"),
-                  "-inf": ("llm_mapping", "mapping.down_proj.weight"),
-                  "absurd": ("self_cross_attentions", "0.scale_learnable")}[label]
+    group, key = {
+        "nan": ("projectors", "norm.weight"),
+        "inf": ("self_cross_attentions", "3.to_v_ip.weight"),
+        "-inf": ("llm_mapping", "mapping.down_proj.weight"),
+        "absurd": ("self_cross_attentions", "0.scale_learnable"),
+    }[label]
     upstream[group][key] = _poisoned(upstream[group][key], value)
-    _assert_names_tensor(load_adapter, tmp_path / "attn_adapters_projectors.th", _torch_bytes(upstream),
-                         f"{group}.{key}", expected, f"adapter .th {label}")
+    _assert_names_tensor(
+        load_adapter,
+        tmp_path / "attn_adapters_projectors.th",
+        _torch_bytes(upstream),
+        f"{group}.{key}",
+        expected,
+        f"adapter .th {label}",
+    )
     flat = {f"{name}.{inner}": tensor for name, tensors in upstream.items() for inner, tensor in tensors.items()}
-    _assert_names_tensor(load_adapter, tmp_path / "attn_adapters_projectors.safetensors", _safetensors_bytes(flat),
-                         f"{group}.{key}", expected, f"adapter .safetensors {label}")
+    _assert_names_tensor(
+        load_adapter,
+        tmp_path / "attn_adapters_projectors.safetensors",
+        _safetensors_bytes(flat),
+        f"{group}.{key}",
+        expected,
+        f"adapter .safetensors {label}",
+    )
 
 
 @pytest.mark.parametrize("label", ["nan", "absurd"])
@@ -431,10 +485,22 @@ def test_clip_vision_values(tmp_path: Path, clip_vision_dir: Path, label: str) -
     relative = "vision_model." + key.split("vision_model.", 1)[-1]
     folder = _variant(tmp_path, clip_vision_dir, "clip-values")
     (folder / "model.safetensors").unlink()
-    _assert_names_tensor(_load_clip_folder_of, folder / "model.safetensors", _safetensors_bytes(state), relative,
-                         expected, f"CLIP folder {label}")
-    _assert_names_tensor(_load_clip, tmp_path / "clip_vision.safetensors", _safetensors_bytes(state), relative,
-                         expected, f"CLIP single file {label}")
+    _assert_names_tensor(
+        _load_clip_folder_of,
+        folder / "model.safetensors",
+        _safetensors_bytes(state),
+        relative,
+        expected,
+        f"CLIP folder {label}",
+    )
+    _assert_names_tensor(
+        _load_clip,
+        tmp_path / "clip_vision.safetensors",
+        _safetensors_bytes(state),
+        relative,
+        expected,
+        f"CLIP single file {label}",
+    )
 
 
 def _load_clip_folder_of(path: Path) -> None:
@@ -445,23 +511,32 @@ def _load_clip_folder_of(path: Path) -> None:
 def test_saved_context_values(tmp_path: Path, label: str) -> None:
     value, expected = BAD_VALUES[label]
     meta = {"format": "moma-context", "version": "1", "subject": "car", "prompt": "x", "sd_prompt": "photo of a car. x"}
-    good = {"cond_tokens": torch.randn(1, 4, 768), "uncond_tokens": torch.randn(1, 4, 768),
-            "llava_emb": torch.randn(1, 1024)}
+    good = {
+        "cond_tokens": torch.randn(1, 4, 768),
+        "uncond_tokens": torch.randn(1, 4, 768),
+        "llava_emb": torch.randn(1, 1024),
+    }
     key = {"nan": "cond_tokens", "inf": "uncond_tokens", "-inf": "llava_emb", "absurd": "cond_tokens"}[label]
     data = _safetensors_bytes({**good, key: _poisoned(good[key], value)}, meta)
     _assert_names_tensor(load_context, tmp_path / "context.safetensors", data, key, expected, f"context {label}")
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("subject", "", "the saved subject is empty"),
-    ("subject", "  ", "the saved subject is empty"),
-    ("subject", "car " * 100_000, r"the saved subject: 'car car .*\(400,000 characters\) is longer than the 256"),
-    ("sd_prompt", "x" * 1_000_000, r"the saved sd_prompt: 'xxx.*is longer than the 32,768 characters"),
-])
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("subject", "", "the saved subject is empty"),
+        ("subject", "  ", "the saved subject is empty"),
+        ("subject", "car " * 100_000, r"the saved subject: 'car car .*\(400,000 characters\) is longer than the 256"),
+        ("sd_prompt", "x" * 1_000_000, r"the saved sd_prompt: 'xxx.*is longer than the 32,768 characters"),
+    ],
+)
 def test_saved_context_texts(tmp_path: Path, field: str, value: str, expected: str) -> None:
     meta = {"format": "moma-context", "version": "1", "subject": "car", "prompt": "x", "sd_prompt": "photo of a car. x"}
-    good = {"cond_tokens": torch.randn(1, 4, 768), "uncond_tokens": torch.randn(1, 4, 768),
-            "llava_emb": torch.randn(1, 1024)}
+    good = {
+        "cond_tokens": torch.randn(1, 4, 768),
+        "uncond_tokens": torch.randn(1, 4, 768),
+        "llava_emb": torch.randn(1, 1024),
+    }
     path = tmp_path / "context.safetensors"
     path.write_bytes(_safetensors_bytes(good, {**meta, field: value}))
     with _deadline(CASE_SECONDS, f"context {field}"), pytest.raises(MomaError) as error:

@@ -1,5 +1,6 @@
 """moma.masker: rembg's own session code on a tiny u2net-shaped ONNX file, alpha and input-mask paths,
 threshold / grow / invert, the white background, model files (lookup, download, offline error)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -292,7 +293,9 @@ def test_missing_model_offline_names_file_folder_and_source(tmp_path: Path, monk
 
 
 def test_default_source_is_rembgs_release() -> None:
-    assert masker.REMBG_MODELS["u2net"].url() == "https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx"
+    assert (
+        masker.REMBG_MODELS["u2net"].url() == "https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx"
+    )
 
 
 @pytest.fixture()

@@ -2,6 +2,7 @@
 ``(block, index, transformer_index)`` (core's comfy_api attention-residual helper, ComfyUI ~0.38), in either order,
 through ComfyUI's own transformer block; and a ModelPatcher subclass with an extra constructor argument (upstream's
 ``fast_disk``) through MoMA's clone."""
+
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,9 @@ class AttentionResidualPatch:
         from comfy.ldm.modules.attention import optimized_attention
 
         heads = extra_options["n_heads"]
-        out = self.previous(q, k, v, extra_options) if self.previous is not None else optimized_attention(q, k, v, heads)
+        out = (
+            self.previous(q, k, v, extra_options) if self.previous is not None else optimized_attention(q, k, v, heads)
+        )
         return out + RESIDUAL_GAIN * optimized_attention(q, 0.5 * k, v, heads)
 
 
@@ -83,12 +86,19 @@ def moma_on(model: Any, moma_model: Any) -> Any:
 
     generator = torch.Generator().manual_seed(5)
     adapter = moma_model.adapter
-    run = MomaRun(to_k_ip=adapter.to_k_ip, to_v_ip=adapter.to_v_ip,
-                  object_gains={layer.block: 0.0 for layer in LAYERS},
-                  cond_tokens=torch.randn(1, 4, TEXT, generator=generator),
-                  uncond_tokens=torch.randn(1, 4, TEXT, generator=generator), bank=None,
-                  subject_positions=[], prompt_length=77,
-                  model_sampling=comfy.model_sampling.ModelSamplingDiscrete(), start_percent=0.0, end_percent=1.0)
+    run = MomaRun(
+        to_k_ip=adapter.to_k_ip,
+        to_v_ip=adapter.to_v_ip,
+        object_gains={layer.block: 0.0 for layer in LAYERS},
+        cond_tokens=torch.randn(1, 4, TEXT, generator=generator),
+        uncond_tokens=torch.randn(1, 4, TEXT, generator=generator),
+        bank=None,
+        subject_positions=[],
+        prompt_length=77,
+        model_sampling=comfy.model_sampling.ModelSamplingDiscrete(),
+        start_percent=0.0,
+        end_percent=1.0,
+    )
     patched = model.clone()
     install_moma_patches(patched, run)
     return patched
@@ -114,9 +124,15 @@ def evaluate(block: Any, model: Any) -> dict[str, torch.Tensor]:
     context = torch.randn(2, 77, TEXT, generator=generator)
     sigma = comfy.model_sampling.ModelSamplingDiscrete().sigma(torch.tensor([500.0]))
     options = copy.copy(model.model_options.get("transformer_options", {}))
-    options.update(block=BLOCK, block_index=0, cond_or_uncond=[0, 1], sigmas=sigma.expand(2),
-                   activations_shape=[2, WIDTH, GRID, GRID], original_shape=[2, 4, GRID, GRID],
-                   patches={"attn2_patch": [attn2_in], "attn2_output_patch": [attn2_out]})
+    options.update(
+        block=BLOCK,
+        block_index=0,
+        cond_or_uncond=[0, 1],
+        sigmas=sigma.expand(2),
+        activations_shape=[2, WIDTH, GRID, GRID],
+        original_shape=[2, 4, GRID, GRID],
+        patches={"attn2_patch": [attn2_in], "attn2_output_patch": [attn2_out]},
+    )
     with torch.no_grad():
         block(x, context=context, transformer_options=options)
     return seen
@@ -159,8 +175,9 @@ class FastDiskModelPatcher:
         import comfy.model_patcher
 
         class Patcher(comfy.model_patcher.ModelPatcher):
-            def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False,
-                         fast_disk=False):
+            def __init__(
+                self, model, load_device, offload_device, size=0, weight_inplace_update=False, fast_disk=False
+            ):
                 super().__init__(model, load_device, offload_device, size, weight_inplace_update=weight_inplace_update)
                 self.fast_disk = fast_disk
 
@@ -205,7 +222,8 @@ def test_a_model_patcher_subclass_with_extra_arguments_survives_moma(sd15_models
     later_table = later.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert all(later_table[layer.block] is not table["attn2"][layer.block] for layer in LAYERS)
     _, clip, _ = sd15_models
-    context = torch.cat([clip.encode_from_tokens(clip.tokenize("")),
-                         clip.encode_from_tokens(clip.tokenize(moma_context.sd_prompt))])
+    context = torch.cat(
+        [clip.encode_from_tokens(clip.tokenize("")), clip.encode_from_tokens(clip.tokenize(moma_context.sd_prompt))]
+    )
     on_plain = apply_moma(base, moma_model, moma_context, None, 1.0, 0.0, 1.0)
     torch.testing.assert_close(unet_call(patched, context), unet_call(on_plain, context), rtol=0, atol=0)

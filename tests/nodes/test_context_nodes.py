@@ -1,5 +1,6 @@
 """MoMA Loader, LLaVA Context Encoder and Save/Load MoMA Context in API-format graphs through ComfyUI's
 real validator and executor, with the fixture files placed in the host's model folders."""
+
 from __future__ import annotations
 
 import asyncio
@@ -52,19 +53,39 @@ def placed(comfy_host, llava_dir: Path, clip_vision_dir: Path, adapter_file: Pat
     side_mask[30:270, 40:220] = 255
     Image.fromarray(side).save(input_dir / "moma_ref_side.png")
     Image.fromarray(side_mask).save(input_dir / "moma_ref_side_mask.png")
-    return {"picture": input_dir / "moma_ref.png", "mask": input_dir / "moma_ref_mask.png",
-            "side": input_dir / "moma_ref_side.png", "side_mask": input_dir / "moma_ref_side_mask.png"}
+    return {
+        "picture": input_dir / "moma_ref.png",
+        "mask": input_dir / "moma_ref_mask.png",
+        "side": input_dir / "moma_ref_side.png",
+        "side_mask": input_dir / "moma_ref_side_mask.png",
+    }
 
 
 def _graph(prompt: str = PROMPT, keep: bool = False, prefix: str = "moma/test", adapter: str = ADAPTER_NAME) -> dict:
     return {
-        "1": {"class_type": "MomaLoader", "inputs": {
-            "adapter_name": adapter, "llava_name": LLAVA_NAME, "clip_vision_name": CLIP_NAME,
-            "precision": "fp32", "quantization": "none", "keep_llava_loaded": keep}},
+        "1": {
+            "class_type": "MomaLoader",
+            "inputs": {
+                "adapter_name": adapter,
+                "llava_name": LLAVA_NAME,
+                "clip_vision_name": CLIP_NAME,
+                "precision": "fp32",
+                "quantization": "none",
+                "keep_llava_loaded": keep,
+            },
+        },
         "2": {"class_type": "LoadImage", "inputs": {"image": "moma_ref.png"}},
         "3": {"class_type": "LoadImageMask", "inputs": {"image": "moma_ref_mask.png", "channel": "red"}},
-        "4": {"class_type": "MomaContextEncoder", "inputs": {
-            "moma_model": ["1", 0], "image": ["2", 0], "mask": ["3", 0], "subject": SUBJECT, "prompt": prompt}},
+        "4": {
+            "class_type": "MomaContextEncoder",
+            "inputs": {
+                "moma_model": ["1", 0],
+                "image": ["2", 0],
+                "mask": ["3", 0],
+                "subject": SUBJECT,
+                "prompt": prompt,
+            },
+        },
         "5": {"class_type": "MomaSaveContext", "inputs": {"context": ["4", 0], "filename_prefix": prefix}},
     }
 
@@ -113,25 +134,38 @@ def test_missing_file_fails_validation_with_where_to_get_it(placed) -> None:
     assert "absent.th" in message and "models/moma" in message and "KunpengSong/MoMA_llava_7b" in message
 
 
-def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(placed, adapter_file: Path, llava_dir: Path,
-                                                                      clip_vision_dir: Path) -> None:
+def test_graph_context_equals_direct_encode_is_cached_and_frees_llava(
+    placed, adapter_file: Path, llava_dir: Path, clip_vision_dir: Path
+) -> None:
     import execution
     import transformers.models.clip.modeling_clip
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    executor = execution.PromptExecutor(
+        comfy_exec.NullServer(),
+        cache_type=execution.CacheType.CLASSIC,
+        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0},
+    )
     rss_before = _rss()
     outputs, _ = _run(executor, _graph())
     rss_after = _rss()
     from_graph = load_context(_saved(outputs))
 
     # The independent re-derivation (tests/llava_reference.py) on the same 8-bit files LoadImage read.
-    encoder_bytes = sum(tensor.numel() * 4 for file in llava_dir.glob("pytorch_model-*.bin")  # fp32 LLaVA
-                        for tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).values())
-    expected = expected_context(llava_dir, clip_vision_dir, adapter_file,
-                                np.asarray(Image.open(placed["picture"]).convert("RGB")),
-                                np.asarray(Image.open(placed["mask"]).convert("L")), SUBJECT, PROMPT)
+    encoder_bytes = sum(
+        tensor.numel() * 4
+        for file in llava_dir.glob("pytorch_model-*.bin")  # fp32 LLaVA
+        for tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).values()
+    )
+    expected = expected_context(
+        llava_dir,
+        clip_vision_dir,
+        adapter_file,
+        np.asarray(Image.open(placed["picture"]).convert("RGB")),
+        np.asarray(Image.open(placed["mask"]).convert("L")),
+        SUBJECT,
+        PROMPT,
+    )
     for name, key in (("cond_tokens", "cond"), ("uncond_tokens", "uncond"), ("llava_emb", "llava_emb")):
         torch.testing.assert_close(getattr(from_graph, name), expected[key], rtol=1e-4, atol=1e-4)
     assert from_graph.sd_prompt == "photo of a car. A car in autumn with falling leaves."
@@ -156,17 +190,24 @@ def test_keep_llava_loaded_hands_it_to_comfy_model_management(placed) -> None:
     from comfyui_moma.moma.llava import LlavaContextEncoder
 
     def resident() -> list:
-        return [loaded.model for loaded in comfy.model_management.current_loaded_models
-                if isinstance(loaded.model.model, LlavaContextEncoder)]
+        return [
+            loaded.model
+            for loaded in comfy.model_management.current_loaded_models
+            if isinstance(loaded.model.model, LlavaContextEncoder)
+        ]
 
-    executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    executor = execution.PromptExecutor(
+        comfy_exec.NullServer(),
+        cache_type=execution.CacheType.CLASSIC,
+        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0},
+    )
     try:
         first, _ = _run(executor, _graph(keep=True, prefix="moma/keep"))
         held = resident()
         assert len(held) == 1
-        second, messages = _run(executor, _graph(prompt="A car on a snowy street at night.", keep=True,
-                                                 prefix="moma/keep"))
+        second, messages = _run(
+            executor, _graph(prompt="A car on a snowy street at night.", keep=True, prefix="moma/keep")
+        )
         assert "4" not in next(data["nodes"] for event, data in messages if event == "execution_cached")
         assert resident() == held  # the same patcher: LLaVA was not loaded a second time
         a, b = load_context(_saved(first)), load_context(_saved(second))
@@ -191,12 +232,23 @@ def test_save_and_load_context_nodes_round_trip(placed, tmp_path: Path) -> None:
     from comfyui_moma.nodes.context import MomaLoadContext
 
     g = torch.Generator().manual_seed(9)
-    original = MomaContext(torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g),
-                           torch.randn(1, 1024, generator=g), "vase", "on a table", "photo of a vase. on a table")
+    original = MomaContext(
+        torch.randn(1, 4, 768, generator=g),
+        torch.randn(1, 4, 768, generator=g),
+        torch.randn(1, 1024, generator=g),
+        "vase",
+        "on a table",
+        "photo of a vase. on a table",
+    )
     save_context(original, Path(folder_paths.get_input_directory()) / "contexts" / "vase.safetensors")
-    assert "contexts/vase.safetensors [input]" in MomaLoadContext.INPUT_TYPES()["required"]["context_file"][1]["options"]
+    assert (
+        "contexts/vase.safetensors [input]" in MomaLoadContext.INPUT_TYPES()["required"]["context_file"][1]["options"]
+    )
     graph = {
-        "1": {"class_type": "MomaLoadContext", "inputs": {"context_file": "contexts/vase.safetensors [input]", "path": ""}},
+        "1": {
+            "class_type": "MomaLoadContext",
+            "inputs": {"context_file": "contexts/vase.safetensors [input]", "path": ""},
+        },
         "5": {"class_type": "MomaSaveContext", "inputs": {"context": ["1", 0], "filename_prefix": "moma/roundtrip"}},
     }
     copy = load_context(_saved(comfy_exec.run_api_workflow(graph)))
@@ -228,8 +280,11 @@ def test_reference_views_pair_one_mask_with_each_picture(caplog) -> None:
     from comfyui_moma.moma.errors import MomaError
 
     for mask_count, image_count in ((2, 3), (3, 1)):
-        with pytest.raises(MomaError, match=rf"image is a batch of {image_count} picture\(s\) but mask a batch of "
-                                            rf"{mask_count}; give one mask per picture \({image_count}\) or a single"):
+        with pytest.raises(
+            MomaError,
+            match=rf"image is a batch of {image_count} picture\(s\) but mask a batch of "
+            rf"{mask_count}; give one mask per picture \({image_count}\) or a single",
+        ):
             reference_views(images[:image_count], masks[:mask_count])
     with pytest.raises(MomaError, match="expected an IMAGE"):
         reference_views(torch.rand(20, 30, 3), masks)
@@ -260,15 +315,18 @@ def _views_graph(masks: str, prefix: str) -> dict:
         graph["mb"] = {"class_type": "ImageBatch", "inputs": {"image1": ["m1", 0], "image2": ["m2", 0]}}
         if masks == "three":
             graph["mb3"] = {"class_type": "ImageBatch", "inputs": {"image1": ["mb", 0], "image2": ["m1", 0]}}
-        graph["mask_batch"] = {"class_type": "ImageToMask",
-                               "inputs": {"image": ["mb3" if masks == "three" else "mb", 0], "channel": "red"}}
+        graph["mask_batch"] = {
+            "class_type": "ImageToMask",
+            "inputs": {"image": ["mb3" if masks == "three" else "mb", 0], "channel": "red"},
+        }
         graph["4"]["inputs"]["mask"] = ["mask_batch", 0]
     return graph
 
 
 @pytest.mark.default_host_only
-def test_a_batch_of_views_through_the_executor_is_their_mean(placed, adapter_file: Path, llava_dir: Path,
-                                                             clip_vision_dir: Path) -> None:
+def test_a_batch_of_views_through_the_executor_is_their_mean(
+    placed, adapter_file: Path, llava_dir: Path, clip_vision_dir: Path
+) -> None:
     """Two views of the object through the real executor: the context equals the independent re-derivation
     (tests/llava_reference.py) of each view, llava_emb averaged and the projector applied by hand."""
     import torch.nn.functional as F
@@ -276,13 +334,26 @@ def test_a_batch_of_views_through_the_executor_is_their_mean(placed, adapter_fil
     def grey(path: Path) -> np.ndarray:
         return np.asarray(Image.open(path).convert("L"))
 
-    expected = {name: expected_context(llava_dir, clip_vision_dir, adapter_file,
-                                       np.asarray(Image.open(placed[picture]).convert("RGB")),
-                                       grey(placed[mask]), SUBJECT, PROMPT)
-                for name, picture, mask in (("front", "picture", "mask"), ("side", "side", "side_mask"),
-                                            ("side_front_mask", "side", "mask"))}
-    projector = {key: value.float() for key, value in
-                 torch.load(adapter_file, map_location="cpu", weights_only=True)["projectors"].items()}
+    expected = {
+        name: expected_context(
+            llava_dir,
+            clip_vision_dir,
+            adapter_file,
+            np.asarray(Image.open(placed[picture]).convert("RGB")),
+            grey(placed[mask]),
+            SUBJECT,
+            PROMPT,
+        )
+        for name, picture, mask in (
+            ("front", "picture", "mask"),
+            ("side", "side", "side_mask"),
+            ("side_front_mask", "side", "mask"),
+        )
+    }
+    projector = {
+        key: value.float()
+        for key, value in torch.load(adapter_file, map_location="cpu", weights_only=True)["projectors"].items()
+    }
 
     def tokens(llava_emb: torch.Tensor) -> torch.Tensor:
         y = F.linear(llava_emb, projector["proj.weight"], projector["proj.bias"]).reshape(1, 4, 768)
@@ -306,9 +377,11 @@ def test_a_batch_of_views_through_the_executor_is_their_mean(placed, adapter_fil
 
 # ------------------------------------------------------------------- MoMA Loader set to 'none'
 
-NONE_MESSAGE = ("MoMA Loader has llava_name 'none' and clip_vision_name 'none': choose the MoMA_llava_7b folder "
-                "(models/LLM) and the clip-vit-large-patch14-336 vision tower (models/clip_vision) to encode a new "
-                "context, or use Load MoMA Context")
+NONE_MESSAGE = (
+    "MoMA Loader has llava_name 'none' and clip_vision_name 'none': choose the MoMA_llava_7b folder "
+    "(models/LLM) and the clip-vit-large-patch14-336 vision tower (models/clip_vision) to encode a new "
+    "context, or use Load MoMA Context"
+)
 
 
 def test_none_is_the_only_choice_and_passes_validation_without_llava_or_clip(placed, tmp_path, monkeypatch) -> None:
@@ -319,8 +392,9 @@ def test_none_is_the_only_choice_and_passes_validation_without_llava_or_clip(pla
     empty = tmp_path / "empty"
     empty.mkdir()
     for folder in ("LLM", "clip_vision"):
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder,
-                            ([str(empty)], folder_paths.folder_names_and_paths[folder][1]))
+        monkeypatch.setitem(
+            folder_paths.folder_names_and_paths, folder, ([str(empty)], folder_paths.folder_names_and_paths[folder][1])
+        )
         monkeypatch.delitem(folder_paths.filename_list_cache, folder, raising=False)
     inputs = MomaLoader.INPUT_TYPES()["required"]
     assert inputs["llava_name"][1]["options"] == ["none"]
@@ -358,13 +432,20 @@ def test_encoding_with_none_names_what_to_choose(adapter_file: Path, llava_dir: 
     # Independent choices; the encoder needs both, and the message names only what is missing.
     no_llava = MomaModel.load(adapter_file, None, clip_vision_dir, precision="fp32")
     no_clip = MomaModel.load(adapter_file, llava_dir, None, precision="fp32")
-    llava_only = ("MoMA Loader has llava_name 'none': choose the MoMA_llava_7b folder (models/LLM) to encode a new "
-                  "context, or use Load MoMA Context")
-    clip_only = ("MoMA Loader has clip_vision_name 'none': choose the clip-vit-large-patch14-336 vision tower "
-                 "(models/clip_vision) to encode a new context, or use Load MoMA Context")
-    for attempt, expected in ((lambda: no_llava.load_encoder("cpu"), llava_only), (lambda: no_llava.tokenizer, llava_only),
-                              (lambda: no_clip.load_encoder("cpu"), clip_only),
-                              (lambda: no_clip.image_processor, clip_only)):
+    llava_only = (
+        "MoMA Loader has llava_name 'none': choose the MoMA_llava_7b folder (models/LLM) to encode a new "
+        "context, or use Load MoMA Context"
+    )
+    clip_only = (
+        "MoMA Loader has clip_vision_name 'none': choose the clip-vit-large-patch14-336 vision tower "
+        "(models/clip_vision) to encode a new context, or use Load MoMA Context"
+    )
+    for attempt, expected in (
+        (lambda: no_llava.load_encoder("cpu"), llava_only),
+        (lambda: no_llava.tokenizer, llava_only),
+        (lambda: no_clip.load_encoder("cpu"), clip_only),
+        (lambda: no_clip.image_processor, clip_only),
+    ):
         with pytest.raises(MomaError) as error:
             attempt()
         assert str(error.value).startswith(expected), str(error.value)
@@ -385,8 +466,9 @@ def test_context_encoder_node_with_none_fails_with_the_message(placed) -> None:
 
 @pytest.mark.default_host_only
 @pytest.mark.slow
-def test_saved_context_applies_the_same_with_a_none_loader(placed, comfy_host, sd15_checkpoint, moma_context,
-                                                           test_images) -> None:
+def test_saved_context_applies_the_same_with_a_none_loader(
+    placed, comfy_host, sd15_checkpoint, moma_context, test_images
+) -> None:
     """One graph, two MoMA chains from the same saved context (Load MoMA Context -> Feature Grab -> Apply ->
     KSampler): one from a loader set to none/none, one from a loader with LLaVA and CLIP vision. Same pictures,
     and not the picture of the plain model."""
@@ -401,8 +483,10 @@ def test_saved_context_applies_the_same_with_a_none_loader(placed, comfy_host, s
 
     graph: dict[str, dict] = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "ctx": {"class_type": "MomaLoadContext", "inputs": {
-            "context_file": "contexts/for_none_loader.safetensors [input]", "path": ""}},
+        "ctx": {
+            "class_type": "MomaLoadContext",
+            "inputs": {"context_file": "contexts/for_none_loader.safetensors [input]", "path": ""},
+        },
         "img": {"class_type": "LoadImage", "inputs": {"image": "none_loader_ref.png"}},
         "mask": {"class_type": "LoadImageMask", "inputs": {"image": "none_loader_ref_mask.png", "channel": "red"}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": ["ctx", 1], "clip": ["ckpt", 1]}},
@@ -411,25 +495,69 @@ def test_saved_context_applies_the_same_with_a_none_loader(placed, comfy_host, s
     }
 
     def sample(tag: str, model: list) -> None:
-        graph[f"sample_{tag}"] = {"class_type": "KSampler", "inputs": {
-            "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": 3, "steps": 2, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-        graph[f"decode_{tag}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"sample_{tag}", 0],
-                                                                          "vae": ["ckpt", 2]}}
-        graph[f"save_{tag}"] = {"class_type": "SaveImage", "inputs": {"images": [f"decode_{tag}", 0],
-                                                                        "filename_prefix": f"moma_none_{tag}"}}
+        graph[f"sample_{tag}"] = {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "positive": ["pos", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["latent", 0],
+                "seed": 3,
+                "steps": 2,
+                "cfg": 7.5,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        }
+        graph[f"decode_{tag}"] = {
+            "class_type": "VAEDecode",
+            "inputs": {"samples": [f"sample_{tag}", 0], "vae": ["ckpt", 2]},
+        }
+        graph[f"save_{tag}"] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [f"decode_{tag}", 0], "filename_prefix": f"moma_none_{tag}"},
+        }
 
     for tag, llava_name, clip_name in (("none", "none", "none"), ("full", LLAVA_NAME, CLIP_NAME)):
-        graph[f"loader_{tag}"] = {"class_type": "MomaLoader", "inputs": {
-            "adapter_name": ADAPTER_NAME, "llava_name": llava_name, "clip_vision_name": clip_name,
-            "precision": "fp32", "quantization": "none", "keep_llava_loaded": False}}
-        graph[f"grab_{tag}"] = {"class_type": "MomaFeatureGrab", "inputs": {
-            "model": ["ckpt", 0], "moma_model": [f"loader_{tag}", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
-            "image": ["img", 0], "mask": ["mask", 0], "subject": moma_context.subject, "seed": 2, "resolution": 128}}
-        graph[f"apply_{tag}"] = {"class_type": "MomaApply", "inputs": {
-            "model": ["ckpt", 0], "moma_model": [f"loader_{tag}", 0], "context": ["ctx", 0],
-            "reference": [f"grab_{tag}", 0], "preset": "context", "strength": 1.0, "start_percent": 0.0,
-            "end_percent": 1.0}}
+        graph[f"loader_{tag}"] = {
+            "class_type": "MomaLoader",
+            "inputs": {
+                "adapter_name": ADAPTER_NAME,
+                "llava_name": llava_name,
+                "clip_vision_name": clip_name,
+                "precision": "fp32",
+                "quantization": "none",
+                "keep_llava_loaded": False,
+            },
+        }
+        graph[f"grab_{tag}"] = {
+            "class_type": "MomaFeatureGrab",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "moma_model": [f"loader_{tag}", 0],
+                "vae": ["ckpt", 2],
+                "clip": ["ckpt", 1],
+                "image": ["img", 0],
+                "mask": ["mask", 0],
+                "subject": moma_context.subject,
+                "seed": 2,
+                "resolution": 128,
+            },
+        }
+        graph[f"apply_{tag}"] = {
+            "class_type": "MomaApply",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "moma_model": [f"loader_{tag}", 0],
+                "context": ["ctx", 0],
+                "reference": [f"grab_{tag}", 0],
+                "preset": "context",
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        }
         sample(tag, [f"apply_{tag}", 0])
     sample("plain", ["ckpt", 0])
 

@@ -1,5 +1,6 @@
 """Feature Grab hands the VAE encoder a contiguous (channels-first) picture: torch's CPU GroupNorm is less exact on
 a channels-last view of the IMAGE, which put the reference latent ~1e-4 (relative) off the reference's."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,7 @@ def _fixture_vae(sd15_checkpoint: Path):
 
     prefix = "first_stage_model."
     with safe_open(str(sd15_checkpoint), framework="pt", device="cpu") as handle:
-        sd = {key[len(prefix):]: handle.get_tensor(key).float() for key in handle.keys() if key.startswith(prefix)}
+        sd = {key[len(prefix) :]: handle.get_tensor(key).float() for key in handle.keys() if key.startswith(prefix)}
     return comfy.sd.VAE(sd=sd)
 
 

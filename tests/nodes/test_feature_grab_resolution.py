@@ -1,5 +1,6 @@
 """Feature Grab at the generation's size: 'auto' (resolution 0, the default, read when sampling starts) and the
 optional LATENT input; several pictures of one object."""
+
 from __future__ import annotations
 
 import pytest
@@ -65,7 +66,9 @@ def test_auto_makes_the_matched_bank_for_each_size_it_is_asked_for(grab_inputs):
     assert isinstance(at_128, ReferenceBank) and at_128.resolution == 128
     _same_bank(at_128, grab_reference_features(*grab_inputs, resolution=128))
     assert auto.bank_for_latent(16, 16) is at_128  # made once per size
-    _same_bank(auto.bank_for_latent(8, 12), grab_reference_features(*grab_inputs, resolution=generation_resolution(8, 12)))
+    _same_bank(
+        auto.bank_for_latent(8, 12), grab_reference_features(*grab_inputs, resolution=generation_resolution(8, 12))
+    )
     with pytest.raises(MomaError, match="use 0 \\(auto\\) or 64..1024"):
         _node(grab_inputs, resolution=32)
 
@@ -84,7 +87,9 @@ def test_auto_reference_pass_runs_at_the_size_being_sampled(grab_inputs, moma_co
         latent = {"samples": torch.zeros(1, 4, *latent_hw)}
         explicit = grab_reference_features(*grab_inputs, resolution=generation_resolution(*latent_hw))
         patched_explicit = apply_moma(model, moma_model, moma_context, explicit, 1.0, 0.0, 1.0)
-        ours = nodes.common_ksampler(patched_auto, 3, 2, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+        ours = nodes.common_ksampler(patched_auto, 3, 2, 7.5, "euler", "normal", positive, negative, latent)[0][
+            "samples"
+        ]
         expected = nodes.common_ksampler(patched_explicit, 3, 2, 7.5, "euler", "normal", positive, negative, latent)[0]
         assert torch.equal(ours, expected["samples"])
     plain = nodes.common_ksampler(model, 3, 2, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]

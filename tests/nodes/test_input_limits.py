@@ -1,6 +1,7 @@
 """Every FLOAT, text and choice input of every MoMA node is checked when a workflow is validated: the node's
 ``validate_inputs`` takes it (so ComfyUI hands it over), every text has a documented length limit, and
 docs/limits.md states each limit the code enforces."""
+
 from __future__ import annotations
 
 import inspect
@@ -60,8 +61,14 @@ def test_docs_state_every_limit() -> None:
             row = re.search(rf"^\|[^|\n]*`{node_id}`[^|\n]*\|\s*`{name}`\s*\|\s*([\d,]+)\s*\|", doc, re.MULTILINE)
             assert row, f"docs/limits.md has no row for {node_id} {name}"
             assert int(row.group(1).replace(",", "")) == limit, (node_id, name)
-    for constant in ("SUBJECT_CHARS", "PROMPT_CHARS", "TEXT_CHARS", "BLOCK_WEIGHTS_CHARS", "NAME_CHARS",
-                     "CHOICE_CHARS"):
+    for constant in (
+        "SUBJECT_CHARS",
+        "PROMPT_CHARS",
+        "TEXT_CHARS",
+        "BLOCK_WEIGHTS_CHARS",
+        "NAME_CHARS",
+        "CHOICE_CHARS",
+    ):
         assert f"{getattr(limits, constant):,}" in doc, constant
     assert "65,504" in doc and "sqrt(767)" in doc
 

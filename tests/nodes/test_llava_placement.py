@@ -1,6 +1,7 @@
 """MoMA Loader's llava_placement in the real ComfyUI: the auto choice follows the free memory the host reports,
 the memory asked of ComfyUI is sized to the chosen mode, and a streamed (kept) encoder gives the resident one's
 context through the real executor."""
+
 from __future__ import annotations
 
 import asyncio
@@ -37,18 +38,27 @@ def test_auto_follows_the_free_memory_comfy_reports(fp16_model: MomaModel, monke
         def get_free_memory(dev=None, torch_free_too=False):
             reported.append(dev)
             return (amount, amount) if torch_free_too else amount
+
         return get_free_memory
 
     monkeypatch.setattr(mm, "current_loaded_models", [])
-    for free, expected in [(needed, "gpu"), (100 << 30, "gpu"), (needed - 1, "stream"), (2 << 30, "stream"
-                                                                                       if needed > 2 << 30 else "gpu"),
-                           (256 << 20, "stream")]:
+    for free, expected in [
+        (needed, "gpu"),
+        (100 << 30, "gpu"),
+        (needed - 1, "stream"),
+        (2 << 30, "stream" if needed > 2 << 30 else "gpu"),
+        (256 << 20, "stream"),
+    ]:
         monkeypatch.setattr(mm, "get_free_memory", free_memory_of(free))
         assert context_node.choose_placement(fp16_model, CUDA) == expected, (free, needed)
     assert reported and all(dev == CUDA for dev in reported)
     # Chosen modes are taken as they are; on a CPU-only host everything but 'stream' is the CPU.
-    for placement, on_cuda, on_cpu in [("gpu", "gpu", "cpu"), ("stream", "stream", "stream"), ("cpu", "cpu", "cpu"),
-                                       ("auto", None, "cpu")]:
+    for placement, on_cuda, on_cpu in [
+        ("gpu", "gpu", "cpu"),
+        ("stream", "stream", "stream"),
+        ("cpu", "cpu", "cpu"),
+        ("auto", None, "cpu"),
+    ]:
         fp16_model.placement = placement
         if on_cuda is not None:
             assert context_node.choose_placement(fp16_model, CUDA) == on_cuda
@@ -66,8 +76,13 @@ def test_memory_asked_of_comfy_is_sized_to_the_mode(fp16_model: MomaModel, monke
     resident, streamed = context_node._estimated_bytes(fp16_model, CUDA), context_node._stream_bytes(fp16_model, CUDA)
     assert asked == [(resident + margin, CUDA), (streamed + margin, CUDA)]  # nothing for 'cpu'
     # The fixture has 2 decoder layers, so streaming saves little here; the real 7B shape is the point:
-    config = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
-              "vocab_size": 32000}
+    config = {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+    }
     from comfyui_moma.moma.streaming import stream_device_bytes
 
     assert 1.0 * 2**30 < stream_device_bytes(config, 2) < 1.3 * 2**30  # fp16: embeddings + 2 layers + CLIP parts
@@ -75,8 +90,14 @@ def test_memory_asked_of_comfy_is_sized_to_the_mode(fp16_model: MomaModel, monke
 
 def test_loader_keeps_its_inputs_and_appends_llava_placement() -> None:
     schema = MomaLoader.INPUT_TYPES()
-    assert list(schema["required"]) == ["adapter_name", "llava_name", "clip_vision_name", "precision",
-                                        "quantization", "keep_llava_loaded"]
+    assert list(schema["required"]) == [
+        "adapter_name",
+        "llava_name",
+        "clip_vision_name",
+        "precision",
+        "quantization",
+        "keep_llava_loaded",
+    ]
     options = schema["optional"]["llava_placement"]
     assert options[0] == ["auto", "gpu", "stream", "cpu"] or options[1]["options"] == ["auto", "gpu", "stream", "cpu"]
     assert options[1]["default"] == "auto" and options[1]["tooltip"]
@@ -97,8 +118,11 @@ def test_streamed_graph_equals_resident_graph_and_a_kept_one_lives_in_ram(placed
     import comfy.model_management
     import execution
 
-    executor = execution.PromptExecutor(comfy_exec.NullServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    executor = execution.PromptExecutor(
+        comfy_exec.NullServer(),
+        cache_type=execution.CacheType.CLASSIC,
+        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0},
+    )
     try:
         resident = load_context(_saved(_run(executor, _graph(prefix="moma/resident"))))  # no placement: auto
         graph = _graph(keep=True, prefix="moma/streamed")
@@ -107,13 +131,19 @@ def test_streamed_graph_equals_resident_graph_and_a_kept_one_lives_in_ram(placed
         for name in ("cond_tokens", "uncond_tokens", "llava_emb"):
             assert torch.equal(getattr(streamed, name), getattr(resident, name)), name
         # The kept streamed encoder is held by the MOMA_MODEL in RAM, not handed to ComfyUI's GPU management.
-        held = [loaded for loaded in comfy.model_management.current_loaded_models
-                if isinstance(getattr(loaded.model, "model", None), LlavaContextEncoder)]
+        held = [
+            loaded
+            for loaded in comfy.model_management.current_loaded_models
+            if isinstance(getattr(loaded.model, "model", None), LlavaContextEncoder)
+        ]
         assert held == []
         with warnings.catch_warnings():  # isinstance on every live object touches deprecated torch aliases
             warnings.simplefilter("ignore")
-            kept = [obj.resident_encoder for obj in gc.get_objects()
-                    if isinstance(obj, MomaModel) and obj.resident_encoder is not None]
+            kept = [
+                obj.resident_encoder
+                for obj in gc.get_objects()
+                if isinstance(obj, MomaModel) and obj.resident_encoder is not None
+            ]
         assert len(kept) == 1
         encoder = kept[0]
         assert isinstance(encoder, LlavaContextEncoder) and encoder.streamer is not None

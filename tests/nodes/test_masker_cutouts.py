@@ -5,6 +5,7 @@ transparency still goes to rembg that way; Load Image's MASK into ``mask`` with 
 and a constant connected mask (Load Image's MASK of a picture without transparency) is warned about.
 Graphs run through ComfyUI's real validator and executor, rembg on the tiny u2net-shaped stand-in ("corner" rule:
 everything that differs from the top-left pixel)."""
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ OTHER = (slice(40, 60), slice(64, 90))  # another box, transparent in the alpha:
 
 def boxes(region: tuple[slice, slice] | None = None) -> np.ndarray:
     mask = np.zeros((HEIGHT, WIDTH), dtype=bool)
-    for box in ((OBJECT, OTHER) if region is None else (region,)):
+    for box in (OBJECT, OTHER) if region is None else (region,):
         mask[box] = True
     return mask
 

@@ -1,5 +1,6 @@
 """MoMA Object Masker node: schema, and API-format graphs run through ComfyUI's real executor
 (LoadImage -> MomaObjectMasker -> core nodes -> SaveImage) on the tiny u2net-shaped ONNX model."""
+
 from __future__ import annotations
 
 import os
@@ -66,10 +67,7 @@ def put_input(comfy_host, picture: Image.Image, name: str) -> str:
 
 def saved(comfy_host, outputs: dict, node_id: str) -> list[np.ndarray]:
     files = outputs[node_id]["images"]
-    return [
-        np.asarray(Image.open(comfy_host.base_dir / "output" / f["subfolder"] / f["filename"]))
-        for f in files
-    ]
+    return [np.asarray(Image.open(comfy_host.base_dir / "output" / f["subfolder"] / f["filename"])) for f in files]
 
 
 def masker_graph(image_name: str, model: str = "u2net", grow: int = 0, invert: bool = False) -> dict:

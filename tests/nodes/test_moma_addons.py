@@ -8,6 +8,7 @@ gives eager MoMA's numbers in the cases eager handles (batches with per-item mas
 either side, two evaluations per step); here it is run eagerly (no compile: cheap), test_moma_compile.py
 compiles it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -158,8 +159,10 @@ def test_pag_reads_the_mask_of_the_step_and_acts_as_on_a_plain_model(setup, base
     assert 0.2 * plain_effect < moma_effect < 2.0 * plain_effect, (moma_effect, plain_effect)
     with evaluations_by_hand(_run_of(moma)):
         oracle = _sample(with_pag, positive, negative)
-    print(f"\nPAG at {SIZE}x{SIZE}: relative L2 change plain {plain_effect:.4f}, MoMA {moma_effect:.4f}; product vs "
-          f"oracle max abs {float((product - oracle).abs().max()):.3g}")
+    print(
+        f"\nPAG at {SIZE}x{SIZE}: relative L2 change plain {plain_effect:.4f}, MoMA {moma_effect:.4f}; product vs "
+        f"oracle max abs {float((product - oracle).abs().max()):.3g}"
+    )
     torch.testing.assert_close(product, oracle, rtol=1e-5, atol=1e-5)
 
 
@@ -183,8 +186,10 @@ def test_sag_reads_the_mask_of_the_step_and_evaluates_the_negative_as_uncond(set
     assert 0.2 * plain_effect < moma_effect < 2.0 * plain_effect, (moma_effect, plain_effect)
     with evaluations_by_hand(_run_of(moma)):
         oracle = _sample(with_sag, positive, negative)
-    print(f"\nSAG at {SIZE}x{SIZE}: relative L2 change plain {plain_effect:.4f}, MoMA {moma_effect:.4f}; product vs "
-          f"oracle max abs {float((product - oracle).abs().max()):.3g}")
+    print(
+        f"\nSAG at {SIZE}x{SIZE}: relative L2 change plain {plain_effect:.4f}, MoMA {moma_effect:.4f}; product vs "
+        f"oracle max abs {float((product - oracle).abs().max()):.3g}"
+    )
     torch.testing.assert_close(product, oracle, rtol=1e-5, atol=1e-5)
 
 
@@ -203,10 +208,12 @@ def test_a_patch_applied_after_moma_that_does_not_chain_is_named(setup, moma_mod
     run = _run_of(moma)
     sag_after = sag.SelfAttentionGuidance.execute(moma, 0.5, 2.0)[0]
     assert [(kind, block) for kind, block, _ in shadowing_patches(sag_after.model_options, run)] == [
-        ("attn1", ("middle", 0))]
+        ("attn1", ("middle", 0))
+    ]
     assert shadowing_patches(moma.model_options, run) == []
-    sag_first = apply_moma(sag.SelfAttentionGuidance.execute(model, 0.5, 2.0)[0], moma_model, moma_context, bank,
-                           1.0, 0.0, 1.0)
+    sag_first = apply_moma(
+        sag.SelfAttentionGuidance.execute(model, 0.5, 2.0)[0], moma_model, moma_context, bank, 1.0, 0.0, 1.0
+    )
     assert shadowing_patches(sag_first.model_options, _run_of(sag_first)) == []
     ipadapter_after = peer_packs.apply_ipadapter_style(moma, "after")  # .add()s onto MoMA's patches: chained
     assert shadowing_patches(ipadapter_after.model_options, run) == []
@@ -226,8 +233,9 @@ def test_two_evaluation_samplers_advance_the_mask_at_each_evaluation(setup, moma
     assert [len(masks) for masks in _one_mask_per_step(steps)] == [1, 1, 1]  # heun: 2 evaluations, then 1 to 0
 
 
-@pytest.mark.parametrize("case", host.cases_for_hosts(["two subjects, batch 2, per-item masks", "peer packs"],
-                                                     {"peer packs"}))
+@pytest.mark.parametrize(
+    "case", host.cases_for_hosts(["two subjects, batch 2, per-item masks", "peer packs"], {"peer packs"})
+)
 def test_the_compiled_path_gives_eager_numbers(setup, moma_model, moma_context, monkeypatch, case):
     """The frame MoMA's terms read in a compiled call (every value a tensor, the same structure at every call)
     gives what the eager path gives, at 64x64 (no compile here: the path itself, run eagerly)."""
@@ -237,8 +245,9 @@ def test_the_compiled_path_gives_eager_numbers(setup, moma_model, moma_context, 
     batch = 1
     if case == "peer packs":
         before = peer_packs.apply_ipadapter_style(model, "before")
-        patched = peer_packs.apply_ipadapter_style(apply_moma(before, moma_model, moma_context, bank, 1.0, 0.0, 1.0),
-                                                   "after", seed=1)
+        patched = peer_packs.apply_ipadapter_style(
+            apply_moma(before, moma_model, moma_context, bank, 1.0, 0.0, 1.0), "after", seed=1
+        )
     else:  # each subject in its own half, a per-item mask on the first (batch 2)
         prompt = "photo of a car and a dog on a beach"
         left = torch.zeros(2, 16, 16)

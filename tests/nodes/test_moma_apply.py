@@ -1,5 +1,6 @@
 """Apply MoMA Attention / Feature Grab behaviour in the real host: gates, strength, isolation, chaining,
 determinism, and the whole graph through ComfyUI's executor with several samplers and sizes."""
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,9 @@ def _unet(model, latent, t, context, rows=(1, 0)):
     options.update(cond_or_uncond=list(rows), sigmas=sigma)
     x = torch.cat([latent] * len(rows)).to(device) * math.sqrt(1 + float(sigma) ** 2)
     with torch.no_grad():
-        out = model.model.apply_model(x, sigma.expand(x.shape[0]), c_crossattn=context.to(device),
-                                      transformer_options=options)
+        out = model.model.apply_model(
+            x, sigma.expand(x.shape[0]), c_crossattn=context.to(device), transformer_options=options
+        )
     return out.float().cpu()
 
 
@@ -76,7 +78,8 @@ def test_apply_leaves_the_input_model_untouched(sd15_models, moma_model, moma_co
 
 
 def test_object_path_gated_at_t950_and_scaled_by_strength_times_scale_learnable(
-        sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    sd15_models, moma_model, moma_context, reference_bank, cfg_context
+):
     model = sd15_models[0]
     full = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
     zero = apply_moma(model, moma_model, moma_context, reference_bank, 0.0, 0.0, 1.0)
@@ -94,7 +97,8 @@ def test_object_path_gated_at_t950_and_scaled_by_strength_times_scale_learnable(
 
 
 def test_object_gate_under_a_continuous_edm_override_sits_five_percent_into_its_schedule(
-        sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    sd15_models, moma_model, moma_context, reference_bank, cfg_context
+):
     """ComfyUI's ModelSamplingContinuousEDM maps sigma to t = ln(sigma) / 4, never near 950: the object path's
     gate moves to the same place in that schedule (5% below its highest sigma) instead of being always on."""
     import nodes
@@ -129,7 +133,9 @@ def test_start_end_window_switches_moma_off(sd15_models, moma_model, moma_contex
         apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.8, 0.2)
 
 
-def test_two_apply_nodes_keep_separate_subject_masks(sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+def test_two_apply_nodes_keep_separate_subject_masks(
+    sd15_models, moma_model, moma_context, reference_bank, cfg_context
+):
     model = sd15_models[0]
     first = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
     second = apply_moma(model, moma_model, moma_context, reference_bank, 0.4, 0.0, 1.0)
@@ -170,6 +176,7 @@ def test_non_sd15_model_is_refused(moma_model, moma_context, reference_bank):
 
 # --- the whole graph through ComfyUI's executor ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def graph_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision_dir, test_images):
     import folder_paths
@@ -177,8 +184,12 @@ def graph_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_visio
     import nodes
 
     models = comfy_host.models_dir
-    for folder, path in (("checkpoints", sd15_checkpoint), ("moma", adapter_file), ("LLM", llava_dir),
-                         ("clip_vision", clip_vision_dir)):
+    for folder, path in (
+        ("checkpoints", sd15_checkpoint),
+        ("moma", adapter_file),
+        ("LLM", llava_dir),
+        ("clip_vision", clip_vision_dir),
+    ):
         comfy_exec.link(models / folder / path.name, path)
     input_dir = Path(folder_paths.get_input_directory())
     image_path, mask_path = test_images["wide"]
@@ -189,41 +200,94 @@ def graph_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_visio
     nodes.NODE_CLASS_MAPPINGS.pop("MomaTestIPAdapterStyle", None)
 
 
-def moma_graph(sd15_name, sampler, width, height, batch, seed=5, steps=2, preset="context", with_peer_pack=True,
-               with_moma=True):
+def moma_graph(
+    sd15_name, sampler, width, height, batch, seed=5, steps=2, preset="context", with_peer_pack=True, with_moma=True
+):
     """The whole MoMA graph; with_peer_pack: the IPAdapter-protocol stand-in both before (node 20) and after
     (node 21) Apply MoMA; with_moma=False: the sampler gets the model without MoMA (same everything else)."""
     model_source = ["20", 0] if with_peer_pack else ["1", 0]
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_name}},
-        "2": {"class_type": "MomaLoader", "inputs": {
-            "adapter_name": "attn_adapters_projectors.th", "llava_name": "MoMA_llava_7b",
-            "clip_vision_name": "clip-vit-large-patch14-336", "precision": "fp32", "quantization": "none",
-            "keep_llava_loaded": False}},
+        "2": {
+            "class_type": "MomaLoader",
+            "inputs": {
+                "adapter_name": "attn_adapters_projectors.th",
+                "llava_name": "MoMA_llava_7b",
+                "clip_vision_name": "clip-vit-large-patch14-336",
+                "precision": "fp32",
+                "quantization": "none",
+                "keep_llava_loaded": False,
+            },
+        },
         "3": {"class_type": "LoadImage", "inputs": {"image": "moma_graph_ref.png"}},
         "4": {"class_type": "LoadImageMask", "inputs": {"image": "moma_graph_mask.png", "channel": "red"}},
-        "5": {"class_type": "MomaContextEncoder", "inputs": {
-            "moma_model": ["2", 0], "image": ["3", 0], "mask": ["4", 0], "subject": "car",
-            "prompt": "A car in autumn with falling leaves."}},
-        "6": {"class_type": "MomaFeatureGrab", "inputs": {
-            "model": model_source, "moma_model": ["2", 0], "vae": ["1", 2], "clip": ["1", 1], "image": ["3", 0],
-            "mask": ["4", 0], "subject": "car", "seed": seed, "resolution": 128}},
-        "7": {"class_type": "MomaApply", "inputs": {
-            "model": model_source, "moma_model": ["2", 0], "context": ["5", 0], "reference": ["6", 0],
-            "preset": preset, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "5": {
+            "class_type": "MomaContextEncoder",
+            "inputs": {
+                "moma_model": ["2", 0],
+                "image": ["3", 0],
+                "mask": ["4", 0],
+                "subject": "car",
+                "prompt": "A car in autumn with falling leaves.",
+            },
+        },
+        "6": {
+            "class_type": "MomaFeatureGrab",
+            "inputs": {
+                "model": model_source,
+                "moma_model": ["2", 0],
+                "vae": ["1", 2],
+                "clip": ["1", 1],
+                "image": ["3", 0],
+                "mask": ["4", 0],
+                "subject": "car",
+                "seed": seed,
+                "resolution": 128,
+            },
+        },
+        "7": {
+            "class_type": "MomaApply",
+            "inputs": {
+                "model": model_source,
+                "moma_model": ["2", 0],
+                "context": ["5", 0],
+                "reference": ["6", 0],
+                "preset": preset,
+                "strength": 1.0,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
         "8": {"class_type": "CLIPTextEncode", "inputs": {"text": ["5", 1], "clip": ["1", 1]}},
         "9": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "10": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
-        "11": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": steps, "cfg": 7.5, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0,
-            "model": ["21", 0] if with_peer_pack else ["7", 0], "positive": ["8", 0], "negative": ["9", 0],
-            "latent_image": ["10", 0]}},
+        "11": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.5,
+                "sampler_name": sampler,
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["21", 0] if with_peer_pack else ["7", 0],
+                "positive": ["8", 0],
+                "negative": ["9", 0],
+                "latent_image": ["10", 0],
+            },
+        },
         "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
         "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": f"moma_graph_{sampler}", "images": ["12", 0]}},
     }
     if with_peer_pack:
-        graph["20"] = {"class_type": "MomaTestIPAdapterStyle", "inputs": {"model": ["1", 0], "tag": "before", "weight": 1.0}}
-        graph["21"] = {"class_type": "MomaTestIPAdapterStyle", "inputs": {"model": ["7", 0], "tag": "after", "weight": 1.0}}
+        graph["20"] = {
+            "class_type": "MomaTestIPAdapterStyle",
+            "inputs": {"model": ["1", 0], "tag": "before", "weight": 1.0},
+        }
+        graph["21"] = {
+            "class_type": "MomaTestIPAdapterStyle",
+            "inputs": {"model": ["7", 0], "tag": "after", "weight": 1.0},
+        }
     if not with_moma:
         sampler_input = graph["21"]["inputs"] if with_peer_pack else graph["11"]["inputs"]
         sampler_input["model"] = model_source
@@ -234,15 +298,23 @@ def _saved_images(outputs):
     import folder_paths
 
     images = outputs["13"]["images"]
-    return [np.asarray(Image.open(Path(folder_paths.get_output_directory()) / i["subfolder"] / i["filename"]))
-            for i in images]
+    return [
+        np.asarray(Image.open(Path(folder_paths.get_output_directory()) / i["subfolder"] / i["filename"]))
+        for i in images
+    ]
 
 
-@pytest.mark.parametrize(("sampler", "width", "height", "batch"), host.cases_for_hosts([
-    ("euler", 64, 64, 1),
-    ("heun", 64, 96, 1),  # two model evaluations per step
-    ("dpmpp_2m", 64, 64, 2),
-], {"euler"}))
+@pytest.mark.parametrize(
+    ("sampler", "width", "height", "batch"),
+    host.cases_for_hosts(
+        [
+            ("euler", 64, 64, 1),
+            ("heun", 64, 96, 1),  # two model evaluations per step
+            ("dpmpp_2m", 64, 64, 2),
+        ],
+        {"euler"},
+    ),
+)
 def test_whole_graph_runs_through_the_executor(graph_setup, sd15_checkpoint, sampler, width, height, batch):
     peer_packs.CALLS.clear()
     outputs = run_api_workflow(moma_graph(sd15_checkpoint.name, sampler, width, height, batch))
@@ -254,15 +326,18 @@ def test_whole_graph_runs_through_the_executor(graph_setup, sd15_checkpoint, sam
     assert tags.count("before") == tags.count("after") > 0 and tags.count("before") % 16 == 0
     assert {block for _, block in peer_packs.CALLS} == {layer.block for layer in LAYERS}
     if sampler == "euler":  # MoMA changed the picture: the same graph without it gives another one
-        without = _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, sampler, width, height, batch,
-                                                            with_moma=False)))
+        without = _saved_images(
+            run_api_workflow(moma_graph(sd15_checkpoint.name, sampler, width, height, batch, with_moma=False))
+        )
         assert any(np.abs(a.astype(int) - b).mean() > 1.0 for a, b in zip(images, without))
 
 
 @pytest.fixture(scope="module")
 def euler_image(graph_setup, sd15_checkpoint) -> np.ndarray:
     """The picture of the MoMA graph (euler, 64x64, no peer pack) run alone, once per module."""
-    return _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, "euler", 64, 64, 1, with_peer_pack=False)))[0]
+    return _saved_images(run_api_workflow(moma_graph(sd15_checkpoint.name, "euler", 64, 64, 1, with_peer_pack=False)))[
+        0
+    ]
 
 
 @pytest.mark.default_host_only
@@ -271,8 +346,9 @@ def test_same_seed_twice_gives_identical_images(graph_setup, sd15_checkpoint, eu
     assert np.array_equal(again[0], euler_image)
 
 
-def test_separate_cond_and_uncond_calls_equal_one_batched_call(sd15_models, moma_model, moma_context,
-                                                               reference_bank, cfg_context):
+def test_separate_cond_and_uncond_calls_equal_one_batched_call(
+    sd15_models, moma_model, moma_context, reference_bank, cfg_context
+):
     """Low-VRAM ComfyUI evaluates cond and uncond in separate UNet calls; the subject mask and the outputs
     must not change."""
     model = sd15_models[0]
@@ -282,7 +358,9 @@ def test_separate_cond_and_uncond_calls_equal_one_batched_call(sd15_models, moma
 
     def evaluation(t, split):
         if split:
-            out = torch.cat([_unet(patched, LATENT, t, uncond_ctx, rows=(1,)), _unet(patched, LATENT, t, cond_ctx, rows=(0,))])
+            out = torch.cat(
+                [_unet(patched, LATENT, t, uncond_ctx, rows=(1,)), _unet(patched, LATENT, t, cond_ctx, rows=(0,))]
+            )
         else:
             out = _unet(patched, LATENT, t, cfg_context)
         run.tracker.finish_evaluation()
@@ -297,8 +375,9 @@ def test_separate_cond_and_uncond_calls_equal_one_batched_call(sd15_models, moma
         torch.testing.assert_close(out_s, out_b, rtol=1e-4, atol=1e-4)
 
 
-def test_batch_rows_are_routed_per_item_and_per_chunk(sd15_models, moma_model, moma_context, reference_bank,
-                                                      cfg_context):
+def test_batch_rows_are_routed_per_item_and_per_chunk(
+    sd15_models, moma_model, moma_context, reference_bank, cfg_context
+):
     """Batch 2 with ComfyUI's chunks in [cond, uncond] order == each item evaluated alone: context tokens,
     subject masks and the object term are routed to the right rows."""
     model = sd15_models[0]
@@ -329,13 +408,14 @@ def test_batch_rows_are_routed_per_item_and_per_chunk(sd15_models, moma_model, m
     singles = []
     for item in range(2):
         run.tracker.reset()
-        singles.append([evaluate(latents[item:item + 1], t) for t in (800, 500)][-1])  # rows: cond, uncond
+        singles.append([evaluate(latents[item : item + 1], t) for t in (800, 500)][-1])  # rows: cond, uncond
     expected = torch.cat([singles[0][:1], singles[1][:1], singles[0][1:], singles[1][1:]])
     torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_each_sampling_run_starts_with_a_fresh_subject_mask(sd15_models, moma_model, moma_context, reference_bank,
-                                                            monkeypatch):
+def test_each_sampling_run_starts_with_a_fresh_subject_mask(
+    sd15_models, moma_model, moma_context, reference_bank, monkeypatch
+):
     """Two runs of one patched MODEL with the same seed give the same latents: each run has its own state
     (a fresh subject mask), which lives only in that run's copy of the options."""
     from comfyui_moma.moma.subject_mask import SubjectMaskTracker
@@ -380,6 +460,7 @@ def test_cond_only_extra_evaluations_do_not_touch_the_mask(sd15_models, moma_mod
         def unet_calls(*_args):  # what ComfyUI's _calc_cond_batch does through our attn2 patches
             for _ in range(16):
                 run.tracker.add(layer_subject_map(torch.rand(len(kinds), 64, generator=g), (8, 8), (8, 8)), kinds)
+
         return unet_calls
 
     run.tracker.reset()
@@ -401,8 +482,7 @@ def _attn2(model, block):
     return model.model_options["transformer_options"]["patches_replace"]["attn2"][block]
 
 
-def test_a_later_add_onto_a_clone_never_changes_an_earlier_model(sd15_models, moma_model, moma_context,
-                                                                  reference_bank):
+def test_a_later_add_onto_a_clone_never_changes_an_earlier_model(sd15_models, moma_model, moma_context, reference_bank):
     """Whatever ComfyUI's clone copies (0.3.75: everything; 0.30: only dicts and lists), a pack that .add()s
     onto MoMA's patch of a later clone changes that clone only."""
     patched = apply_moma(sd15_models[0], moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
@@ -417,7 +497,8 @@ def test_a_later_add_onto_a_clone_never_changes_an_earlier_model(sd15_models, mo
     # a pack before MoMA: its patch is chained, and a second application after MoMA leaves the first alone
     first = peer_packs.apply_ipadapter_style(sd15_models[0], "first")
     sandwich = peer_packs.apply_ipadapter_style(
-        apply_moma(first, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0), "after")
+        apply_moma(first, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0), "after"
+    )
     block = LAYERS[0].block
     assert [kw["tag"] for kw in _attn2(first, block).kwargs] == ["first"]
     assert [kw["tag"] for kw in _attn2(sandwich, block).previous.kwargs] == ["first"]  # chained (0.3.75: a copy)
@@ -425,8 +506,9 @@ def test_a_later_add_onto_a_clone_never_changes_an_earlier_model(sd15_models, mo
     assert "patches_replace" not in sd15_models[0].model_options["transformer_options"]
 
 
-def test_peer_pack_terms_act_in_either_order_and_in_their_sigma_window(sd15_models, moma_model, moma_context,
-                                                                       reference_bank, cfg_context):
+def test_peer_pack_terms_act_in_either_order_and_in_their_sigma_window(
+    sd15_models, moma_model, moma_context, reference_bank, cfg_context
+):
     """IPAdapter -> MoMA and MoMA -> IPAdapter give the same UNet output (both terms are added to the same
     attention output), which differs from either adapter alone; the pack's callback runs on all 16 blocks
     per call, and not at all outside its sigma window."""
@@ -473,8 +555,13 @@ def test_block_weights_parse_and_bad_strings_name_the_problem():
     named = parse_block_weights("input=0, middle=0.5, output_5=2")
     assert named[("input", 4)] == 0.0 and named[("middle", 0)] == 0.5
     assert named[("output", 5)] == 2.0 and named[("output", 6)] == 1.0
-    for bad, words in (("1 2 3", "16"), ("input=x", "not a number"), ("elbow=1", "unknown block"),
-                       ("input=9", "outside"), ("1, input=2", "mixing")):
+    for bad, words in (
+        ("1 2 3", "16"),
+        ("input=x", "not a number"),
+        ("elbow=1", "unknown block"),
+        ("input=9", "outside"),
+        ("1, input=2", "mixing"),
+    ):
         with pytest.raises(ValueError, match=words):
             parse_block_weights(bad)
 
@@ -485,8 +572,19 @@ def test_per_path_weights_and_windows(sd15_models, moma_model, moma_context, ref
     path's own window switches only that path; a bad block_weights string is a MomaError."""
     model = sd15_models[0]
     default = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
-    explicit = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, context_strength=1.0,
-                          object_window=(0.0, 1.0), context_window=(0.0, 1.0), block_weights="")
+    explicit = apply_moma(
+        model,
+        moma_model,
+        moma_context,
+        reference_bank,
+        1.0,
+        0.0,
+        1.0,
+        context_strength=1.0,
+        object_window=(0.0, 1.0),
+        context_window=(0.0, 1.0),
+        block_weights="",
+    )
     out_default = _unet(default, LATENT, 500, cfg_context)
     torch.testing.assert_close(_unet(explicit, LATENT, 500, cfg_context), out_default, rtol=0, atol=0)
     object_only = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, context_strength=0.0)
@@ -495,15 +593,18 @@ def test_per_path_weights_and_windows(sd15_models, moma_model, moma_context, ref
     out_object_only = _unet(object_only, LATENT, 500, cfg_context)
     assert _rel(out_object_only, plain) > 1e-3 and _rel(out_object_only, out_default) > 1e-3
     # all-zero block weights: neither term anywhere, so the plain output
-    zeros = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, block_weights="input=0 middle=0 output=0")
+    zeros = apply_moma(
+        model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, block_weights="input=0 middle=0 output=0"
+    )
     torch.testing.assert_close(_unet(zeros, LATENT, 500, cfg_context), plain, rtol=1e-5, atol=1e-5)
     # the context window ends before t=500 (~50% of sampling): only the object path acts there, as with
     # context_strength 0; the object window likewise
     ctx_early = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, context_window=(0.0, 0.2))
     torch.testing.assert_close(_unet(ctx_early, LATENT, 500, cfg_context), out_object_only, rtol=1e-5, atol=1e-5)
     obj_early = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, object_window=(0.0, 0.2))
-    torch.testing.assert_close(_unet(obj_early, LATENT, 500, cfg_context), _unet(no_object, LATENT, 500, cfg_context),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _unet(obj_early, LATENT, 500, cfg_context), _unet(no_object, LATENT, 500, cfg_context), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(MomaError, match="block_weights"):
         apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0, block_weights="1 2")
     with pytest.raises(MomaError, match="context_start_percent"):
@@ -534,8 +635,11 @@ def test_per_frame_attn_masks_in_a_16_frame_batch(sd15_models, moma_model, moma_
         x = torch.cat([latents, latents]).to(device) * math.sqrt(1 + float(sigma) ** 2)
         context = torch.cat([cond_ctx.expand(frames, -1, -1), uncond_ctx.expand(frames, -1, -1)]).to(device)
         with torch.no_grad():
-            return m.model.apply_model(x, sigma.expand(2 * frames), c_crossattn=context,
-                                       transformer_options=options).float().cpu()
+            return (
+                m.model.apply_model(x, sigma.expand(2 * frames), c_crossattn=context, transformer_options=options)
+                .float()
+                .cpu()
+            )
 
     run.tracker.reset()
     evaluate(patched, 800)
@@ -550,8 +654,9 @@ def test_per_frame_attn_masks_in_a_16_frame_batch(sd15_models, moma_model, moma_
     assert all(_rel(moma_out[i], plain_out[i]) > 1e-4 for i in torch.nonzero(on).flatten().tolist())
 
 
-def test_context_windows_keep_the_subject_mask_per_frame_of_the_clip(sd15_models, moma_model, moma_context,
-                                                                     reference_bank):
+def test_context_windows_keep_the_subject_mask_per_frame_of_the_clip(
+    sd15_models, moma_model, moma_context, reference_bank
+):
     """ComfyUI's own context windows over an 8-frame clip (2 windows of 4, no overlap, no anchor frame): each
     window is an evaluation of its own frames, so each frame's subject mask must come from that frame's previous
     evaluation, not from the other window's frames. Oracle: sampling each window's frames alone, with their
@@ -561,8 +666,10 @@ def test_context_windows_keep_the_subject_mask_per_frame_of_the_clip(sd15_models
     import host
 
     if not host.on_default_host():
-        pytest.skip("ComfyUI 0.3.75's context windows cannot window a batch of images (its set_step compares the "
-                    "per-item timesteps with the schedule and fails for batches over 1)")
+        pytest.skip(
+            "ComfyUI 0.3.75's context windows cannot window a batch of images (its set_step compares the "
+            "per-item timesteps with the schedule and fails for batches over 1)"
+        )
     import comfy.context_windows as windows
     import comfy.sample
     import comfy.samplers
@@ -574,9 +681,13 @@ def test_context_windows_keep_the_subject_mask_per_frame_of_the_clip(sd15_models
     patched = apply_moma(model, moma_model, moma_context, reference_bank, 1.0, 0.0, 1.0)
     run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
     windowed = patched.clone()
-    options = dict(context_schedule=windows.get_matching_context_schedule(windows.ContextSchedules.STATIC_STANDARD),
-                   fuse_method=windows.get_matching_fuse_method(windows.ContextFuseMethods.FLAT),
-                   context_length=4, context_overlap=0, dim=0)
+    options = dict(
+        context_schedule=windows.get_matching_context_schedule(windows.ContextSchedules.STATIC_STANDARD),
+        fuse_method=windows.get_matching_fuse_method(windows.ContextFuseMethods.FLAT),
+        context_length=4,
+        context_overlap=0,
+        dim=0,
+    )
     if "causal_window_fix" in inspect.signature(windows.IndexListContextHandler).parameters:
         options["causal_window_fix"] = False
     windowed.model_options["context_handler"] = windows.IndexListContextHandler(**options)
@@ -588,8 +699,9 @@ def test_context_windows_keep_the_subject_mask_per_frame_of_the_clip(sd15_models
     sampler = comfy.samplers.sampler_object("euler")
 
     def sample(m, part):
-        return comfy.sample.sample_custom(m, noise[part], 7.5, sampler, sigmas, positive, negative, latent[part],
-                                          disable_pbar=True, seed=4)
+        return comfy.sample.sample_custom(
+            m, noise[part], 7.5, sampler, sigmas, positive, negative, latent[part], disable_pbar=True, seed=4
+        )
 
     clip_latents = sample(windowed, slice(0, frames))
     assert run.last_subject_mask is not None and run.last_subject_mask.shape == (frames, 8, 8)
@@ -615,7 +727,9 @@ def test_two_samplers_on_one_patched_model_in_one_prompt(graph_setup, sd15_check
         import folder_paths
 
         (entry,) = outputs[nid]["images"]
-        return np.asarray(Image.open(Path(folder_paths.get_output_directory()) / entry["subfolder"] / entry["filename"]))
+        return np.asarray(
+            Image.open(Path(folder_paths.get_output_directory()) / entry["subfolder"] / entry["filename"])
+        )
 
     assert np.array_equal(image(both, "13"), euler_image)  # the first sampler: what it gives alone
     assert np.array_equal(image(both, "16"), image(second_alone, "16"))
@@ -624,7 +738,8 @@ def test_two_samplers_on_one_patched_model_in_one_prompt(graph_setup, sd15_check
 
 @pytest.mark.default_host_only
 def test_two_subjects_each_act_in_their_own_region_and_the_preview_shows_them(
-        graph_setup, sd15_models, moma_model, moma_context, reference_bank, cfg_context):
+    graph_setup, sd15_models, moma_model, moma_context, reference_bank, cfg_context
+):
     """Two Apply nodes on one model (two subjects, one prompt naming both, each with its own attn_mask): each
     subject's terms act only in its region, each tracks its own subject mask, and MoMA Subject Mask Preview
     returns each one's mask and an overlay."""
@@ -646,8 +761,9 @@ def test_two_subjects_each_act_in_their_own_region_and_the_preview_shows_them(
     plain, car_out, both_out = (_unet(m, LATENT, 500, context) for m in (model, car, both))
     # a subject whose region is empty adds nothing: the other subject's result exactly
     nobody = torch.zeros(1, 16, 16)
-    car_and_no_dog = apply_moma(car, moma_model, dog_context, reference_bank, 1.0, 0.0, 1.0, attn_mask=nobody,
-                                prompt=prompt)
+    car_and_no_dog = apply_moma(
+        car, moma_model, dog_context, reference_bank, 1.0, 0.0, 1.0, attn_mask=nobody, prompt=prompt
+    )
     torch.testing.assert_close(_unet(car_and_no_dog, LATENT, 500, context), car_out, rtol=0, atol=0)
     # each subject's terms change its own half of the 16x16 latent most (the UNet's later layers spread some)
     delta_car = (car_out - plain).abs().mean(dim=(0, 1))

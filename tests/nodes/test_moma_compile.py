@@ -14,6 +14,7 @@ default to SDPA. Recompiles are counted with the ``aot_eager`` backend (dynamo's
 backend); inductor, which needs a C++ compiler and Python's headers (.ci/run installs g++ and python3-dev), runs
 once for the numbers.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -60,8 +61,12 @@ def _runs(model, positive, negative) -> list[torch.Tensor]:
     import nodes
 
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    return [nodes.common_ksampler(model, seed, 2, 7.5, "euler", "normal", positive, negative, latent,
-                                  denoise=denoise)[0]["samples"] for seed, denoise in RUNS]
+    return [
+        nodes.common_ksampler(model, seed, 2, 7.5, "euler", "normal", positive, negative, latent, denoise=denoise)[0][
+            "samples"
+        ]
+        for seed, denoise in RUNS
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +125,13 @@ def _assert_close(outs, refs, atol: float, order: str = "") -> None:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=atol, msg=lambda text: f"{order}: {text}")
 
 
-COMPILES = host.cases_for_hosts([
-    ("TorchCompileModel", _torch_compile_model),  # 0.30: guards on transformer_options dropped; 0.3.75: kept
-    ("other packs", _other_packs_compile),  # guards kept (as the node on 0.3.75)
-], {"TorchCompileModel"})
+COMPILES = host.cases_for_hosts(
+    [
+        ("TorchCompileModel", _torch_compile_model),  # 0.30: guards on transformer_options dropped; 0.3.75: kept
+        ("other packs", _other_packs_compile),  # guards kept (as the node on 0.3.75)
+    ],
+    {"TorchCompileModel"},
+)
 
 
 @pytest.mark.parametrize(("how", "compile_model"), COMPILES)
@@ -136,12 +144,15 @@ def test_moma_adds_no_recompiles_and_no_graph_breaks(setup, eager, moma_model, m
     _assert_close(plain_outs, plain_eager, atol=1e-3)
     orders = {"MoMA, then compile": lambda: compile_model(moma, "aot_eager")}
     if how == "TorchCompileModel":
-        orders["compile, then MoMA"] = lambda: apply_moma(compile_model(plain, "aot_eager"), moma_model,
-                                                           moma_context, bank, 1.0, 0.0, 1.0)
+        orders["compile, then MoMA"] = lambda: apply_moma(
+            compile_model(plain, "aot_eager"), moma_model, moma_context, bank, 1.0, 0.0, 1.0
+        )
     for order, make in orders.items():
         outs, seen = _compiled_runs(make(), positive, negative)
-        print(f"\n{how}, {order}: {seen.summary()} (plain: {plain_seen.summary()}); "
-              f"max abs diff to eager {_max_diff(outs, moma_eager):.3g} (plain: {_max_diff(plain_outs, plain_eager):.3g})")
+        print(
+            f"\n{how}, {order}: {seen.summary()} (plain: {plain_seen.summary()}); "
+            f"max abs diff to eager {_max_diff(outs, moma_eager):.3g} (plain: {_max_diff(plain_outs, plain_eager):.3g})"
+        )
         assert seen.recompiles == [] and seen.graph_breaks == {} and seen.limit_hits == [], order
         assert seen.compiled_frames == plain_seen.compiled_frames == len(BLOCKS), order
         _assert_close(outs, moma_eager, atol=1e-3, order=order)  # the compiled path's numbers are eager MoMA's

@@ -6,6 +6,7 @@ bank to the object's keys instead), the subject-mask recipe at pixel resolution 
 latent grid), cond/uncond rows in ComfyUI's [uncond, cond] order. Both run inside the real ComfyUI UNet
 of the full-layout SD1.5 fixture, in fp32.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,7 +51,9 @@ def layer_grid(extra_options, tokens):
 class ExplicitMoMA:
     """The reference processors' maths, one attention layer at a time."""
 
-    def __init__(self, adapter, cond_tokens, uncond_tokens, full_bank, strength, subject_cols, pixel_size, self_path_on):
+    def __init__(
+        self, adapter, cond_tokens, uncond_tokens, full_bank, strength, subject_cols, pixel_size, self_path_on
+    ):
         self.adapter = adapter
         self.tokens = {0: cond_tokens.reshape(4, 768).float(), 1: uncond_tokens.reshape(4, 768).float()}
         self.full_bank = full_bank  # block -> (K [N,C], V [N,C], bias [N])
@@ -74,11 +77,14 @@ class ExplicitMoMA:
                 return out
             k_full, v_full, bias = self.full_bank[layer.block]
             b = q.shape[0]
-            ref, _ = explicit_softmax_attention(q, k_full.expand(b, -1, -1), v_full.expand(b, -1, -1), bias.view(1, 1, 1, -1))
+            ref, _ = explicit_softmax_attention(
+                q, k_full.expand(b, -1, -1), v_full.expand(b, -1, -1), bias.view(1, 1, 1, -1)
+            )
             gain = self.strength * float(self.adapter.scale_learnable[layer.self_index].reshape(-1)[0])
             if self.mask_prev is not None:
                 ref = ref * self._mask_rows(b, layer_grid(extra_options, q.shape[1]))
             return out + gain * ref
+
         return patch
 
     def attn2(self, layer):
@@ -102,6 +108,7 @@ class ExplicitMoMA:
             maps = F.interpolate(attn.reshape(-1, 1, *grid), size=self.pixel_size, mode="nearest").clamp(0, 1)
             self.layer_maps.append(maps)
             return out
+
         return patch
 
     def finish_evaluation(self, rows):
@@ -111,7 +118,7 @@ class ExplicitMoMA:
         mask = (mask > 0.2).float() * mask
         mask = (mask - mask.min()) / (mask.max() - mask.min())
         cond_row = list(rows).index(0)
-        self.mask_prev = mask[cond_row:cond_row + 1].unsqueeze(1)
+        self.mask_prev = mask[cond_row : cond_row + 1].unsqueeze(1)
 
 
 def explicit_reference_pass(model, adapter, vae, clip, image, mask, subject, seed, pixel_size, generator=None):
@@ -121,7 +128,9 @@ def explicit_reference_pass(model, adapter, vae, clip, image, mask, subject, see
     import comfy.model_management
 
     device = comfy.model_management.get_torch_device()
-    pixels = F.interpolate(image[:1, ..., :3].movedim(-1, 1), size=pixel_size, mode="bilinear", antialias=True).clamp(0, 1)
+    pixels = F.interpolate(image[:1, ..., :3].movedim(-1, 1), size=pixel_size, mode="bilinear", antialias=True).clamp(
+        0, 1
+    )
     # the reference: 8-bit mask picture, PIL bilinear (antialiased) resize, then "> 0"
     mask8 = Image.fromarray((mask[0].numpy() * 255).round().astype(np.uint8)).resize(pixel_size[::-1], Image.BILINEAR)
     obj = torch.from_numpy(np.asarray(mask8) > 0)[None, None]  # [1,1,H,W]
@@ -151,10 +160,14 @@ def explicit_reference_pass(model, adapter, vae, clip, image, mask, subject, see
                 bias,
             )
             return explicit_softmax_attention(q, k, v)[0]
+
         return patch
 
-    options = {"patches_replace": {"attn1": {layer.block: capture(layer) for layer in LAYERS}},
-               "cond_or_uncond": [0], "sigmas": sigma0}
+    options = {
+        "patches_replace": {"attn1": {layer.block: capture(layer) for layer in LAYERS}},
+        "cond_or_uncond": [0],
+        "sigmas": sigma0,
+    }
     comfy.model_management.load_models_gpu([model])
     with torch.no_grad():
         model.model.apply_model(x, sigma0, c_crossattn=ctx, transformer_options=options)
@@ -180,8 +193,10 @@ def scene(sd15_models, moma_model, moma_context, test_images, load_image_tensor)
     # the UNet computes in fp32: fp32 weights, or fp16 weights cast up by ComfyUI (the CPU tests' --fp16-unet)
     compute_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
     if compute_dtype != torch.float32:
-        pytest.skip(f"the 1e-4 comparison is for a UNet computing in fp32 (this host computes in {compute_dtype}; "
-                    "on a GPU run the tests with MOMA_TEST_FP32=1)")
+        pytest.skip(
+            f"the 1e-4 comparison is for a UNet computing in fp32 (this host computes in {compute_dtype}; "
+            "on a GPU run the tests with MOMA_TEST_FP32=1)"
+        )
     image, mask = load_image_tensor(*test_images["rgb"])
     subject = moma_context.subject
     return model, clip, vae, image, mask, subject
@@ -198,8 +213,21 @@ def test_several_views_give_one_bank_of_every_views_object_keys(scene, moma_mode
     bank = grab_reference_features(model, moma_model, vae, clip, views, view_masks, subject, seed, resolution=128)
     single = grab_reference_features(model, moma_model, vae, clip, image, mask, subject, seed, resolution=128)
     stream = torch.Generator().manual_seed(seed)
-    explicit = [explicit_reference_pass(model, moma_model.adapter, vae, clip, views[i:i + 1], view_masks[i:i + 1],
-                                        subject, seed, bank.pixel_size, generator=stream)[0] for i in range(2)]
+    explicit = [
+        explicit_reference_pass(
+            model,
+            moma_model.adapter,
+            vae,
+            clip,
+            views[i : i + 1],
+            view_masks[i : i + 1],
+            subject,
+            seed,
+            bank.pixel_size,
+            generator=stream,
+        )[0]
+        for i in range(2)
+    ]
     assert bank.views == 2 and single.views == 1
     for layer in LAYERS:
         for index, name in ((0, "keys"), (1, "values")):
@@ -207,12 +235,14 @@ def test_several_views_give_one_bank_of_every_views_object_keys(scene, moma_mode
             expected = torch.cat([e[layer.block][index][e[layer.block][2] > 0] for e in explicit]).to(ours.device)
             torch.testing.assert_close(ours, expected, rtol=1e-4, atol=2e-5)
             first = getattr(single, name)[layer.block]
-            assert torch.equal(ours[:first.shape[0]], first)
+            assert torch.equal(ours[: first.shape[0]], first)
             assert ours.shape[0] > first.shape[0]
 
 
-@pytest.mark.parametrize("latent_hw", [pytest.param((16, 16), id="16x16"),
-                                       pytest.param((16, 24), id="16x24", marks=pytest.mark.default_host_only)])
+@pytest.mark.parametrize(
+    "latent_hw",
+    [pytest.param((16, 16), id="16x16"), pytest.param((16, 24), id="16x24", marks=pytest.mark.default_host_only)],
+)
 def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context, latent_hw):
     import comfy.model_management
 
@@ -229,8 +259,12 @@ def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context,
         assert keep.any() and not keep.all(), "the test image's mask should cover part of every grid"
         # atol: the keys are O(1); in a full test run one near-zero element of the 26k came out 1.1e-5 off (CPU
         # reduction order in the VAE's GroupNorm), alone it matches to 1e-5: the floor is 2e-5, rtol stays 1e-4
-        torch.testing.assert_close(bank.keys[layer.block], k_full[keep].to(bank.keys[layer.block].device), rtol=1e-4, atol=2e-5)
-        torch.testing.assert_close(bank.values[layer.block], v_full[keep].to(bank.values[layer.block].device), rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(
+            bank.keys[layer.block], k_full[keep].to(bank.keys[layer.block].device), rtol=1e-4, atol=2e-5
+        )
+        torch.testing.assert_close(
+            bank.values[layer.block], v_full[keep].to(bank.values[layer.block].device), rtol=1e-4, atol=2e-5
+        )
 
     patched = apply_moma(model, moma_model, moma_context, bank, strength, 0.0, 1.0)
     run = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn1"].values())).run
@@ -249,8 +283,16 @@ def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context,
     context = torch.cat([uncond, cond]).to(device)
     ms = model.get_model_object("model_sampling")
 
-    explicit = ExplicitMoMA(adapter, moma_context.cond_tokens, moma_context.uncond_tokens, full_bank, strength,
-                            cols, (h * 8, w * 8), self_path_on=True)
+    explicit = ExplicitMoMA(
+        adapter,
+        moma_context.cond_tokens,
+        moma_context.uncond_tokens,
+        full_bank,
+        strength,
+        cols,
+        (h * 8, w * 8),
+        self_path_on=True,
+    )
     reference_model = model.clone()
     for layer in LAYERS:
         reference_model.set_model_attn1_replace(explicit.attn1(layer), *layer.block)
@@ -265,7 +307,9 @@ def test_patched_unet_matches_explicit_formulas(scene, moma_model, moma_context,
         expected = unet_eval(reference_model, x, sigma, context, rows)
         err = rel_err(ours, expected)
         assert err <= 1e-4, f"step {step} (t={t}): max relative error {err:.2e}"
-        assert explicit.calls["attn1"] == {layer.block for layer in LAYERS} and explicit.calls["attn2"] == {layer.block for layer in LAYERS}
+        assert explicit.calls["attn1"] == {layer.block for layer in LAYERS} and explicit.calls["attn2"] == {
+            layer.block for layer in LAYERS
+        }
         run.tracker.finish_evaluation()
         explicit.finish_evaluation(rows)
         assert run.tracker.mask is not None

@@ -1,5 +1,6 @@
 """What MoMA adds to every UNet call while sampling: aten ops (kernel launches on a GPU) and host reads
 (host-device syncs on CUDA), counted with a dispatch-mode counter (tools/op_count.py) in a real sampling run."""
+
 from __future__ import annotations
 
 import statistics

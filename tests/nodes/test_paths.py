@@ -2,6 +2,7 @@
 adapter / LLaVA / CLIP vision names, Load MoMA Context's context_file and path, Save MoMA Context's prefix.
 Run through ComfyUI's real validator (and the nodes' own execute), with real fixture files placed *outside*
 those folders as the targets an escape would reach."""
+
 from __future__ import annotations
 
 import os
@@ -33,12 +34,28 @@ def placed(comfy_host, llava_dir: Path, clip_vision_dir: Path, adapter_file: Pat
 def _loader_graph(adapter: str = ADAPTER_NAME, llava: str = LLAVA_NAME, clip: str = CLIP_NAME) -> dict:
     # A Save node makes the graph an output graph; validation of the loader runs before anything executes.
     return {
-        "1": {"class_type": "MomaLoader", "inputs": {
-            "adapter_name": adapter, "llava_name": llava, "clip_vision_name": clip,
-            "precision": "fp32", "quantization": "none", "keep_llava_loaded": False}},
+        "1": {
+            "class_type": "MomaLoader",
+            "inputs": {
+                "adapter_name": adapter,
+                "llava_name": llava,
+                "clip_vision_name": clip,
+                "precision": "fp32",
+                "quantization": "none",
+                "keep_llava_loaded": False,
+            },
+        },
         "2": {"class_type": "LoadImage", "inputs": {"image": "moma_paths_ref.png"}},
-        "4": {"class_type": "MomaContextEncoder", "inputs": {
-            "moma_model": ["1", 0], "image": ["2", 0], "mask": ["2", 1], "subject": "car", "prompt": "a car"}},
+        "4": {
+            "class_type": "MomaContextEncoder",
+            "inputs": {
+                "moma_model": ["1", 0],
+                "image": ["2", 0],
+                "mask": ["2", 1],
+                "subject": "car",
+                "prompt": "a car",
+            },
+        },
         "5": {"class_type": "MomaSaveContext", "inputs": {"context": ["4", 0], "filename_prefix": "moma/paths"}},
     }
 
@@ -59,7 +76,9 @@ def reference_picture(comfy_host) -> None:
     import folder_paths
     from PIL import Image
 
-    Image.new("RGBA", (64, 64), (200, 30, 30, 255)).save(Path(folder_paths.get_input_directory()) / "moma_paths_ref.png")
+    Image.new("RGBA", (64, 64), (200, 30, 30, 255)).save(
+        Path(folder_paths.get_input_directory()) / "moma_paths_ref.png"
+    )
 
 
 def _escapes(target: Path, folder: Path) -> list[str]:
@@ -71,12 +90,15 @@ def _escapes(target: Path, folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("input_name", ["adapter_name", "llava_name", "clip_vision_name"])
 def test_loader_refuses_paths_out_of_its_folders_naming_input_value_and_folders(
-        placed, reference_picture, input_name: str, adapter_file: Path, llava_dir: Path,
-        clip_vision_dir: Path) -> None:
+    placed, reference_picture, input_name: str, adapter_file: Path, llava_dir: Path, clip_vision_dir: Path
+) -> None:
     import folder_paths
 
-    folder_name, target = {"adapter_name": ("moma", adapter_file), "llava_name": ("LLM", llava_dir),
-                           "clip_vision_name": ("clip_vision", clip_vision_dir)}[input_name]
+    folder_name, target = {
+        "adapter_name": ("moma", adapter_file),
+        "llava_name": ("LLM", llava_dir),
+        "clip_vision_name": ("clip_vision", clip_vision_dir),
+    }[input_name]
     folder = Path(folder_paths.get_folder_paths(folder_name)[0])
     for value in _escapes(target, folder):
         inputs = {"adapter": ADAPTER_NAME, "llava": LLAVA_NAME, "clip": CLIP_NAME}
@@ -90,9 +112,17 @@ def test_loader_refuses_paths_out_of_its_folders_naming_input_value_and_folders(
             for other in {"adapter_name", "llava_name", "clip_vision_name"} - {input_name}:
                 assert f"{other}:" not in message
         with pytest.raises(MomaError, match=f"^{input_name}: "):
-            MomaLoader.execute(**{"adapter_name": ADAPTER_NAME, "llava_name": LLAVA_NAME,
-                                  "clip_vision_name": CLIP_NAME, input_name: value},
-                               precision="fp32", quantization="none", keep_llava_loaded=False)
+            MomaLoader.execute(
+                **{
+                    "adapter_name": ADAPTER_NAME,
+                    "llava_name": LLAVA_NAME,
+                    "clip_vision_name": CLIP_NAME,
+                    input_name: value,
+                },
+                precision="fp32",
+                quantization="none",
+                keep_llava_loaded=False,
+            )
 
 
 def test_a_wrong_llava_name_is_reported_as_llava_name(placed, reference_picture) -> None:
@@ -111,8 +141,9 @@ def test_a_missing_adapter_is_reported_once(placed, reference_picture) -> None:
     assert messages[0].startswith("adapter_name: MoMA adapter 'absent.th' not found in"), messages
 
 
-def test_symlinks_inside_and_extra_model_paths_folders_are_fine(placed, tmp_path: Path, llava_dir: Path,
-                                                                adapter_file: Path, clip_vision_dir: Path) -> None:
+def test_symlinks_inside_and_extra_model_paths_folders_are_fine(
+    placed, tmp_path: Path, llava_dir: Path, adapter_file: Path, clip_vision_dir: Path
+) -> None:
     import folder_paths
 
     nested = placed / "LLM" / "shared" / "llava-copy"
@@ -126,8 +157,10 @@ def test_symlinks_inside_and_extra_model_paths_folders_are_fine(placed, tmp_path
     extra = tmp_path / "extra_models"
     comfy_exec.link(extra / "moma" / "other_adapter.th", adapter_file)
     comfy_exec.link(extra / "clip_vision" / "vision", clip_vision_dir)
-    saved = {name: (list(folder_paths.folder_names_and_paths[name][0]), set(folder_paths.folder_names_and_paths[name][1]))
-             for name in ("moma", "clip_vision")}
+    saved = {
+        name: (list(folder_paths.folder_names_and_paths[name][0]), set(folder_paths.folder_names_and_paths[name][1]))
+        for name in ("moma", "clip_vision")
+    }
     try:
         folder_paths.add_model_folder_path("moma", str(extra / "moma"))  # what extra_model_paths.yaml does
         folder_paths.add_model_folder_path("clip_vision", str(extra / "clip_vision"))
@@ -145,8 +178,14 @@ def test_symlinks_inside_and_extra_model_paths_folders_are_fine(placed, tmp_path
 
 def _context() -> MomaContext:
     g = torch.Generator().manual_seed(3)
-    return MomaContext(torch.randn(1, 4, 768, generator=g), torch.randn(1, 4, 768, generator=g),
-                       torch.randn(1, 1024, generator=g), "vase", "on a table", "photo of a vase. on a table")
+    return MomaContext(
+        torch.randn(1, 4, 768, generator=g),
+        torch.randn(1, 4, 768, generator=g),
+        torch.randn(1, 1024, generator=g),
+        "vase",
+        "on a table",
+        "photo of a vase. on a table",
+    )
 
 
 def _load_graph(context_file: str, path: str) -> dict:
@@ -166,16 +205,21 @@ def test_load_context_path_and_file_stay_in_input_and_output(comfy_host, tmp_pat
 
     for value in _escapes(outside, input_dir):
         messages = _refused(_load_graph("", value), "1")
-        assert any(f"path: {value!r} is refused" in m and str(input_dir) in m and str(output_dir) in m
-                   for m in messages), messages
+        assert any(
+            f"path: {value!r} is refused" in m and str(input_dir) in m and str(output_dir) in m for m in messages
+        ), messages
         messages = _refused(_load_graph(f"{value} [output]", ""), "1")
         assert any(f"context_file: {value!r} is refused" in m and str(output_dir) in m for m in messages), messages
     messages = _refused(_load_graph("", "ctx/absent.safetensors"), "1")
     assert any("path: MoMA context file 'ctx/absent.safetensors' not found in" in m for m in messages), messages
 
     # inside: relative to input/ or output/, and the listed names
-    for context_file, path in (("", "ctx/inside.safetensors"), ("", "moma/saved.safetensors"),
-                               ("ctx/inside.safetensors [input]", ""), ("moma/saved.safetensors [output]", "")):
+    for context_file, path in (
+        ("", "ctx/inside.safetensors"),
+        ("", "moma/saved.safetensors"),
+        ("ctx/inside.safetensors [input]", ""),
+        ("moma/saved.safetensors [output]", ""),
+    ):
         outputs = comfy_exec.run_api_workflow(_load_graph(context_file, path))
         assert outputs["5"]["moma_context"][0]["type"] == "output"
 
@@ -185,12 +229,19 @@ def test_save_prefix_cannot_leave_the_output_folder(comfy_host, prefix: str) -> 
     import folder_paths
 
     save_context(_context(), Path(folder_paths.get_input_directory()) / "ctx" / "inside.safetensors")
-    messages = _refused({
-        "1": {"class_type": "MomaLoadContext", "inputs": {"context_file": "ctx/inside.safetensors [input]", "path": ""}},
-        "5": {"class_type": "MomaSaveContext", "inputs": {"context": ["1", 0], "filename_prefix": prefix}},
-    }, "5")
-    assert any(f"filename_prefix: {prefix!r} is refused" in m and folder_paths.get_output_directory() in m
-               for m in messages), messages
+    messages = _refused(
+        {
+            "1": {
+                "class_type": "MomaLoadContext",
+                "inputs": {"context_file": "ctx/inside.safetensors [input]", "path": ""},
+            },
+            "5": {"class_type": "MomaSaveContext", "inputs": {"context": ["1", 0], "filename_prefix": prefix}},
+        },
+        "5",
+    )
+    assert any(
+        f"filename_prefix: {prefix!r} is refused" in m and folder_paths.get_output_directory() in m for m in messages
+    ), messages
     with pytest.raises(MomaError, match="^filename_prefix: "):
         MomaSaveContext.execute(_context(), prefix)
     assert not Path("/tmp/moma-escaped").exists()

@@ -1,6 +1,7 @@
 """MoMA Text Encode and the prompt check at sampling: the subject's tokens are found in the text the positive
 conditioning was made from (tagged by MoMA Text Encode), and an untagged conditioning of another length than the
 text Apply was given is warned about. Graphs run through ComfyUI's real validator and executor."""
+
 from __future__ import annotations
 
 import contextlib
@@ -61,13 +62,18 @@ def test_text_encode_warns_when_the_text_lacks_the_context_subject(sd15_models, 
 
 # --- through the executor -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def text_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision_dir, test_images, moma_context):
     import folder_paths
 
     models = comfy_host.models_dir
-    for folder, path in (("checkpoints", sd15_checkpoint), ("moma", adapter_file), ("LLM", llava_dir),
-                         ("clip_vision", clip_vision_dir)):
+    for folder, path in (
+        ("checkpoints", sd15_checkpoint),
+        ("moma", adapter_file),
+        ("LLM", llava_dir),
+        ("clip_vision", clip_vision_dir),
+    ):
         comfy_exec.link(models / folder / path.name, path)
     input_dir, output_dir = Path(folder_paths.get_input_directory()), Path(folder_paths.get_output_directory())
     image_path, mask_path = test_images["wide"]
@@ -81,15 +87,20 @@ def text_setup(comfy_host, sd15_checkpoint, adapter_file, llava_dir, clip_vision
 def graph(ckpt: str, positive: dict, apply_prompt: str | None = None, dog: bool = False) -> dict:
     """Saved context -> Feature Grab -> Apply MoMA (and a second Apply for a dog with ``dog``) -> 3 euler steps at
     64x64 with ``positive`` as the positive prompt node -> SaveImage."""
-    nodes = comfy_exec.saved_context_graph(ckpt, CAR_CONTEXT, "text_encode_ref.png", "text_encode_mask.png", seed=3,
-                                           steps=3)
+    nodes = comfy_exec.saved_context_graph(
+        ckpt, CAR_CONTEXT, "text_encode_ref.png", "text_encode_mask.png", seed=3, steps=3
+    )
     nodes["pos"] = positive
     nodes["save"] = {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "moma_text_encode"}}
     if dog:
-        nodes["dogctx"] = {"class_type": "MomaLoadContext", "inputs": {"context_file": f"{DOG_CONTEXT} [output]",
-                                                                       "path": ""}}
-        nodes["apply2"] = {"class_type": "MomaApply", "inputs": {
-            **nodes["apply"]["inputs"], "model": ["apply", 0], "context": ["dogctx", 0]}}
+        nodes["dogctx"] = {
+            "class_type": "MomaLoadContext",
+            "inputs": {"context_file": f"{DOG_CONTEXT} [output]", "path": ""},
+        }
+        nodes["apply2"] = {
+            "class_type": "MomaApply",
+            "inputs": {**nodes["apply"]["inputs"], "model": ["apply", 0], "context": ["dogctx", 0]},
+        }
         nodes["ks"]["inputs"]["model"] = ["apply2", 0]
     if apply_prompt is not None:
         for node in ("apply", "apply2") if dog else ("apply",):
@@ -141,8 +152,11 @@ def test_tagged_other_text_uses_the_subject_tokens_of_that_text(text_setup, capl
     through plain CLIPTextEncode without 'prompt' masks the sd_prompt's token positions and gives another image."""
     tagged = image_of(graph(text_setup, moma_text(OTHER_TEXT)), caplog)
     (message,) = moma_messages(caplog)
-    assert re.search(r"subject's tokens are taken from the positive prompt .*'a dog and a cat next to a red car in "
-                     r"the snow' \(positions \[10\]\), not from 'photo of a car\. .*' \(positions \[4, 7\]\)", message)
+    assert re.search(
+        r"subject's tokens are taken from the positive prompt .*'a dog and a cat next to a red car in "
+        r"the snow' \(positions \[10\]\), not from 'photo of a car\. .*' \(positions \[4, 7\]\)",
+        message,
+    )
     told = image_of(graph(text_setup, clip_text(OTHER_TEXT), apply_prompt=OTHER_TEXT), caplog)
     assert moma_messages(caplog) == []
     assert np.array_equal(tagged, told)

@@ -1,13 +1,14 @@
 """``python3 -m device_run`` (with tools/ on PYTHONPATH; scripts/gpu_check.sh is the front door):
 
-    run --plan bare|host|dry --out DIR [--python PY] [--budget STEP=SECONDS ...]   the steps (plan.py)
-    setup [--wheels DIR --target DIR] [--require-cuda] --json FILE                 install wheels, describe the machine
-    check-imports [--cuda] --json FILE                                             boot ComfyUI, load the pack
-    pack [--no-download]                                                           build .gpu-pack/ here
-    account                                                                        what one call sends, and whether it fits
-    dry-run [--fresh-fixtures] [--keep]                                            check the packing here (dryrun.py)
-    command                                                                        the device-tool call to make
+run --plan bare|host|dry --out DIR [--python PY] [--budget STEP=SECONDS ...]   the steps (plan.py)
+setup [--wheels DIR --target DIR] [--require-cuda] --json FILE                 install wheels, describe the machine
+check-imports [--cuda] --json FILE                                             boot ComfyUI, load the pack
+pack [--no-download]                                                           build .gpu-pack/ here
+account                                                                        what one call sends, and whether it fits
+dry-run [--fresh-fixtures] [--keep]                                            check the packing here (dryrun.py)
+command                                                                        the device-tool call to make
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def device_call() -> str:
     """The one device-tool call, as the lead types it."""
-    return (f"run(command={plan.DEVICE_COMMAND!r}, carry={list(pack.CARRY)!r}, timeout_s={plan.DEVICE_TIMEOUT_S})")
+    return f"run(command={plan.DEVICE_COMMAND!r}, carry={list(pack.CARRY)!r}, timeout_s={plan.DEVICE_TIMEOUT_S})"
 
 
 # --- run -----------------------------------------------------------------------------------------------------
@@ -41,8 +42,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.plan in ("bare", "dry"):  # the carried tree (dry: as the machine will see it)
         host_dir = REPO / pack.PACK_DIR
         if not (host_dir / "ComfyUI" / "comfy").is_dir():
-            print(f"No carried ComfyUI at {host_dir}/ComfyUI: build it with `bash scripts/gpu_check.sh --pack` and "
-                  f"name {pack.PACK_DIR} in the call's carry list ({device_call()}).", file=sys.stderr)
+            print(
+                f"No carried ComfyUI at {host_dir}/ComfyUI: build it with `bash scripts/gpu_check.sh --pack` and "
+                f"name {pack.PACK_DIR} in the call's carry list ({device_call()}).",
+                file=sys.stderr,
+            )
             return 2
         fixture_cache = scratch / "fixtures"
     if args.plan != "bare":
@@ -51,9 +55,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.plan == "host":
             host_dir = Path(args.host_dir) if args.host_dir else installed_host()
         fixture_cache = Path(os.environ.get("MOMA_FIXTURE_CACHE", REPO / ".host" / "fixture-cache"))
-    ctx = plan.Context(python=python, repo=REPO, work=scratch / "work",
-                       site=Path(args.site or scratch / "site").resolve(),
-                       fixture_cache=Path(args.fixture_cache or fixture_cache).resolve(), host_dir=host_dir)
+    ctx = plan.Context(
+        python=python,
+        repo=REPO,
+        work=scratch / "work",
+        site=Path(args.site or scratch / "site").resolve(),
+        fixture_cache=Path(args.fixture_cache or fixture_cache).resolve(),
+        host_dir=host_dir,
+    )
     steps = {"bare": plan.bare_plan, "host": plan.host_plan, "dry": plan.dry_plan}[args.plan](ctx)
     for override in args.budget or []:
         name, _, seconds = override.partition("=")
@@ -67,19 +76,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     budgets = sum(step.budget_s for step in steps)
     total = args.total or (plan.BARE_TOTAL_S if args.plan == "bare" else budgets + 30)
     total = max(total, budgets)
-    header = {"plan": args.plan, "repo_commit": _commit(), "host_dir": str(host_dir), "python": python,
-              "device_call": device_call() if args.plan == "bare" else None}
-    print(f"device run, plan {args.plan}: {len(steps)} steps, budgets {budgets:.0f} s, total {total:.0f} s; "
-          f"results in {args.out}", flush=True)
-    summary = runner.run_steps(steps, runner.Run(repo=REPO, out_dir=Path(args.out), work_dir=ctx.work, total_s=total,
-                                                 header=header))
+    header = {
+        "plan": args.plan,
+        "repo_commit": _commit(),
+        "host_dir": str(host_dir),
+        "python": python,
+        "device_call": device_call() if args.plan == "bare" else None,
+    }
+    print(
+        f"device run, plan {args.plan}: {len(steps)} steps, budgets {budgets:.0f} s, total {total:.0f} s; "
+        f"results in {args.out}",
+        flush=True,
+    )
+    summary = runner.run_steps(
+        steps, runner.Run(repo=REPO, out_dir=Path(args.out), work_dir=ctx.work, total_s=total, header=header)
+    )
     return 0 if summary["status"] == "passed" and not summary["targets_missed"] else 1
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         manifest = REPO / pack.PACK_DIR / "manifest.json"
         if manifest.is_file():
@@ -91,33 +110,74 @@ def _commit() -> str:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    report: dict = {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(), "ram_gb": _ram_gb(), "tmp_free_gb":
-                    round(shutil.disk_usage(tempfile.gettempdir()).free / 2**30, 1)}
+    report: dict = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "ram_gb": _ram_gb(),
+        "tmp_free_gb": round(shutil.disk_usage(tempfile.gettempdir()).free / 2**30, 1),
+    }
     status = 0
     if args.wheels:
         wheels = sorted(str(path) for path in Path(args.wheels).glob("*.whl"))
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                                 "--no-cache-dir", "--upgrade", "--target", args.target, *wheels],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--no-cache-dir",
+                "--upgrade",
+                "--target",
+                args.target,
+                *wheels,
+            ],
+            capture_output=True,
+            text=True,
+        )
         noise = [line for line in (result.stdout + result.stderr).splitlines() if not pack.PIP_NOISE.search(line)]
-        report["wheels"] = {"installed": [Path(w).name for w in wheels], "exit_code": result.returncode,
-                            "seconds": round(time.perf_counter() - start, 1), "messages": noise[-20:]}
+        report["wheels"] = {
+            "installed": [Path(w).name for w in wheels],
+            "exit_code": result.returncode,
+            "seconds": round(time.perf_counter() - start, 1),
+            "messages": noise[-20:],
+        }
         print(f"pip install --target {args.target}: {len(wheels)} wheels, exit {result.returncode}", flush=True)
         print("\n".join(noise[-20:]))
         status = status or result.returncode
         sys.path.insert(0, args.target)
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,"
-                              "clocks.mem,temperature.gpu,utilization.gpu", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+        smi = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,"
+                "clocks.mem,temperature.gpu,utilization.gpu",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+        )
         report["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     from importlib import metadata
 
     report["packages"] = {}
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "sentencepiece", "numpy", "pillow", "pytest",
-                 *[wheel.name for wheel in pack.WHEELS]):
+    for name in (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "sentencepiece",
+        "numpy",
+        "pillow",
+        "pytest",
+        *[wheel.name for wheel in pack.WHEELS],
+    ):
         try:
             report["packages"][name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -185,8 +245,9 @@ def cmd_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m device_run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python3 -m device_run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a plan's steps")
     run.add_argument("--plan", choices=["bare", "host", "dry"], required=True)

@@ -5,6 +5,7 @@ they are made there, not carried (the full-layout SD1.5 alone is 2 GB).
 
 The SD1.5 writer builds ComfyUI's own modules, so ComfyUI (``MOMA_HOST_DIR``/ComfyUI) is imported first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         writer = getattr(importlib.import_module(f"moma_demo.{module}"), function)
         path = moma_demo.cached(entry, writer)
         size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        report[name] = {"path": str(path), "mb": round(size / 2**20, 1), "seconds": round(time.perf_counter() - start, 1)}
+        report[name] = {
+            "path": str(path),
+            "mb": round(size / 2**20, 1),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         print(f"  {name}: {report[name]['mb']} MB in {report[name]['seconds']} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -4,6 +4,7 @@ requirements name and the pack leaves out on purpose is expected; any other is n
 run's graphs use is registered, and where each imported module came from (stdlib, the machine's packages, the
 carried wheels, the ComfyUI tree, this checkout).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,10 @@ from pathlib import Path
 from . import machine, pack, plan
 
 REPO = Path(__file__).resolve().parents[2]
-CANNOT_IMPORT = re.compile(r"(?:Cannot import (?P<path>\S+) module for custom nodes|Error while calling comfy_entrypoint "
-                           r"in (?P<entry>\S+)): No module named '(?P<module>[^']+)'")
+CANNOT_IMPORT = re.compile(
+    r"(?:Cannot import (?P<path>\S+) module for custom nodes|Error while calling comfy_entrypoint "
+    r"in (?P<entry>\S+)): No module named '(?P<module>[^']+)'"
+)
 MODULE_TO_DISTRIBUTION = {"opengl": "pyopengl", "pil": "pillow", "yaml": "pyyaml"}
 CLASS_TYPE = re.compile(r'"class_type":\s*"(?P<id>\w+)"')
 
@@ -89,7 +92,9 @@ def check(cuda: bool = False) -> dict:
     host = boot.boot(comfy_root, base_dir, cpu=not cuda)
     import nodes
 
-    failed = sorted({message.split("IMPORT FAILED:", 1)[1].strip() for message in messages if "IMPORT FAILED:" in message})
+    failed = sorted(
+        {message.split("IMPORT FAILED:", 1)[1].strip() for message in messages if "IMPORT FAILED:" in message}
+    )
     missing: dict[str, str] = {}
     for message in messages:
         match = CANNOT_IMPORT.search(message)
@@ -108,38 +113,58 @@ def check(cuda: bool = False) -> dict:
     unaccounted = [name for name, where in coverage.items() if where == "UNACCOUNTED"]
     site = os.environ.get("MOMA_CARRIED_SITE") or None
     report = {
-        "comfy_root": str(comfy_root), "device": "cuda" if cuda else "cpu",
+        "comfy_root": str(comfy_root),
+        "device": "cuda" if cuda else "cpu",
         "pack_loaded": host.pack_module_name is not None,
-        "import_failed": failed, "missing_modules": missing, "unexpected_failures": unexpected,
+        "import_failed": failed,
+        "missing_modules": missing,
+        "unexpected_failures": unexpected,
         "failed_for_other_reasons": unexplained,
-        "run_node_ids": wanted, "absent_node_ids": absent,
-        "requirements": coverage, "unaccounted_requirements": unaccounted,
+        "run_node_ids": wanted,
+        "absent_node_ids": absent,
+        "requirements": coverage,
+        "unaccounted_requirements": unaccounted,
         "origins": module_origins(comfy_root, site, base_dir / "custom_nodes" / boot.PACK_LINK_NAME),
     }
-    report["ok"] = (report["pack_loaded"] and not absent and not unexpected and not unexplained and not unaccounted
-                    and "other" not in report["origins"])
+    report["ok"] = (
+        report["pack_loaded"]
+        and not absent
+        and not unexpected
+        and not unexplained
+        and not unaccounted
+        and "other" not in report["origins"]
+    )
     return report
 
 
 def format_report(report: dict) -> str:
     origins = report["origins"]
-    lines = [f"ComfyUI at {report['comfy_root']} on {report['device']}: pack "
-             f"{'loaded' if report['pack_loaded'] else 'NOT LOADED'}",
-             "modules imported: " + ", ".join(f"{kind} {entry['modules']}" for kind, entry in origins.items())]
+    lines = [
+        f"ComfyUI at {report['comfy_root']} on {report['device']}: pack "
+        f"{'loaded' if report['pack_loaded'] else 'NOT LOADED'}",
+        "modules imported: " + ", ".join(f"{kind} {entry['modules']}" for kind, entry in origins.items()),
+    ]
     for kind in ("carried", "machine"):
         if kind in origins:
             lines.append(f"  from {kind}: {', '.join(origins[kind]['top'])}")
     if "other" in origins:
         lines.append(f"  FROM ELSEWHERE: {', '.join(origins['other']['top'][:20])}")
-    lines.append(f"ComfyUI extras that fail to import: {len(report['import_failed'])} "
-                 + ", ".join(f"{extra} ({report['missing_modules'].get(extra, '?')})" for extra in report["import_failed"]))
+    lines.append(
+        f"ComfyUI extras that fail to import: {len(report['import_failed'])} "
+        + ", ".join(f"{extra} ({report['missing_modules'].get(extra, '?')})" for extra in report["import_failed"])
+    )
     if report["unexpected_failures"] or report["failed_for_other_reasons"]:
         lines.append(f"UNEXPECTED: {report['unexpected_failures']} {report['failed_for_other_reasons']}")
-    lines.append(f"node ids the run's graphs use: {len(report['run_node_ids'])}, missing: {report['absent_node_ids'] or 'none'}")
-    lines.append("ComfyUI requirements: " + ", ".join(f"{name} {where.split(':')[0]}"
-                                                      for name, where in report["requirements"].items()))
+    lines.append(
+        f"node ids the run's graphs use: {len(report['run_node_ids'])}, missing: {report['absent_node_ids'] or 'none'}"
+    )
+    lines.append(
+        "ComfyUI requirements: "
+        + ", ".join(f"{name} {where.split(':')[0]}" for name, where in report["requirements"].items())
+    )
     if report["unaccounted_requirements"]:
-        lines.append(f"UNACCOUNTED requirements (carry a wheel or say why not in pack.py): "
-                     f"{report['unaccounted_requirements']}")
+        lines.append(
+            f"UNACCOUNTED requirements (carry a wheel or say why not in pack.py): {report['unaccounted_requirements']}"
+        )
     lines.append(f"imports: {'ok' if report['ok'] else 'NOT OK'}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ tool's notes (KINDS.md, README.md there, read 2026-12-04): the facts the packer 
 The machine is bare: Python 3.12 with torch 2.11 (CUDA 13) and the packages below, no package registry, and it
 receives only the working tree plus the carried paths. Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,7 +23,8 @@ OUT_MAX_DEPTH = 2  # folders below $OUT: $OUT/a/b/file comes back, $OUT/a/b/c/fi
 OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 # Python distributions installed there (KINDS.md, "Python packages already there", read on a machine 2026-11-17).
-MACHINE_PACKAGES = frozenset("""
+MACHINE_PACKAGES = frozenset(
+    """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
 cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
@@ -42,11 +44,19 @@ statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threa
 tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
 triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl
 zipp
-""".split())
+""".split()
+)
 
 # Versions seen there (KINDS.md's pip list row, 2026-11) of the packages the run leans on.
-MACHINE_VERSIONS = {"torch": "2.11.0", "transformers": "5.17.0", "safetensors": "0.8.0", "sentencepiece": "0.2.2",
-                    "tokenizers": "0.23.2", "numpy": "2.5.2", "huggingface-hub": "1.33.0"}
+MACHINE_VERSIONS = {
+    "torch": "2.11.0",
+    "transformers": "5.17.0",
+    "safetensors": "0.8.0",
+    "sentencepiece": "0.2.2",
+    "tokenizers": "0.23.2",
+    "numpy": "2.5.2",
+    "huggingface-hub": "1.33.0",
+}
 
 
 def normalize(name: str) -> str:

@@ -10,6 +10,7 @@ with ``pip download`` here and installed there with ``pip install --no-index --n
 What travels in one call is the working tree (tracked files and untracked files git does not ignore, plus
 ``shared/`` if the checkout has one) and the carried paths: 64 MiB in all (``account``).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -65,10 +66,17 @@ class Wheel:
 
 
 WHEELS = (
-    Wheel("av==18.1.0", False, "comfy_api.latest imports it at start (video types); LoadImage decodes with it", mib=34.13),
+    Wheel(
+        "av==18.1.0", False, "comfy_api.latest imports it at start (video types); LoadImage decodes with it", mib=34.13
+    ),
     Wheel("comfy-aimdo==0.4.11", False, "comfy.model_management imports it at start", mib=0.33),
-    Wheel("comfy-kitchen==0.2.26", True, "comfy.quant_ops and comfy.ldm.joyimage import it at start; the pure build "
-          "(eager and triton backends): the build with CUDA kernels is 45 MB, and only fp8/fp4 weights use them", mib=0.14),
+    Wheel(
+        "comfy-kitchen==0.2.26",
+        True,
+        "comfy.quant_ops and comfy.ldm.joyimage import it at start; the pure build "
+        "(eager and triton backends): the build with CUDA kernels is 45 MB, and only fp8/fp4 weights use them",
+        mib=0.14,
+    ),
     Wheel("torchsde==0.2.6", True, "comfy.k_diffusion.sampling imports it (every sampler)", mib=0.06),
     Wheel("trampoline==0.1.2", True, "torchsde needs it", mib=0.01),
     Wheel("simpleeval==1.0.8", True, "comfy_extras/nodes_math.py (small)", mib=0.02),
@@ -82,7 +90,7 @@ LEFT_OUT_REQUIREMENTS = {
     "comfyui-embedded-docs": "the frontend's node docs (no server runs)",
     "alembic": "the server's database",
     "sqlalchemy": "the server's database and asset index (nodes_images, nodes_gaussian_splat, nodes_replacements "
-                  "fail to import: none is used by the run)",
+    "fail to import: none is used by the run)",
     "blake3": "asset hashing (server)",
     "kornia": "nodes_canny, nodes_latent, nodes_morphology, nodes_post_processing (not used by the run)",
     "pydantic": "API nodes and pyproject parsing of custom nodes (warnings only)",
@@ -91,8 +99,10 @@ LEFT_OUT_REQUIREMENTS = {
     "comfy-angle": "the GLSL node (not used)",
 }
 
-PIP_NOISE = re.compile(r"is ignored: it is neither a file nor a directory|Running pip as the 'root' user|"
-                       r"pip's dependency resolver|^\s*$")
+PIP_NOISE = re.compile(
+    r"is ignored: it is neither a file nor a directory|Running pip as the 'root' user|"
+    r"pip's dependency resolver|^\s*$"
+)
 
 
 # --- building ------------------------------------------------------------------------------------------------
@@ -107,8 +117,11 @@ def left_out(relative: str, is_dir: bool = False) -> bool:
     prefixes = ["/".join(parts[: i + 1]) + "/" for i in range(len(parts) - 1)]
     prefixes.append(relative + ("/" if is_dir else ""))
     for pattern in COMFY_LEFT_OUT:
-        if any(fnmatch.fnmatch(prefix, pattern if pattern.endswith("/") else pattern + "/")
-               or fnmatch.fnmatch(prefix, pattern) for prefix in prefixes):
+        if any(
+            fnmatch.fnmatch(prefix, pattern if pattern.endswith("/") else pattern + "/")
+            or fnmatch.fnmatch(prefix, pattern)
+            for prefix in prefixes
+        ):
             return True
     return False
 
@@ -152,11 +165,35 @@ def pip_download(wheel: Wheel, dest: Path, python: str = sys.executable) -> Path
     if wheel.pure:
         target = ["--implementation", "py", "--platform", "any"]
     else:
-        target = ["--implementation", "cp", *[arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
-                                                             "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-                                                             "manylinux1_x86_64") for arg in ("--platform", tag)]]
-    command = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-               machine.PYTHON, *target, "-d", str(dest), wheel.requirement]
+        target = [
+            "--implementation",
+            "cp",
+            *[
+                arg
+                for tag in (
+                    "manylinux_2_28_x86_64",
+                    "manylinux_2_27_x86_64",
+                    "manylinux_2_17_x86_64",
+                    "manylinux2014_x86_64",
+                    "manylinux1_x86_64",
+                )
+                for arg in ("--platform", tag)
+            ],
+        ]
+    command = [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        machine.PYTHON,
+        *target,
+        "-d",
+        str(dest),
+        wheel.requirement,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         noise = "\n".join(line for line in (result.stdout + result.stderr).splitlines() if not PIP_NOISE.search(line))
@@ -180,8 +217,9 @@ def wheel_fits_machine(path: Path) -> bool:
     """Whether a wheel's file name allows CPython 3.12 on manylinux x86-64 (abi3 from an older CPython counts)."""
     parts = path.name[:-4].split("-")
     python_tags, abi_tags, platform_tags = (parts[-3].split("."), parts[-2].split("."), parts[-1].split("."))
-    if platform_tags != ["any"] and not any(tag.startswith(("manylinux", "linux_x86_64")) and tag.endswith("x86_64")
-                                            for tag in platform_tags):
+    if platform_tags != ["any"] and not any(
+        tag.startswith(("manylinux", "linux_x86_64")) and tag.endswith("x86_64") for tag in platform_tags
+    ):
         return False
     for python_tag in python_tags:
         if python_tag in ("py3", "py312", "cp312"):
@@ -198,7 +236,9 @@ def build(repo: Path, host_comfy: Path, download: bool = True, echo=print) -> di
     echo(f"[pack] copying {host_comfy} into {pack / 'ComfyUI'} (leaving out {', '.join(COMFY_LEFT_OUT)})")
     comfy = copy_comfy_tree(host_comfy, pack / "ComfyUI")
     version_file = host_comfy / "comfyui_version.py"
-    version = re.search(r'__version__\s*=\s*"([^"]+)"', version_file.read_text()).group(1) if version_file.is_file() else "?"
+    version = (
+        re.search(r'__version__\s*=\s*"([^"]+)"', version_file.read_text()).group(1) if version_file.is_file() else "?"
+    )
     wheels_dir = pack / "wheels"
     wheels_dir.mkdir(exist_ok=True)
     wanted = []
@@ -218,15 +258,24 @@ def build(repo: Path, host_comfy: Path, download: bool = True, echo=print) -> di
         "built": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "repo_commit": _git(repo, "rev-parse", "HEAD").strip(),
         "comfyui": {"source": str(host_comfy), "version": version, **comfy, "left_out": COMFY_LEFT_OUT},
-        "wheels": [{"file": path.name, "requirement": wheel.requirement, "why": wheel.why,
-                    "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-                   for wheel, path in zip(WHEELS, wanted)],
+        "wheels": [
+            {
+                "file": path.name,
+                "requirement": wheel.requirement,
+                "why": wheel.why,
+                "bytes": path.stat().st_size,
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
+            for wheel, path in zip(WHEELS, wanted)
+        ],
         "left_out_requirements": LEFT_OUT_REQUIREMENTS,
     }
     (pack / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    echo(f"[pack] ComfyUI {version}: {comfy['files']} files, {comfy['bytes'] / 2**20:.1f} MiB "
-         f"({comfy['bytes_left_out'] / 2**20:.1f} MiB left out); wheels: "
-         + ", ".join(f"{w['file']} ({w['bytes'] / 2**20:.2f} MiB)" for w in manifest["wheels"]))
+    echo(
+        f"[pack] ComfyUI {version}: {comfy['files']} files, {comfy['bytes'] / 2**20:.1f} MiB "
+        f"({comfy['bytes_left_out'] / 2**20:.1f} MiB left out); wheels: "
+        + ", ".join(f"{w['file']} ({w['bytes'] / 2**20:.2f} MiB)" for w in manifest["wheels"])
+    )
     return manifest
 
 
@@ -283,23 +332,39 @@ def account(repo: Path, carry: tuple[str, ...] | list[str] = CARRY, limit: int =
         if not ignored(repo, relative):
             problems.append(f"{relative}: not ignored by git (it would travel twice)")
         carried[relative] = tree_bytes(path)
-        largest += [(child.lstat().st_size, child.relative_to(repo).as_posix()) for child in path.rglob("*")
-                    if child.is_file()] if path.is_dir() else [(path.lstat().st_size, relative)]
+        largest += (
+            [
+                (child.lstat().st_size, child.relative_to(repo).as_posix())
+                for child in path.rglob("*")
+                if child.is_file()
+            ]
+            if path.is_dir()
+            else [(path.lstat().st_size, relative)]
+        )
     total = tree_total + sum(carried.values())
     if total > limit:
         problems.append(f"{total / 2**20:.1f} MiB in all, over {limit / 2**20:.0f} MiB")
-    return {"tree_files": len(tree), "tree_bytes": tree_total, "carried_bytes": carried, "total_bytes": total,
-            "limit_bytes": limit, "headroom_bytes": limit - total,
-            "largest": [{"path": name, "bytes": size} for size, name in sorted(largest, reverse=True)[:8]],
-            "problems": problems, "ok": not problems}
+    return {
+        "tree_files": len(tree),
+        "tree_bytes": tree_total,
+        "carried_bytes": carried,
+        "total_bytes": total,
+        "limit_bytes": limit,
+        "headroom_bytes": limit - total,
+        "largest": [{"path": name, "bytes": size} for size, name in sorted(largest, reverse=True)[:8]],
+        "problems": problems,
+        "ok": not problems,
+    }
 
 
 def format_account(report: dict) -> str:
     mib = 2**20
     lines = [f"working tree: {report['tree_files']} files, {report['tree_bytes'] / mib:.2f} MiB"]
     lines += [f"carried {name}: {size / mib:.2f} MiB" for name, size in report["carried_bytes"].items()]
-    lines.append(f"in all: {report['total_bytes'] / mib:.2f} MiB of {report['limit_bytes'] / mib:.0f} MiB "
-                 f"({report['headroom_bytes'] / mib:.2f} MiB to spare)")
+    lines.append(
+        f"in all: {report['total_bytes'] / mib:.2f} MiB of {report['limit_bytes'] / mib:.0f} MiB "
+        f"({report['headroom_bytes'] / mib:.2f} MiB to spare)"
+    )
     lines.append("largest: " + ", ".join(f"{item['path']} {item['bytes'] / mib:.2f}" for item in report["largest"][:5]))
     lines += [f"PROBLEM: {problem}" for problem in report["problems"]]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ Under the output folder: ``summary.json`` (rewritten after every step, so a run 
 leaves the steps it finished), one ``<step>.log`` per step for the first steps that fit the file limit, and
 ``logs.tar.gz`` with every log and every file the steps named in ``keep`` (their raw JSON, JUnit XML).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,7 +75,7 @@ class Run:
 def step_limit(budgets: Sequence[float], index: int, used_s: float, total_s: float, stretch: float) -> float:
     """The limit of step ``index`` when ``used_s`` of the run's ``total_s`` are gone: what is left once the budgets
     of the steps after it are set aside, at most ``stretch`` times its own budget."""
-    left = total_s - used_s - sum(budgets[index + 1:])
+    left = total_s - used_s - sum(budgets[index + 1 :])
     return max(0.0, min(budgets[index] * stretch, left))
 
 
@@ -83,15 +84,19 @@ def run_steps(steps: Sequence[Step], run: Run) -> dict:
     run.out_dir.mkdir(parents=True, exist_ok=True)
     run.work_dir.mkdir(parents=True, exist_ok=True)
     if sum(step.budget_s for step in steps) > run.total_s:
-        raise ValueError(f"the steps' budgets ({sum(s.budget_s for s in steps):.0f} s) exceed the run's total "
-                         f"({run.total_s:.0f} s)")
+        raise ValueError(
+            f"the steps' budgets ({sum(s.budget_s for s in steps):.0f} s) exceed the run's total ({run.total_s:.0f} s)"
+        )
     names = [step.name for step in steps]
     if len(set(names)) != len(names):
         raise ValueError(f"step names repeat: {names}")
     summary: dict[str, Any] = {
-        "started": _now(), "total_budget_s": run.total_s, **run.header,
-        "steps": [{"name": step.name, "about": step.about, "budget_s": step.budget_s, "status": "pending"}
-                  for step in steps],
+        "started": _now(),
+        "total_budget_s": run.total_s,
+        **run.header,
+        "steps": [
+            {"name": step.name, "about": step.about, "budget_s": step.budget_s, "status": "pending"} for step in steps
+        ],
     }
     started = time.monotonic()
     budgets = [step.budget_s for step in steps]
@@ -106,8 +111,12 @@ def run_steps(steps: Sequence[Step], run: Run) -> dict:
                     record = _run_one(step, limit, run)
                 except _Stopped as stop:  # the run itself is being killed (the call's timeout): leave what it has
                     summary["steps"][index].update(status="interrupted", limit_s=round(limit, 1))
-                    summary.update(seconds=round(time.monotonic() - started, 1), status="interrupted",
-                                   finished=_now(), targets_missed=[])
+                    summary.update(
+                        seconds=round(time.monotonic() - started, 1),
+                        status="interrupted",
+                        finished=_now(),
+                        targets_missed=[],
+                    )
                     _write_out(summary, steps[: index + 1], run)
                     raise SystemExit(128 + stop.signal) from None
             record.update(name=step.name, about=step.about, budget_s=step.budget_s, limit_s=round(limit, 1))
@@ -116,8 +125,12 @@ def run_steps(steps: Sequence[Step], run: Run) -> dict:
             _write_out(summary, steps[: index + 1], run)
     summary["finished"] = _now()
     summary["status"] = "passed" if all(s["status"] == "passed" for s in summary["steps"]) else "failed"
-    summary["targets_missed"] = [f"{s['name']}: {t['name']}" for s in summary["steps"]
-                                 for t in s.get("results", {}).get("targets", []) if t.get("met") is False]
+    summary["targets_missed"] = [
+        f"{s['name']}: {t['name']}"
+        for s in summary["steps"]
+        for t in s.get("results", {}).get("targets", [])
+        if t.get("met") is False
+    ]
     _write_out(summary, steps, run)
     run.echo(format_table(summary))
     return summary
@@ -133,12 +146,24 @@ def _run_one(step: Step, limit: float, run: Run) -> dict:
         log.write(f"$ {' '.join(step.argv)}\n".encode())
         log.flush()
         try:
-            process = subprocess.Popen(step.argv, cwd=run.repo, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                step.argv,
+                cwd=run.repo,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except OSError as error:
             log.write(f"could not start: {error}\n".encode())
-            return {"status": "failed", "exit_code": None, "seconds": 0.0, "error": str(error),
-                    "tail": [f"could not start: {error}"]}
+            return {
+                "status": "failed",
+                "exit_code": None,
+                "seconds": 0.0,
+                "error": str(error),
+                "tail": [f"could not start: {error}"],
+            }
         try:
             code = process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -149,8 +174,12 @@ def _run_one(step: Step, limit: float, run: Run) -> dict:
             raise
         _kill_leftovers(process)
     seconds = time.monotonic() - start
-    record: dict[str, Any] = {"status": "timed_out" if timed_out else "passed" if code == 0 else "failed",
-                              "exit_code": code, "seconds": round(seconds, 1), "tail": _tail(log_path)}
+    record: dict[str, Any] = {
+        "status": "timed_out" if timed_out else "passed" if code == 0 else "failed",
+        "exit_code": code,
+        "seconds": round(seconds, 1),
+        "tail": _tail(log_path),
+    }
     if timed_out:
         with open(log_path, "ab") as log:
             log.write(f"\n[device_run] cut off after {seconds:.0f} s (limit {limit:.0f} s)\n".encode())
@@ -266,7 +295,7 @@ def _write_tarball(paths: list[Path], target: Path) -> None:
         for path in paths:
             data = path.read_bytes()
             if len(data) > per_file:  # compressed logs are ~10x smaller; this only bounds the pathological case
-                data = data[: per_file // 4] + b"\n[... cut ...]\n" + data[-(per_file - per_file // 4):]
+                data = data[: per_file // 4] + b"\n[... cut ...]\n" + data[-(per_file - per_file // 4) :]
             info = tarfile.TarInfo(path.name)
             info.size, info.mtime, info.mode = len(data), int(path.stat().st_mtime), 0o644
             tar.addfile(info, io.BytesIO(data))
@@ -288,8 +317,9 @@ def check_out(out_dir: Path) -> list[str]:
         if path.is_symlink():
             problems.append(f"{relative}: a link")
         elif path.stat().st_size > machine.OUT_MAX_FILE_BYTES:
-            problems.append(f"{relative}: {path.stat().st_size / 2**20:.1f} MiB, over "
-                            f"{machine.OUT_MAX_FILE_BYTES / 2**20:.0f} MiB")
+            problems.append(
+                f"{relative}: {path.stat().st_size / 2**20:.1f} MiB, over {machine.OUT_MAX_FILE_BYTES / 2**20:.0f} MiB"
+            )
     if len(files) > machine.OUT_MAX_FILES:
         problems.append(f"{len(files)} files, over {machine.OUT_MAX_FILES}")
     if total > machine.OUT_MAX_TOTAL_BYTES:
@@ -303,14 +333,26 @@ def check_out(out_dir: Path) -> list[str]:
 def format_table(summary: dict) -> str:
     """The steps and their headline results, for the end of the console output (the device tool returns its
     last 12,000 characters)."""
-    lines = ["", f"device run {summary.get('status', 'running')} in {summary.get('seconds', 0):.0f} s "
-                 f"(total budget {summary['total_budget_s']:.0f} s)",
-             "| step | status | s (limit) | results |", "|---|---|---|---|"]
+    lines = [
+        "",
+        f"device run {summary.get('status', 'running')} in {summary.get('seconds', 0):.0f} s "
+        f"(total budget {summary['total_budget_s']:.0f} s)",
+        "| step | status | s (limit) | results |",
+        "|---|---|---|---|",
+    ]
     for step in summary["steps"]:
         seconds = step.get("seconds")
-        timing = f"{seconds:.0f} ({step.get('limit_s', 0):.0f})" if seconds is not None else f"- ({step.get('limit_s', 0):.0f})"
-        lines.append(f"| {step['name']} | {step['status']} | {timing} | {step.get('results', {}).get('headline', '')} |")
-    targets = [(step["name"], target) for step in summary["steps"] for target in step.get("results", {}).get("targets", [])]
+        timing = (
+            f"{seconds:.0f} ({step.get('limit_s', 0):.0f})"
+            if seconds is not None
+            else f"- ({step.get('limit_s', 0):.0f})"
+        )
+        lines.append(
+            f"| {step['name']} | {step['status']} | {timing} | {step.get('results', {}).get('headline', '')} |"
+        )
+    targets = [
+        (step["name"], target) for step in summary["steps"] for target in step.get("results", {}).get("targets", [])
+    ]
     if targets:
         lines += ["", "| target | measured | wanted | met |", "|---|---|---|---|"]
         for name, target in targets:

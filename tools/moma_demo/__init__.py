@@ -7,6 +7,7 @@ rembg.py, images.py); sd15.py imports ComfyUI (``comfy``), so ComfyUI's root mus
 source is unchanged (the cache key hashes the writer's module and this file), so a test session pays the
 ~30 s full-layout SD1.5 write once, and parallel sessions don't write the same file twice.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -1,5 +1,6 @@
 """Drive ComfyUI's own web app in headless Chromium over the DevTools protocol (used by the tests and by
 scripts/make_pictures.py): load UI workflows, read what the app exports and saves, take screenshots."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,9 +34,21 @@ def headless_chromium(url: str, debug_port: int, profile: Path, size: tuple[int,
     if executable is None:
         raise FrontendError("Chromium is not installed (apt-get install chromium).")
     browser = subprocess.Popen(
-        [executable, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-         "--hide-scrollbars", f"--remote-debugging-port={debug_port}", f"--window-size={size[0]},{size[1]}", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(profile)})
+        [
+            executable,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+            f"--remote-debugging-port={debug_port}",
+            f"--window-size={size[0]},{size[1]}",
+            url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HOME": str(profile)},
+    )
     try:
         yield
     finally:
@@ -64,8 +77,9 @@ class DevTools:
                 return message["result"]
 
     async def evaluate(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
-                                                      "returnByValue": True})
+        result = await self.call(
+            "Runtime.evaluate", {"expression": expression, "awaitPromise": True, "returnByValue": True}
+        )
         if "exceptionDetails" in result:
             raise FrontendError(json.dumps(result["exceptionDetails"])[:2000])
         return result["result"].get("value")
@@ -114,8 +128,9 @@ async def web_app(page_url: str, debug_port: int, close_dialogs: bool = False) -
             yield page
 
 
-async def frontend_round_trip(page_url: str, debug_port: int, workflows: dict[str, dict],
-                              screenshots: dict[str, Path] | None = None) -> dict[str, dict]:
+async def frontend_round_trip(
+    page_url: str, debug_port: int, workflows: dict[str, dict], screenshots: dict[str, Path] | None = None
+) -> dict[str, dict]:
     """Load each UI workflow in the web app (app.loadGraphData); return, per name, what it exports for the
     server (graphToPrompt: ``api``) and what it saves (graph.serialize: ``saved``). ``screenshots`` maps a
     name to a PNG path: the window is captured after that workflow is loaded and fitted to the view."""
@@ -123,12 +138,14 @@ async def frontend_round_trip(page_url: str, debug_port: int, workflows: dict[st
     async with web_app(page_url, debug_port, close_dialogs=bool(screenshots)) as page:
         results = {}
         for name, workflow in workflows.items():
-            results[name] = json.loads(await page.evaluate(f"""(async () => {{
+            results[name] = json.loads(
+                await page.evaluate(f"""(async () => {{
                 await window.app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)});
                 await new Promise(resolve => setTimeout(resolve, 1000));
                 const prompt = await window.app.graphToPrompt();
                 return JSON.stringify({{api: prompt.output, saved: window.app.graph.serialize()}});
-            }})()"""))
+            }})()""")
+            )
             if name in screenshots:
                 await page.evaluate("""(async () => {
                     const canvas = window.app.canvas;
@@ -142,8 +159,14 @@ async def frontend_round_trip(page_url: str, debug_port: int, workflows: dict[st
         return results
 
 
-async def node_titles_and_help(page_url: str, debug_port: int, workflow: dict, node_type: str,
-                               screenshots: dict[str, Path] | None = None, focus: list[str] = ()) -> dict[str, Any]:
+async def node_titles_and_help(
+    page_url: str,
+    debug_port: int,
+    workflow: dict,
+    node_type: str,
+    screenshots: dict[str, Path] | None = None,
+    focus: list[str] = (),
+) -> dict[str, Any]:
     """What the web app shows, in its current language, for ``workflow``'s nodes and for ``node_type``'s help page.
 
     Returns ``titles`` (node type -> the title drawn; nodes the workflow titles itself left out), ``inputs`` (node
@@ -153,7 +176,8 @@ async def node_titles_and_help(page_url: str, debug_port: int, workflow: dict, n
     the window) and ``help`` -> PNG paths."""
     screenshots = screenshots or {}
     async with web_app(page_url, debug_port, close_dialogs=True) as page:
-        shown = json.loads(await page.evaluate(f"""(async () => {{
+        shown = json.loads(
+            await page.evaluate(f"""(async () => {{
             await window.app.loadGraphData({json.dumps(workflow)}, true, true, "help-check");
             await new Promise(resolve => setTimeout(resolve, 1000));
             const titles = {{}}, inputs = {{}};
@@ -164,7 +188,8 @@ async def node_titles_and_help(page_url: str, debug_port: int, workflow: dict, n
                     .map(slot => [slot.name, slot.localized_name || slot.label || slot.name]));
             }}
             return JSON.stringify({{titles, inputs}});
-        }})()"""))
+        }})()""")
+        )
         if "titles" in screenshots:
             await page.evaluate(f"""(async () => {{
                 const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
@@ -179,7 +204,8 @@ async def node_titles_and_help(page_url: str, debug_port: int, workflow: dict, n
                 return true;
             }})()""")
             await page.screenshot(screenshots["titles"])
-        help_page = json.loads(await page.evaluate(f"""(async () => {{
+        help_page = json.loads(
+            await page.evaluate(f"""(async () => {{
             const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
             const node = window.app.graph.nodes.find(node => node.type === {json.dumps(node_type)});
             const definition = pinia._s.get('nodeDef').nodeDefsByName[{json.dumps(node_type)}];
@@ -206,9 +232,15 @@ async def node_titles_and_help(page_url: str, debug_port: int, workflow: dict, n
             }}
             return JSON.stringify({{text, where, python_module: definition.python_module,
                                    frontend: window.__COMFYUI_FRONTEND_VERSION__}});
-        }})()"""))
+        }})()""")
+        )
         if "help" in screenshots:
             await asyncio.sleep(1)  # the page's pictures
             await page.screenshot(screenshots["help"])
-        return {**shown, "help": help_page["text"], "help_shown_in": help_page["where"],
-                "python_module": help_page["python_module"], "frontend": help_page["frontend"]}
+        return {
+            **shown,
+            "help": help_page["text"],
+            "help_shown_in": help_page["where"],
+            "python_module": help_page["python_module"],
+            "frontend": help_page["frontend"],
+        }

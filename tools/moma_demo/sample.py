@@ -8,6 +8,7 @@ bytes on every run with the same Pillow). Written to workflows/input/ by
 
 and copied from there into ComfyUI's input folder by ``run.sh --gui`` and the runner.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,7 +22,14 @@ REFERENCE_NAME, MASK_NAME = "moma_reference.jpg", "moma_reference_mask.png"
 TEDDY_NAME, TEDDY_MASK_NAME = "moma_reference_teddy.jpg", "moma_reference_teddy_mask.png"
 FUR, MUZZLE, EYE = (150, 98, 52), (214, 176, 128), (28, 22, 20)
 BACKGROUND = (236, 233, 226)
-BODY, CABIN, GLASS, TYRE, HUB, LIGHT = (196, 30, 36), (176, 24, 30), (150, 196, 222), (34, 34, 38), (190, 190, 196), (250, 226, 120)
+BODY, CABIN, GLASS, TYRE, HUB, LIGHT = (
+    (196, 30, 36),
+    (176, 24, 30),
+    (150, 196, 222),
+    (34, 34, 38),
+    (190, 190, 196),
+    (250, 226, 120),
+)
 
 
 def _shapes(draw: ImageDraw.ImageDraw, colour: bool) -> None:

@@ -1,4 +1,5 @@
 """The interface both ways of running a graph implement: ComfyUI in this process, or a ComfyUI server."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ Two stages, because the demo models are written with ComfyUI's own classes betwe
 base directory; ``load_nodes`` runs ComfyUI's built-in and custom-node loader, which imports the pack from
 ``custom_nodes/`` as a user's install does. ``boot`` does both.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,16 +62,24 @@ def make_base_dir(base_dir: Path, link_name: str = PACK_LINK_NAME) -> Path | Non
     return link
 
 
-def configure(comfy_root: Path, base_dir: Path | None, *, cpu: bool, force_fp32: bool = False,
-              comfy_args: dict[str, Any] | None = None) -> ComfyHost:
+def configure(
+    comfy_root: Path,
+    base_dir: Path | None,
+    *,
+    cpu: bool,
+    force_fp32: bool = False,
+    comfy_args: dict[str, Any] | None = None,
+) -> ComfyHost:
     """Import ComfyUI from ``comfy_root`` with the given args (stage 1; nothing is loaded yet).
 
     ``comfy_args`` sets further attributes of ``comfy.cli_args.args`` by name (e.g.
     ``use_pytorch_cross_attention``); an unknown name is an error.
     """
     if not (comfy_root / "comfy").is_dir() or not (comfy_root / "folder_paths.py").is_file():
-        raise ComfyBootError(f"No ComfyUI found at {comfy_root}. Run `bash scripts/setup_host.sh` (or pass "
-                             "--comfyui with your ComfyUI folder).")
+        raise ComfyBootError(
+            f"No ComfyUI found at {comfy_root}. Run `bash scripts/setup_host.sh` (or pass "
+            "--comfyui with your ComfyUI folder)."
+        )
     if str(comfy_root) not in sys.path:
         sys.path.insert(0, str(comfy_root))
     import comfy.options
@@ -134,12 +143,18 @@ def load_nodes(host: ComfyHost) -> ComfyHost:
     if module_name is not None:
         for name, module in list(sys.modules.items()):
             if name == module_name or name.startswith(module_name + "."):
-                sys.modules.setdefault(PACK_ALIAS + name[len(module_name):], module)
+                sys.modules.setdefault(PACK_ALIAS + name[len(module_name) :], module)
     host.pack_module_name = module_name
     return host
 
 
-def boot(comfy_root: Path, base_dir: Path | None, *, cpu: bool, force_fp32: bool = False,
-         comfy_args: dict[str, Any] | None = None) -> ComfyHost:
+def boot(
+    comfy_root: Path,
+    base_dir: Path | None,
+    *,
+    cpu: bool,
+    force_fp32: bool = False,
+    comfy_args: dict[str, Any] | None = None,
+) -> ComfyHost:
     """``configure`` then ``load_nodes``."""
     return load_nodes(configure(comfy_root, base_dir, cpu=cpu, force_fp32=force_fp32, comfy_args=comfy_args))

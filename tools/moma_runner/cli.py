@@ -3,6 +3,7 @@
 Exit status: 0 images written (or check passed), 1 execution failed, 2 bad arguments or workflow,
 3 model or input files missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,42 +80,71 @@ Exit status: 0 images written (or check passed), 1 execution failed, 2 bad argum
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run_workflow.py", description=DESCRIPTION, epilog=OVERRIDES_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workflow", nargs="?", type=Path, default=DEFAULT_WORKFLOW,
-                        help=f"API-format workflow JSON (default: {rel(DEFAULT_WORKFLOW)})")
-    parser.add_argument("--demo", action="store_true",
-                        help="run on generated tiny models (no downloads), 64x64, 2 steps, reference at 128, "
-                             "in a separate base dir; with --server: the demo sizes and picture on the server")
+    parser = argparse.ArgumentParser(
+        prog="run_workflow.py",
+        description=DESCRIPTION,
+        epilog=OVERRIDES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "workflow",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_WORKFLOW,
+        help=f"API-format workflow JSON (default: {rel(DEFAULT_WORKFLOW)})",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run on generated tiny models (no downloads), 64x64, 2 steps, reference at 128, "
+        "in a separate base dir; with --server: the demo sizes and picture on the server",
+    )
     parser.add_argument("--image", type=Path, help="reference image (LoadImage)")
     parser.add_argument("--mask", type=Path, help="subject mask, white = subject (LoadImageMask)")
-    parser.add_argument("--context", type=Path,
-                        help="saved MoMA context .safetensors (Save MoMA Context) for MomaLoadContext")
+    parser.add_argument(
+        "--context", type=Path, help="saved MoMA context .safetensors (Save MoMA Context) for MomaLoadContext"
+    )
     parser.add_argument("--subject", help="subject word, e.g. 'car' (MomaContextEncoder, MomaFeatureGrab)")
     parser.add_argument("--prompt", help="text prompt (MomaContextEncoder.prompt, else the positive CLIPTextEncode)")
     parser.add_argument("--seed", type=int, help="sampler seed (also MomaFeatureGrab.seed)")
     parser.add_argument("--steps", type=int, help="sampling steps")
     parser.add_argument("--width", type=int, help="image width (EmptyLatentImage)")
     parser.add_argument("--height", type=int, help="image height (EmptyLatentImage)")
-    parser.add_argument("--reference-resolution", type=int, metavar="N",
-                        help="side the reference is encoded at (MomaFeatureGrab.resolution; 0 = auto, the "
-                             "size being sampled; --demo uses 128)")
-    parser.add_argument("--output", type=Path,
-                        help="folder for the images (default: ComfyUI's output folder; ./out with --server)")
-    parser.add_argument("--base-dir", type=Path,
-                        help="ComfyUI base directory (models/, input/, output/, custom_nodes/); default "
-                             "<host>/base, or <host>/demo-base with --demo, or the --comfyui folder itself")
-    parser.add_argument("--comfyui", type=Path,
-                        help="ComfyUI root to import (default: the host scripts/setup_host.sh installs)")
+    parser.add_argument(
+        "--reference-resolution",
+        type=int,
+        metavar="N",
+        help="side the reference is encoded at (MomaFeatureGrab.resolution; 0 = auto, the "
+        "size being sampled; --demo uses 128)",
+    )
+    parser.add_argument(
+        "--output", type=Path, help="folder for the images (default: ComfyUI's output folder; ./out with --server)"
+    )
+    parser.add_argument(
+        "--base-dir",
+        type=Path,
+        help="ComfyUI base directory (models/, input/, output/, custom_nodes/); default "
+        "<host>/base, or <host>/demo-base with --demo, or the --comfyui folder itself",
+    )
+    parser.add_argument(
+        "--comfyui", type=Path, help="ComfyUI root to import (default: the host scripts/setup_host.sh installs)"
+    )
     parser.add_argument("--server", metavar="URL", help="run on a ComfyUI server, e.g. http://127.0.0.1:8188")
-    parser.add_argument("--check", action="store_true",
-                        help="only check: node types, model files, input files and ComfyUI's validation; run nothing")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check: node types, model files, input files and ComfyUI's validation; run nothing",
+    )
     parser.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is available")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's log and full tracebacks")
     parser.add_argument("--gui", action="store_true", help="start ComfyUI's web UI with the pack (see --port)")
     parser.add_argument("--port", type=int, default=8188, help="--gui: the port on 127.0.0.1 (default 8188)")
-    parser.add_argument("--download", metavar="NAME", action="append",
-                        help="download a model of the table (its file or folder name, or 'all'); repeatable")
+    parser.add_argument(
+        "--download",
+        metavar="NAME",
+        action="append",
+        help="download a model of the table (its file or folder name, or 'all'); repeatable",
+    )
     return parser
 
 
@@ -122,8 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.server and (args.comfyui or args.base_dir):
-        parser.error("--server runs on the server's own ComfyUI and models; it cannot combine with "
-                     "--comfyui or --base-dir")
+        parser.error(
+            "--server runs on the server's own ComfyUI and models; it cannot combine with --comfyui or --base-dir"
+        )
     if args.gui and (args.server or args.check or args.download):
         parser.error("--gui starts a server: it does not combine with --server, --check or --download")
     return args
@@ -140,17 +171,25 @@ def make_backend(args: argparse.Namespace) -> Backend:
     return InProcessBackend(comfy_root, default_base_dir(args), args.cpu, args.verbose, demo=args.demo)
 
 
-def report_problems(backend: Backend, prompt: dict, unknown: list[str], missing: list[MissingModel],
-                    fetched_later: list[MissingModel], missing_inputs: list[tuple[str, str]],
-                    missing_contexts: list[tuple[str, str]], demo: bool = False) -> int:
+def report_problems(
+    backend: Backend,
+    prompt: dict,
+    unknown: list[str],
+    missing: list[MissingModel],
+    fetched_later: list[MissingModel],
+    missing_inputs: list[tuple[str, str]],
+    missing_contexts: list[tuple[str, str]],
+    demo: bool = False,
+) -> int:
     """Print what stops the graph from running (on stderr); return the exit status (EXIT_OK if nothing)."""
     problems = 0
     if unknown:
         problems |= 1
         print(f"\nThis ComfyUI has no node type(s): {', '.join(unknown)}.", file=sys.stderr)
         if backend.pack_loaded():
-            print(f"The pack ({REPO}) is loaded but does not provide them: is the checkout up to date?",
-                  file=sys.stderr)
+            print(
+                f"The pack ({REPO}) is loaded but does not provide them: is the checkout up to date?", file=sys.stderr
+            )
         else:
             for line in backend.load_problems():
                 print(line, file=sys.stderr)
@@ -163,20 +202,27 @@ def report_problems(backend: Backend, prompt: dict, unknown: list[str], missing:
             print(SERVER_DEMO_HINT, file=sys.stderr)
     elif fetched_later:
         for m in fetched_later:
-            print(f"note: {m.use.name} is not in {m.target}; {m.use.class_type} downloads it on first use "
-                  f"(needs internet; source: {m.entry['download'] if m.entry else 'rembg releases'}).")
+            print(
+                f"note: {m.use.name} is not in {m.target}; {m.use.class_type} downloads it on first use "
+                f"(needs internet; source: {m.entry['download'] if m.entry else 'rembg releases'})."
+            )
     if missing_inputs:
         problems |= 2
         for nid, name in missing_inputs:
-            print(f"\nInput image {name!r} (node {nid} {prompt[nid]['class_type']}) is not in {backend.input_dir()}: "
-                  f"pass {'--mask' if prompt[nid]['class_type'] == 'LoadImageMask' else '--image'} PATH.",
-                  file=sys.stderr)
+            print(
+                f"\nInput image {name!r} (node {nid} {prompt[nid]['class_type']}) is not in {backend.input_dir()}: "
+                f"pass {'--mask' if prompt[nid]['class_type'] == 'LoadImageMask' else '--image'} PATH.",
+                file=sys.stderr,
+            )
     if missing_contexts:
         problems |= 2
         for nid, name in missing_contexts:
-            print(f"\nSaved MoMA context {name!r} (node {nid} MomaLoadContext) is not there. Run "
-                  f"{rel(DEFAULT_WORKFLOW)} first (its Save MoMA Context node writes "
-                  f"{SAVED_CONTEXT_HINT}), or pass --context PATH.", file=sys.stderr)
+            print(
+                f"\nSaved MoMA context {name!r} (node {nid} MomaLoadContext) is not there. Run "
+                f"{rel(DEFAULT_WORKFLOW)} first (its Save MoMA Context node writes "
+                f"{SAVED_CONTEXT_HINT}), or pass --context PATH.",
+                file=sys.stderr,
+            )
     if not problems:
         return EXIT_OK
     return EXIT_MISSING if problems & 2 else EXIT_USAGE
@@ -187,9 +233,18 @@ def run_workflow(args: argparse.Namespace) -> int:
     table = load_models_table()
     workflow_path = args.workflow.resolve()
     prompt = load_workflow(workflow_path)
-    ov = Overrides(image=args.image, mask=args.mask, subject=args.subject, prompt=args.prompt, seed=args.seed,
-                   steps=args.steps, width=args.width, height=args.height,
-                   reference_resolution=args.reference_resolution, context=args.context)
+    ov = Overrides(
+        image=args.image,
+        mask=args.mask,
+        subject=args.subject,
+        prompt=args.prompt,
+        seed=args.seed,
+        steps=args.steps,
+        width=args.width,
+        height=args.height,
+        reference_resolution=args.reference_resolution,
+        context=args.context,
+    )
     backend = make_backend(args)
     print(f"workflow: {workflow_path}")
     staged: list[StagedInput] = []
@@ -205,37 +260,51 @@ def run_workflow(args: argparse.Namespace) -> int:
         if args.demo and ov.context is None and context_file_inputs(prompt):
             subject = demo.demo_context_subject(prompt)
             context = demo.demo_context_file(subject)
-            print(f"demo: saved MoMA context = {context.name} (the demo picture, subject {subject!r}, "
-                  "encoded by the tiny LLaVA)")
-            staged += [StagedInput(nid, "context_file", context, annotate=True) for nid, _ in context_file_inputs(prompt)]
+            print(
+                f"demo: saved MoMA context = {context.name} (the demo picture, subject {subject!r}, "
+                "encoded by the tiny LLaVA)"
+            )
+            staged += [
+                StagedInput(nid, "context_file", context, annotate=True) for nid, _ in context_file_inputs(prompt)
+            ]
     print(f"ComfyUI ready on {backend.device} ({time.perf_counter() - started:.1f}s)")
 
     unknown = sorted({n["class_type"] for n in prompt.values()} - backend.known_class_types())
-    missing = [m for use in model_uses(prompt, table["loader_inputs"])
-               if (m := backend.locate_model(use, table_entry(table, use.folder, use.name))) is not None]
+    missing = [
+        m
+        for use in model_uses(prompt, table["loader_inputs"])
+        if (m := backend.locate_model(use, table_entry(table, use.folder, use.name))) is not None
+    ]
     fetched_later = [m for m in missing if m.use.auto_download]
     missing = [m for m in missing if not m.use.auto_download]
     for item in staged:
         name = backend.stage_input(item.source)
         prompt[item.node_id]["inputs"][item.input_name] = f"{name} [input]" if item.annotate else name
-        changes.append(f"node {item.node_id} {prompt[item.node_id]['class_type']}.{item.input_name} = "
-                       f"{prompt[item.node_id]['inputs'][item.input_name]!r} (from {item.source})")
+        changes.append(
+            f"node {item.node_id} {prompt[item.node_id]['class_type']}.{item.input_name} = "
+            f"{prompt[item.node_id]['inputs'][item.input_name]!r} (from {item.source})"
+        )
     missing_inputs = [
-        (nid, prompt[nid]["inputs"]["image"]) for nid in ids_of(prompt, "LoadImage", "LoadImageMask")
-        if isinstance(prompt[nid]["inputs"].get("image"), str) and not backend.input_exists(prompt[nid]["inputs"]["image"])
+        (nid, prompt[nid]["inputs"]["image"])
+        for nid in ids_of(prompt, "LoadImage", "LoadImageMask")
+        if isinstance(prompt[nid]["inputs"].get("image"), str)
+        and not backend.input_exists(prompt[nid]["inputs"]["image"])
     ]
     missing_contexts = [(nid, name) for nid, name in context_file_inputs(prompt) if not backend.context_exists(name)]
     for change in changes:
         print(f"override: {change}")
 
-    code = report_problems(backend, prompt, unknown, missing, fetched_later, missing_inputs, missing_contexts,
-                           demo=args.demo)
+    code = report_problems(
+        backend, prompt, unknown, missing, fetched_later, missing_inputs, missing_contexts, demo=args.demo
+    )
     if code != EXIT_OK:
         return code
     if args.check:
         backend.validate(prompt)
-        print("check passed: every node type, model file and input file is there and ComfyUI's validation "
-              "accepts the graph.")
+        print(
+            "check passed: every node type, model file and input file is there and ComfyUI's validation "
+            "accepts the graph."
+        )
         return EXIT_OK
 
     if args.output is not None:

@@ -10,6 +10,7 @@ backends are left out. Every warning and error, and the rest of ComfyUI's log, p
 with ``tools/`` as the working directory and on sys.path, never the pack's root (whose nodes/ would shadow
 ComfyUI's nodes.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,11 @@ from pathlib import Path
 
 # core node file -> (module it needs, why it is absent): scripts/setup_host.sh leaves these out
 ABSENT_ON_PURPOSE = {
-    "nodes_glsl.py": ("comfy_angle", "ComfyUI's GLSL shader node needs comfy-angle and PyOpenGL (OpenGL ES "
-                                     "libraries), which the host does not install; that one node is absent"),
+    "nodes_glsl.py": (
+        "comfy_angle",
+        "ComfyUI's GLSL shader node needs comfy-angle and PyOpenGL (OpenGL ES "
+        "libraries), which the host does not install; that one node is absent",
+    ),
 }
 
 
@@ -54,8 +58,9 @@ class KnownAbsentNodes(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        if any(f"No module named '{module}'" in text and name in text
-               for name, (module, _why) in ABSENT_ON_PURPOSE.items()):
+        if any(
+            f"No module named '{module}'" in text and name in text for name, (module, _why) in ABSENT_ON_PURPOSE.items()
+        ):
             return False  # the traceback record and "Cannot import .../nodes_glsl.py module ..."
         if "nodes did not import correctly" in text:
             self.header, self.other_failures = record, False
@@ -63,7 +68,7 @@ class KnownAbsentNodes(logging.Filter):
         if self.header is None:
             return True
         if text.startswith("IMPORT FAILED: "):
-            name = text[len("IMPORT FAILED: "):].strip()
+            name = text[len("IMPORT FAILED: ") :].strip()
             if name in ABSENT_ON_PURPOSE:
                 self._explain(name)
                 return False

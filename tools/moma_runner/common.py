@@ -1,4 +1,5 @@
 """Paths (the checkout's, the host's, the base directory's), exit codes and the user-facing error of the runner."""
+
 from __future__ import annotations
 
 import argparse

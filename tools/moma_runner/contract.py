@@ -5,6 +5,7 @@ own custom-node loader), then runs every check of the pack's ``nodes/host_contra
 runner's) and prints one line per hook. Exit status 0 when all hold, 1 when one is broken, 2 when ComfyUI or the
 pack did not load. ``scripts/check_host.sh`` runs it first.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if host.pack_module_name is None:
-        print("error: ComfyUI did not import the pack from custom_nodes/ (see its log above: IMPORT FAILED)",
-              file=sys.stderr)
+        print(
+            "error: ComfyUI did not import the pack from custom_nodes/ (see its log above: IMPORT FAILED)",
+            file=sys.stderr,
+        )
         return 2
     contract = sys.modules[f"{host.pack_module_name}.nodes.host_contract"]
     report = contract.run_checks(contract.HOOKS + contract.RUNNER_HOOKS)

@@ -4,6 +4,7 @@ The models are written once (cached by moma_demo) and linked into the demo base 
 the reference picture is moma_demo's test picture; a saved MoMA context a graph loads is encoded from
 that picture by the tiny LLaVA through the pack's own code.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,7 +39,7 @@ def _vae_writer(checkpoint: Path) -> Callable[[Path], None]:
 
         prefix = "first_stage_model."
         with safe_open(str(checkpoint), framework="pt") as f:
-            tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            tensors = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         save_file(tensors, str(path))
 
     return write
@@ -58,17 +59,18 @@ def demo_model_builders() -> dict[str, Callable[[], Path]]:
         ckpt = checkpoint()  # the cache key of a closure is this file; name the entry after the checkpoint's
         return moma_demo.cached(f"demo_vae_of_{ckpt.parent.name}.safetensors", _vae_writer(ckpt))
 
-    files = {"LLM": ("MoMA_llava_7b", "llava", "write_llava_folder"),
-             "clip_vision": ("clip-vit-large-patch14-336", "clip_vision", "write_clip_vision_folder"),
-             "moma": ("attn_adapters_projectors.th", "adapter", "write_adapter_th"),
-             "rembg": ("u2net.onnx", "rembg", "write_u2net_onnx"),
-             "loras": ("moma_test_sd15_lora.safetensors", "lora", "write_sd15_lora")}
+    files = {
+        "LLM": ("MoMA_llava_7b", "llava", "write_llava_folder"),
+        "clip_vision": ("clip-vit-large-patch14-336", "clip_vision", "write_clip_vision_folder"),
+        "moma": ("attn_adapters_projectors.th", "adapter", "write_adapter_th"),
+        "rembg": ("u2net.onnx", "rembg", "write_u2net_onnx"),
+        "loras": ("moma_test_sd15_lora.safetensors", "lora", "write_sd15_lora"),
+    }
 
     def builder(name: str, module: str, function: str) -> Callable[[], Path]:
         return lambda: moma_demo.cached(name, writer(module, function))
 
-    return {"checkpoints": checkpoint, "vae": vae,
-            **{folder: builder(*entry) for folder, entry in files.items()}}
+    return {"checkpoints": checkpoint, "vae": vae, **{folder: builder(*entry) for folder, entry in files.items()}}
 
 
 def demo_images() -> dict[str, tuple[Path, Path]]:
@@ -164,8 +166,9 @@ def pack_moma_module(name: str) -> ModuleType:
     if pack is not None:
         return importlib.import_module(f"{pack}.moma.{name}")
     if STANDALONE_MOMA not in sys.modules:
-        spec = importlib.util.spec_from_file_location(STANDALONE_MOMA, REPO / "moma" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "moma")])
+        spec = importlib.util.spec_from_file_location(
+            STANDALONE_MOMA, REPO / "moma" / "__init__.py", submodule_search_locations=[str(REPO / "moma")]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[STANDALONE_MOMA] = module
         spec.loader.exec_module(module)

@@ -5,6 +5,7 @@ table lists, so the adapter in the MoMA_llava_7b repository is not fetched a sec
 (rembg's release, civitai) through urllib with a progress line. When a download cannot be made (offline,
 HTTP error, login needed) the exact file, folder, URL and a command to run by hand are printed.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -68,10 +69,13 @@ def download(entry: dict, models_dir: Path) -> bool:
             _url_download(entry["url"], target)
     except Exception as e:
         print(f"\ncould not download {entry['name']}: {type(e).__name__}: {e}", file=sys.stderr)
-        print(f"  file:   {entry['name']}{'/ (' + ', '.join(entry['files']) + ')' if entry['type'] == 'folder' else ''}\n"
-              f"  folder: {folder}\n"
-              f"  from:   {entry.get('url') or entry['source']}\n"
-              f"  or run: {entry['download'].replace('{dest}', str(target))}", file=sys.stderr)
+        print(
+            f"  file:   {entry['name']}{'/ (' + ', '.join(entry['files']) + ')' if entry['type'] == 'folder' else ''}\n"
+            f"  folder: {folder}\n"
+            f"  from:   {entry.get('url') or entry['source']}\n"
+            f"  or run: {entry['download'].replace('{dest}', str(target))}",
+            file=sys.stderr,
+        )
         return False
     if not _complete(entry, target):
         print(f"{entry['name']}: the download finished but {target} is incomplete", file=sys.stderr)
@@ -93,8 +97,9 @@ def download_command(names: list[str], base_dir: Path) -> int:
         elif name.rstrip("/") in by_name:
             wanted.append(by_name[name.rstrip("/")])
         else:
-            raise RunnerError(f"--download {name}: not in the models table; one of: all, {', '.join(by_name)}",
-                              EXIT_USAGE)
+            raise RunnerError(
+                f"--download {name}: not in the models table; one of: all, {', '.join(by_name)}", EXIT_USAGE
+            )
     unique = list({entry["name"]: entry for entry in wanted}.values())
     failed = [entry["name"] for entry in unique if not download(entry, base_dir / "models")]
     if failed:

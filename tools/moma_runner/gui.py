@@ -8,6 +8,7 @@ shrunk to the demo's sizes (demo_gui_nodes/moma_demo_sizes.py, loaded by ComfyUI
 named in an extra-paths file in user/). ComfyUI's own main.py then replaces this process (through
 comfy_main.py, which keeps internals out of the log).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,17 @@ DEMO_PATHS_FILE = "moma-demo-paths.yaml"  # written into the base's user/: names
 
 def comfy_arguments(base_dir: Path, port: int, cpu: bool, demo: bool = False) -> list[str]:
     """ComfyUI's main.py arguments for the GUI."""
-    arguments = ["--listen", LISTEN, "--port", str(port), "--base-directory", str(base_dir),
-                 "--database-url", f"sqlite:///{base_dir / 'user' / 'comfyui.db'}", "--disable-auto-launch"]
+    arguments = [
+        "--listen",
+        LISTEN,
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base_dir),
+        "--database-url",
+        f"sqlite:///{base_dir / 'user' / 'comfyui.db'}",
+        "--disable-auto-launch",
+    ]
     if cpu:
         arguments.append("--cpu")
         if demo:  # the demo's random UNet held in fp8 (ComfyUI computes in fp32): 0.8 GB (see inprocess.py)
@@ -75,12 +85,16 @@ def serve(args: argparse.Namespace) -> int:
     """Start the GUI (replaces this process with ComfyUI; returns only on an error)."""
     comfy_root = (args.comfyui or host_dir() / "ComfyUI").resolve()
     if not (comfy_root / "main.py").is_file():
-        raise RunnerError(f"No ComfyUI found at {comfy_root}. Run `bash scripts/setup_host.sh` (or pass --comfyui "
-                          "with your ComfyUI folder).")
+        raise RunnerError(
+            f"No ComfyUI found at {comfy_root}. Run `bash scripts/setup_host.sh` (or pass --comfyui "
+            "with your ComfyUI folder)."
+        )
     base_dir = default_base_dir(args) or comfy_root
     if not port_free(args.port):
-        raise RunnerError(f"Port {args.port} on {LISTEN} is in use (another ComfyUI?). Open "
-                          f"http://{LISTEN}:{args.port} or pass --port N.")
+        raise RunnerError(
+            f"Port {args.port} on {LISTEN} is in use (another ComfyUI?). Open "
+            f"http://{LISTEN}:{args.port} or pass --port N."
+        )
     link = boot.make_base_dir(base_dir)
     if link is not None:
         print(f"linked the pack into {link}")
@@ -90,13 +104,24 @@ def serve(args: argparse.Namespace) -> int:
         print(f"demo: tiny random-weight models in {base_dir / 'models'} (images are noise)")
         link_demo_models_for_examples(comfy_root, base_dir)
         write_demo_paths(base_dir)
-        print(f"demo: each queued run is shrunk to {DEMO_SIZE}x{DEMO_SIZE} pixels and {DEMO_STEPS} steps, under a "
-              "minute on a CPU (the workflows keep their settings; real models run them as saved)")
+        print(
+            f"demo: each queued run is shrunk to {DEMO_SIZE}x{DEMO_SIZE} pixels and {DEMO_STEPS} steps, under a "
+            "minute on a CPU (the workflows keep their settings; real models run them as saved)"
+        )
     cpu = args.cpu or not boot.has_accelerator()
-    command = [sys.executable, "-m", "moma_runner.comfy_main", str(comfy_root), *comfy_arguments(base_dir, args.port, cpu, bool(args.demo))]
+    command = [
+        sys.executable,
+        "-m",
+        "moma_runner.comfy_main",
+        str(comfy_root),
+        *comfy_arguments(base_dir, args.port, cpu, bool(args.demo)),
+    ]
     print(f"ComfyUI {comfy_root} with the pack, base directory {base_dir}, on {'CPU' if cpu else 'GPU'}")
-    print(f"open http://{LISTEN}:{args.port}  (the example workflows: Workflow > Browse Templates > {PACK_LINK_NAME}; "
-          "Ctrl-C stops the server)", flush=True)
+    print(
+        f"open http://{LISTEN}:{args.port}  (the example workflows: Workflow > Browse Templates > {PACK_LINK_NAME}; "
+        "Ctrl-C stops the server)",
+        flush=True,
+    )
     tools = str(REPO / "tools")
     env = {**os.environ, "PYTHONPATH": tools + os.pathsep + os.environ.get("PYTHONPATH", "")}
     os.chdir(tools)  # `-m` puts the working directory first on sys.path: tools/, never the pack's root

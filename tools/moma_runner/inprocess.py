@@ -1,5 +1,6 @@
 """The in-process backend: ComfyUI imported here (tools/moma_runner/boot.py), its real custom-node loader,
 validator and ``execution.PromptExecutor``."""
+
 from __future__ import annotations
 
 import asyncio
@@ -56,8 +57,7 @@ class _RunnerServer:
 class InProcessBackend(Backend):
     """ComfyUI imported into this process."""
 
-    def __init__(self, comfy_root: Path, base_dir: Path | None, force_cpu: bool, verbose: bool,
-                 demo: bool = False):
+    def __init__(self, comfy_root: Path, base_dir: Path | None, force_cpu: bool, verbose: bool, demo: bool = False):
         super().__init__()
         self.demo = demo
         self.comfy_root = comfy_root
@@ -154,8 +154,9 @@ class InProcessBackend(Backend):
             elif candidate.is_file() and not want_folder:
                 return None
         target_folder = folders[0] if folders else os.path.join(folder_paths.models_dir, use.folder)
-        return MissingModel(use, entry, str(Path(target_folder) / use.name), folder_label(target_folder, use.folder),
-                            missing_parts)
+        return MissingModel(
+            use, entry, str(Path(target_folder) / use.name), folder_label(target_folder, use.folder), missing_parts
+        )
 
     def input_exists(self, name: str) -> bool:
         import folder_paths
@@ -211,8 +212,9 @@ class InProcessBackend(Backend):
         server = _RunnerServer(progress)
         comfy.utils.set_progress_bar_enabled(False)  # no tqdm bars on stderr; our hook prints steps
         comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: progress.step(value, total))
-        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
-                                            cache_args=EXECUTOR_CACHE_ARGS)
+        executor = execution.PromptExecutor(
+            server, cache_type=execution.CacheType.CLASSIC, cache_args=EXECUTOR_CACHE_ARGS
+        )
         executor.execute(prompt, str(uuid.uuid4()), extra_data={"client_id": "moma-runner"}, execute_outputs=outputs)
         if not executor.success:
             raise RunnerError(format_execution_error(executor.status_messages, self.verbose), EXIT_FAILED)

@@ -1,4 +1,5 @@
 """Which model files a graph needs (models.json's ``loader_inputs``), and the missing-file message."""
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,17 @@ def model_uses(prompt: dict, loader_inputs: dict[str, dict[str, str | dict]]) ->
             if suffix and not name.endswith(suffix):
                 name += suffix
             key = (spec["folder"], name)
-            use = uses.setdefault(key, ModelUse(spec["folder"], name, class_type=node["class_type"],
-                                                input_name=input_name, value=value.rstrip("/\\"),
-                                                auto_download=bool(spec.get("auto_download"))))
+            use = uses.setdefault(
+                key,
+                ModelUse(
+                    spec["folder"],
+                    name,
+                    class_type=node["class_type"],
+                    input_name=input_name,
+                    value=value.rstrip("/\\"),
+                    auto_download=bool(spec.get("auto_download")),
+                ),
+            )
             use.users.append(f"node {nid} {node['class_type']}.{input_name}")
     return list(uses.values())
 
@@ -115,5 +124,3 @@ def format_missing(missing: list[MissingModel]) -> str:
             lines.append(f"   the folder exists but lacks: {', '.join(m.missing_parts)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
-
-

@@ -1,4 +1,5 @@
 """Console progress of a run: one line per executed node, sampler steps, and what slow first steps do."""
+
 from __future__ import annotations
 
 import sys
@@ -9,7 +10,7 @@ from typing import TextIO
 # Nodes whose first run in a ComfyUI process is slow for a reason the user cannot see: said once per run.
 FIRST_RUN_NOTES = {
     "MomaObjectMasker": "when it cuts the subject out with rembg, its first run imports rembg and opens its "
-                        "ONNX model: up to about 30 s on a CPU the first time, seconds once cached",
+    "ONNX model: up to about 30 s on a CPU the first time, seconds once cached",
 }
 
 

@@ -5,6 +5,7 @@ as ComfyUI would, see validation.py), its model lists (``/models/<folder>``), it
 (``/internal/folder_paths``, for messages); input files are uploaded (``/upload/image``) and the images
 downloaded (``/view``).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,10 @@ from .validation import format_execution_error, format_validation_error, validat
 # .onnx): a required file with another suffix (config.json) shows in a folder's listing only where the folder
 # lists every file (models/LLM); where it does not, its presence cannot be seen from outside.
 WEIGHT_SUFFIXES = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft", ".th", ".onnx"}
-SERVER_DEMO_HINT = ("--demo with --server uses the server's own model files under the demo names; to have the "
-                    "tiny stand-ins there, start the server with `bash scripts/run.sh --gui --demo`.")
+SERVER_DEMO_HINT = (
+    "--demo with --server uses the server's own model files under the demo names; to have the "
+    "tiny stand-ins there, start the server with `bash scripts/run.sh --gui --demo`."
+)
 
 
 class ServerBackend(Backend):
@@ -62,8 +65,11 @@ class ServerBackend(Backend):
         try:
             return asyncio.run(fetch())
         except aiohttp.ClientError as e:
-            raise RunnerError(f"No ComfyUI server answers at {self.url} ({e}). Start one (bash scripts/run.sh "
-                              "--gui) or drop --server.", EXIT_FAILED) from None
+            raise RunnerError(
+                f"No ComfyUI server answers at {self.url} ({e}). Start one (bash scripts/run.sh "
+                "--gui) or drop --server.",
+                EXIT_FAILED,
+            ) from None
 
     def prepare(self) -> None:
         object_info, folder_paths = self._fetch("/object_info", "/internal/folder_paths")
@@ -110,7 +116,7 @@ class ServerBackend(Backend):
         if listing is not None:
             files = set(listing)
             if entry and entry["type"] == "folder":
-                inside = {f[len(use.name) + 1:] for f in files if f.startswith(use.name + "/")}
+                inside = {f[len(use.name) + 1 :] for f in files if f.startswith(use.name + "/")}
                 lists_everything = any(Path(f).suffix not in WEIGHT_SUFFIXES for f in files)
                 visible = [f for f in entry["files"] if lists_everything or Path(f).suffix in WEIGHT_SUFFIXES]
                 missing_parts = [f for f in visible if f not in inside]
@@ -126,8 +132,9 @@ class ServerBackend(Backend):
                 return None  # (an auto-download node lists files it does not have yet)
         folders = self.folder_paths.get(use.folder) or []
         target_folder = folders[0] if folders else f"models/{use.folder}"
-        return MissingModel(use, entry, str(Path(target_folder) / use.name), folder_label(target_folder, use.folder),
-                            missing_parts)
+        return MissingModel(
+            use, entry, str(Path(target_folder) / use.name), folder_label(target_folder, use.folder), missing_parts
+        )
 
     def input_exists(self, name: str) -> bool:
         return name in self.uploaded or name in (self._options("LoadImage", "image") or [])
@@ -236,7 +243,9 @@ class ServerBackend(Backend):
             paths: list[Path] = []
             for node_output in entry.get("outputs", {}).values():
                 for saved in node_output.get("moma_context", []):
-                    self.saved_files.append(f"{saved.get('subfolder', '')}/{saved['filename']} (server's output folder)")
+                    self.saved_files.append(
+                        f"{saved.get('subfolder', '')}/{saved['filename']} (server's output folder)"
+                    )
                 for image in node_output.get("images", []):
                     if image.get("type") != "output":
                         continue
@@ -248,5 +257,3 @@ class ServerBackend(Backend):
                         target.write_bytes(await resp.read())
                         paths.append(target)
         return paths
-
-

@@ -9,6 +9,7 @@ and combo values not among the choices. Like ComfyUI it validates only what an o
 What /object_info cannot show is left to the server: a node's own ``VALIDATE_INPUTS`` (LoadImage's file
 check is done by the runner itself), and ComfyUI skipping min/max for the inputs such a function takes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,13 +46,22 @@ def _input_specs(info: dict) -> dict[str, tuple[str, list]]:
 def _literal_errors(name: str, value: Any, input_type: Any, options: dict) -> list[dict[str, str]]:
     if isinstance(value, dict) and "__value__" in value:
         value = value["__value__"]
-    convert = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(input_type) if isinstance(input_type, str) else None
+    convert = (
+        {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(input_type)
+        if isinstance(input_type, str)
+        else None
+    )
     if convert is not None:
         try:
             value = convert(value)
         except (TypeError, ValueError) as e:
-            return [_error("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
-                           f"{name}, {value}, {e}")]
+            return [
+                _error(
+                    "invalid_input_type",
+                    f"Failed to convert an input value to a {input_type} value",
+                    f"{name}, {value}, {e}",
+                )
+            ]
     try:
         if "min" in options and value < options["min"]:
             return [_error("value_smaller_than_min", f"Value {value} smaller than min of {options['min']}", name)]
@@ -65,8 +75,13 @@ def _literal_errors(name: str, value: Any, input_type: Any, options: dict) -> li
         invalid = [v for v in values if v not in choices]
         if invalid:
             listing = f"(list of length {len(choices)})" if len(choices) > 20 else str(choices)
-            return [_error("value_not_in_list", "Value not in list",
-                           f"{name}: {', '.join(repr(v) for v in invalid)} not in {listing}")]
+            return [
+                _error(
+                    "value_not_in_list",
+                    "Value not in list",
+                    f"{name}: {', '.join(repr(v) for v in invalid)} not in {listing}",
+                )
+            ]
     return []
 
 
@@ -77,8 +92,16 @@ def validate_with_object_info(prompt: dict, object_info: dict) -> tuple[bool, di
         class_type = node.get("class_type")
         if class_type is None or class_type not in object_info:
             title = node.get("_meta", {}).get("title", class_type or f"ID #{nid}")
-            return False, _error("missing_node_type", f"Node '{title}' not found. The custom node may not be "
-                                 "installed.", f"Node ID '#{nid}'"), [], {}
+            return (
+                False,
+                _error(
+                    "missing_node_type",
+                    f"Node '{title}' not found. The custom node may not be installed.",
+                    f"Node ID '#{nid}'",
+                ),
+                [],
+                {},
+            )
         if object_info[class_type].get("output_node"):
             outputs.append(nid)
     if not outputs:
@@ -105,19 +128,34 @@ def validate_with_object_info(prompt: dict, object_info: dict) -> tuple[bool, di
             value = inputs[name]
             if isinstance(value, list):
                 if len(value) != 2:
-                    errors.append(_error("bad_linked_input", "Bad linked input, must be a length-2 list of "
-                                         "[node_id, slot_index]", name))
+                    errors.append(
+                        _error(
+                            "bad_linked_input",
+                            "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                            name,
+                        )
+                    )
                     continue
                 source_id, slot = value
                 source = prompt.get(source_id)
                 returned = object_info.get(source.get("class_type"), {}).get("output", []) if source else []
                 if source is None or not isinstance(slot, int) or not 0 <= slot < len(returned):
-                    errors.append(_error("bad_linked_input", "Linked node or output does not exist",
-                                         f"{name}: [{source_id!r}, {slot!r}]"))
+                    errors.append(
+                        _error(
+                            "bad_linked_input",
+                            "Linked node or output does not exist",
+                            f"{name}: [{source_id!r}, {slot!r}]",
+                        )
+                    )
                     continue
                 if not types_match(returned[slot], input_type):
-                    errors.append(_error("return_type_mismatch", "Return type mismatch between linked nodes",
-                                         f"{name}, received_type({returned[slot]}) mismatch input_type({input_type})"))
+                    errors.append(
+                        _error(
+                            "return_type_mismatch",
+                            "Return type mismatch between linked nodes",
+                            f"{name}, received_type({returned[slot]}) mismatch input_type({input_type})",
+                        )
+                    )
                     continue
                 if not check(source_id, visiting + (nid,)):
                     valid = False
@@ -134,12 +172,18 @@ def validate_with_object_info(prompt: dict, object_info: dict) -> tuple[bool, di
         failed.append(output)
         for nid, (ok, reasons) in validated.items():
             if not ok and reasons:
-                entry = node_errors.setdefault(nid, {"errors": reasons, "dependent_outputs": [],
-                                                     "class_type": prompt[nid]["class_type"]})
+                entry = node_errors.setdefault(
+                    nid, {"errors": reasons, "dependent_outputs": [], "class_type": prompt[nid]["class_type"]}
+                )
                 entry["dependent_outputs"].append(output)
     if not good:
         details = "\n".join(f"{e['message']}: {e['details']}" for info in node_errors.values() for e in info["errors"])
-        return False, _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details), [], node_errors
+        return (
+            False,
+            _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details),
+            [],
+            node_errors,
+        )
     return True, None, good, node_errors
 
 
@@ -150,13 +194,17 @@ def format_validation_error(error: dict | None, node_errors: dict, prompt: dict)
     head = f"{error.get('message', '')} {'' if node_errors else error.get('details', '')}".strip()
     if not head:
         skipped = sorted({o for info in node_errors.values() for o in info.get("dependent_outputs", [])})
-        head = (f"ComfyUI would skip output node(s) {', '.join(skipped)} (and every node only they need), "
-                "because of these inputs:")
+        head = (
+            f"ComfyUI would skip output node(s) {', '.join(skipped)} (and every node only they need), "
+            "because of these inputs:"
+        )
     lines = [f"ComfyUI rejected the workflow: {head}"]
     for nid, info in (node_errors or {}).items():
         for err in info.get("errors", []):
-            lines.append(f"  node {nid} {info.get('class_type', prompt.get(nid, {}).get('class_type', '?'))}: "
-                         f"{err.get('message', '')}: {err.get('details', '')}")
+            lines.append(
+                f"  node {nid} {info.get('class_type', prompt.get(nid, {}).get('class_type', '?'))}: "
+                f"{err.get('message', '')}: {err.get('details', '')}"
+            )
     return "\n".join(lines)
 
 
@@ -164,8 +212,10 @@ def format_execution_error(messages: list, verbose: bool) -> str:
     """The failing node and its exception from ComfyUI's status messages."""
     for event, data in messages:
         if event == "execution_error":
-            text = (f"Node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                    f"{data.get('exception_type')}: {data.get('exception_message')}".rstrip())
+            text = (
+                f"Node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                f"{data.get('exception_type')}: {data.get('exception_message')}".rstrip()
+            )
             if verbose and data.get("traceback"):
                 text += "\n" + "".join(data["traceback"])
             elif not verbose:

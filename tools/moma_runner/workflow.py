@@ -1,4 +1,5 @@
 """API-format workflows: loading, graph helpers and the command-line overrides (pure graph edits)."""
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,6 @@ def ids_of(prompt: dict, *class_types: str) -> list[str]:
     """Node ids of the given class types, in numeric order where ids are numbers."""
     found = [nid for nid, node in prompt.items() if node["class_type"] in class_types]
     return sorted(found, key=lambda s: (0, int(s)) if s.isdigit() else (1, s))
-
 
 
 @dataclass
@@ -167,12 +167,16 @@ def apply_overrides(prompt: dict, ov: Overrides) -> tuple[list[str], list[Staged
     if ov.subject is not None:
         targets = {"MomaContextEncoder": "subject", "MomaFeatureGrab": "subject"}
         if not _set_literal(prompt, targets, ov.subject, changes):
-            raise RunnerError("--subject: no node in this workflow takes a subject (MomaContextEncoder, MomaFeatureGrab).")
+            raise RunnerError(
+                "--subject: no node in this workflow takes a subject (MomaContextEncoder, MomaFeatureGrab)."
+            )
     if ov.prompt is not None:
         if not _set_literal(prompt, {"MomaContextEncoder": "prompt"}, ov.prompt, changes):
             text_nodes = _positive_text_nodes(prompt)
             if not text_nodes:
-                raise RunnerError("--prompt: no MomaContextEncoder and no CLIPTextEncode wired to a sampler's positive input.")
+                raise RunnerError(
+                    "--prompt: no MomaContextEncoder and no CLIPTextEncode wired to a sampler's positive input."
+                )
             for nid in text_nodes:
                 prompt[nid]["inputs"]["text"] = ov.prompt
                 changes.append(f"node {nid} CLIPTextEncode.text = {ov.prompt!r}")
@@ -196,9 +200,13 @@ def apply_overrides(prompt: dict, ov: Overrides) -> tuple[list[str], list[Staged
     if ov.reference_resolution is not None:
         value = ov.reference_resolution
         if value != 0 and (value % 64 or not 64 <= value <= 1024):
-            raise RunnerError(f"--reference-resolution must be 0 (auto) or a multiple of 64 from 64 to 1024 (got {value}).")
+            raise RunnerError(
+                f"--reference-resolution must be 0 (auto) or a multiple of 64 from 64 to 1024 (got {value})."
+            )
         if not _set_literal(prompt, {"MomaFeatureGrab": "resolution"}, value, changes):
-            raise RunnerError("--reference-resolution: no MomaFeatureGrab (Self-Attention Feature Grab) in this workflow.")
+            raise RunnerError(
+                "--reference-resolution: no MomaFeatureGrab (Self-Attention Feature Grab) in this workflow."
+            )
     return changes, staged
 
 
