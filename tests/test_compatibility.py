@@ -203,3 +203,18 @@ def test_every_pack_node_is_covered_by_the_contract() -> None:
     named = {node for hook in host_contract.HOOKS for node in hook.needed_by}
     assert named == display_names == set(host_contract.EVERY_NODE)
     assert sys.modules["comfyui_moma.nodes.host_contract"] is host_contract
+
+
+def test_a_host_lacking_an_import_time_hook_is_named_by_the_contract_tool(comfy_host, monkeypatch) -> None:
+    """Hooks the node modules import at load time (optimized_attention, SDTokenizer, comfy_api.v0_0_2) stop the pack
+    from importing before any check can run: ``python -m moma_runner.contract`` (and so scripts/check_host.sh) then
+    names what the import lacks, in one line, instead of only pointing at ComfyUI's IMPORT FAILED traceback."""
+    import comfy.ldm.modules.attention as attention
+    from moma_runner import contract
+
+    monkeypatch.delattr(attention, "optimized_attention")  # as if a release renamed it
+    reason = contract.import_error()
+    assert reason.startswith("ImportError: ") and "optimized_attention" in reason and "\n" not in reason, reason
+    monkeypatch.undo()
+    assert contract.import_error().startswith("it imports here"), "the probe must see the restored host"
+    assert not [name for name in sys.modules if name.startswith("comfyui_moma_import_probe")]

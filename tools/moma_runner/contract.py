@@ -8,11 +8,30 @@ pack did not load. ``scripts/check_host.sh`` runs it first.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
 from . import boot
+from .common import REPO
+
+
+def import_error() -> str:
+    """The exception importing the pack raises on the booted ComfyUI, as one line (ComfyUI only logged it)."""
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_moma_import_probe", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # any import failure is the answer
+        return f"{type(error).__name__}: {error}".splitlines()[0]
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == spec.name]:
+            del sys.modules[name]
+    return "it imports here, but ComfyUI's loader did not register it (see the log above)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             "error: ComfyUI did not import the pack from custom_nodes/ (see its log above: IMPORT FAILED)",
             file=sys.stderr,
         )
+        # A hook the node modules import at load time (comfy_api.v0_0_2, optimized_attention, SDTokenizer, ...)
+        # is gone: the contract cannot run, so name what the import lacks, in the line check_host.sh reports.
+        print(f"host contract: the pack does not import on this ComfyUI: {import_error()}")
         return 2
     contract = sys.modules[f"{host.pack_module_name}.nodes.host_contract"]
     report = contract.run_checks(contract.HOOKS + contract.RUNNER_HOOKS)
