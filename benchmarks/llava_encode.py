@@ -57,17 +57,6 @@ import torch  # noqa: E402
 from moma.model import MomaModel, encode_context  # noqa: E402
 
 FULL = dict(hidden=4096, intermediate=11008, heads=32, vocab=32000, layers=32)
-CLIP_FULL = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    projection_dim=768,
-)
 SUBJECT, PROMPT = "car", "A car in autumn with falling leaves."
 MB = 1024 * 1024
 
@@ -188,9 +177,11 @@ def write_full_width(root: Path, layers: int, device: str = "cpu") -> tuple[Path
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
     clip_folder = root / "clip-vit-large-patch14-336"
-    vision = CLIPVisionModel(CLIPVisionConfig(**CLIP_FULL))
+    from moma_demo.clip_vision import PREPROCESSOR_CONFIG, VISION
+
+    # CLIP ViT-L/14-336 at its real depth and width: the fixture's tower with the real MLP and layer count
+    vision = CLIPVisionModel(CLIPVisionConfig(**{**VISION, "intermediate_size": 4096, "num_hidden_layers": 24}))
     vision.save_pretrained(str(clip_folder))
-    from moma_demo.clip_vision import PREPROCESSOR_CONFIG
 
     (clip_folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
     return folder, clip_folder

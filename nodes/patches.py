@@ -433,12 +433,10 @@ def shadowing_patches(model_options: dict, run: MomaRun) -> list[tuple[str, tupl
     """(kind, block, patch) for each layer where the replace patch ComfyUI will call does not lead to ``run``'s
     patch: another node applied after Apply MoMA installed a patch of its own that does not chain (core
     SelfAttentionGuidance at ``("middle", 0, 0)``, which ComfyUI looks up before MoMA's 2-tuple key)."""
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
     shadowed = []
     for kind in ("attn1", "attn2"):
-        table = replaces.get(kind, {})
         for layer in LAYERS:
-            patch = table.get((layer.block[0], layer.block[1], 0), table.get(layer.block))
+            patch, _ = _existing_replace(model_options, kind, layer.block)
             link = patch
             while isinstance(link, _ChainedPatch) and link.run is not run:
                 link = link.previous
